@@ -1,0 +1,38 @@
+# One-command entry points. `make test` and `make demo` work on a fresh clone: they
+# create .venv, install PyTorch (TORCH_SPEC, the CPU build on these machines) and the
+# package with its dev extra, then run.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+# The verified offline datasets sit beside the checkout (../shared/data) on our
+# machines and in CI; a value already in the environment wins.
+export MICROCIRCUITS_DATA ?= $(abspath ../shared/data)
+
+.PHONY: setup test test-all demo lint bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+setup: $(BIN)/.installed
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-all: setup
+	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+demo: setup
+	$(BIN)/microcircuits compare adding
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+
+bench: setup
+	$(BIN)/python -m benchmarks.rnn
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,39 @@
+"""microcircuits: biologically grounded gated recurrent networks for PyTorch.
+
+The subtractively gated LSTM (subLSTM) and fix-subLSTM of Costa et al., "Cortical
+microcircuits as gated-recurrent neural networks" (NIPS 2017), with an LSTM of the same
+structure, as drop-in replacements for ``torch.nn.LSTM`` / ``torch.nn.LSTMCell``.
+"""
+
+from .cells import CELLS, CellWeights, LSTMState, cell_kind
+from .kernels import set_kernel, use_kernel
+from .nn import (
+    LSTM,
+    FixSubLSTM,
+    FixSubLSTMCell,
+    LSTMCell,
+    SubLSTM,
+    SubLSTMCell,
+    make_cell,
+    make_rnn,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CELLS",
+    "CellWeights",
+    "FixSubLSTM",
+    "FixSubLSTMCell",
+    "LSTM",
+    "LSTMCell",
+    "LSTMState",
+    "SubLSTM",
+    "SubLSTMCell",
+    "__version__",
+    "cell_kind",
+    "make_cell",
+    "make_rnn",
+    "set_kernel",
+    "use_kernel",
+]

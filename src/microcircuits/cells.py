@@ -1,0 +1,247 @@
+r"""The equations of one time step of each cell: the one place where they live.
+
+Everything here is a pure function of tensors. The modules in :mod:`microcircuits.nn`
+own the parameters and call these functions; the fast whole-sequence kernels in
+:mod:`microcircuits.kernels` are checked against them.
+
+Notation (Costa et al., NIPS 2017, section 3), per layer and step, with ``x`` the
+input, ``h``/``c`` the previous state and :math:`\sigma` the logistic sigmoid::
+
+    pre = W x + R h + b                         # gate pre-activations, blocks (i, f, z, o)
+
+    LSTM          i, f, o = sigma(pre_i, pre_f, pre_o);  z = tanh(pre_z)
+                  c' = f * c + z * i;           h' = tanh(c') * o
+    subLSTM       i, f, z, o = sigma(pre)
+                  c' = f * c + z - i;           h' = sigma(c') - o
+    fix-subLSTM   like subLSTM, but f = sigma(phi) is a learned per-unit constant
+                  (no forget block in W, R, b: blocks are (i, z, o))
+
+``update_mask`` implements the paper's "update dropout" (recurrent dropout without
+memory loss, Semeniuta et al. 2016): the candidate update ``z`` is multiplied by a
+mask (already scaled by ``1 / (1 - p)``) before it enters the memory. The mask is
+drawn once per sequence by the caller, so the same units are dropped at every step.
+
+Shapes: ``B`` batch, ``I`` input size, ``H`` hidden size, ``G`` number of gate blocks
+(4 for LSTM and subLSTM, 3 for fix-subLSTM).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "CELLS",
+    "CellKind",
+    "CellWeights",
+    "LSTMState",
+    "cell_kind",
+    "fix_sublstm_pointwise",
+    "fix_sublstm_step",
+    "lstm_pointwise",
+    "lstm_step",
+    "sublstm_pointwise",
+    "sublstm_step",
+]
+
+
+class LSTMState(NamedTuple):
+    """Recurrent state of one layer and direction.
+
+    Attributes:
+        h: hidden output, ``(B, H)``.
+        c: memory cell, ``(B, H)``.
+    """
+
+    h: Tensor
+    c: Tensor
+
+
+class CellWeights(NamedTuple):
+    """Parameters of one layer and direction, named as in ``torch.nn.LSTM``.
+
+    Attributes:
+        weight_ih: input weights ``W``, ``(G*H, I)``.
+        weight_hh: recurrent weights ``R``, ``(G*H, H)``.
+        bias_ih: input bias, ``(G*H,)``, or ``None``.
+        bias_hh: recurrent bias, ``(G*H,)``, or ``None``.
+        forget: fix-subLSTM only: ``phi`` with ``f = sigma(phi)``, ``(H,)``; else ``None``.
+    """
+
+    weight_ih: Tensor
+    weight_hh: Tensor
+    bias_ih: Tensor | None = None
+    bias_hh: Tensor | None = None
+    forget: Tensor | None = None
+
+
+def _apply_update_mask(z: Tensor, update_mask: Tensor | None) -> Tensor:
+    return z if update_mask is None else z * update_mask
+
+
+def lstm_pointwise(
+    gates: Tensor, c: Tensor, forget: Tensor | None = None, update_mask: Tensor | None = None
+) -> LSTMState:
+    """LSTM nonlinearity: ``c' = f*c + z*i``, ``h' = tanh(c')*o``.
+
+    Args:
+        gates: pre-activations ``(B, 4H)`` in block order (i, f, z, o).
+        c: previous memory ``(B, H)``.
+        forget: unused (must be ``None``); present so all cells share one signature.
+        update_mask: optional update-dropout mask on ``z``, ``(B, H)``.
+
+    Returns:
+        The new state ``(h', c')``, each ``(B, H)``.
+    """
+    pre_i, pre_f, pre_z, pre_o = gates.chunk(4, dim=-1)
+    i, f, o = torch.sigmoid(pre_i), torch.sigmoid(pre_f), torch.sigmoid(pre_o)
+    z = _apply_update_mask(torch.tanh(pre_z), update_mask)
+    c_new = f * c + z * i
+    return LSTMState(torch.tanh(c_new) * o, c_new)
+
+
+def sublstm_pointwise(
+    gates: Tensor, c: Tensor, forget: Tensor | None = None, update_mask: Tensor | None = None
+) -> LSTMState:
+    """subLSTM nonlinearity: ``c' = f*c + z - i``, ``h' = sigma(c') - o``.
+
+    Inhibition is subtractive: the input gate ``i`` cancels the excitatory candidate
+    ``z`` and the output gate ``o`` cancels the excitatory read-out ``sigma(c')``.
+
+    Args:
+        gates: pre-activations ``(B, 4H)`` in block order (i, f, z, o).
+        c: previous memory ``(B, H)``.
+        forget: unused (must be ``None``).
+        update_mask: optional update-dropout mask on ``z``, ``(B, H)``.
+
+    Returns:
+        The new state ``(h', c')``, each ``(B, H)``.
+    """
+    i, f, z, o = torch.sigmoid(gates).chunk(4, dim=-1)
+    c_new = f * c + _apply_update_mask(z, update_mask) - i
+    return LSTMState(torch.sigmoid(c_new) - o, c_new)
+
+
+def fix_sublstm_pointwise(
+    gates: Tensor, c: Tensor, forget: Tensor | None = None, update_mask: Tensor | None = None
+) -> LSTMState:
+    """fix-subLSTM nonlinearity: subLSTM with a learned constant decay ``f = sigma(phi)``.
+
+    Args:
+        gates: pre-activations ``(B, 3H)`` in block order (i, z, o).
+        c: previous memory ``(B, H)``.
+        forget: ``phi``, ``(H,)``; the decay of each unit's memory is ``sigma(phi)``.
+        update_mask: optional update-dropout mask on ``z``, ``(B, H)``.
+
+    Returns:
+        The new state ``(h', c')``, each ``(B, H)``.
+    """
+    if forget is None:
+        raise ValueError("fix-subLSTM needs its forget parameter phi (got None)")
+    i, z, o = torch.sigmoid(gates).chunk(3, dim=-1)
+    c_new = torch.sigmoid(forget) * c + _apply_update_mask(z, update_mask) - i
+    return LSTMState(torch.sigmoid(c_new) - o, c_new)
+
+
+def gate_preactivations(x: Tensor, h: Tensor, weights: CellWeights) -> Tensor:
+    """``W x + b_ih + R h + b_hh``: ``x`` ``(B, I)``, ``h`` ``(B, H)`` -> ``(B, G*H)``."""
+    return F.linear(x, weights.weight_ih, weights.bias_ih) + F.linear(
+        h, weights.weight_hh, weights.bias_hh
+    )
+
+
+Pointwise = Callable[[Tensor, Tensor, "Tensor | None", "Tensor | None"], LSTMState]
+
+
+def _step(
+    pointwise: Pointwise,
+    x: Tensor,
+    state: LSTMState,
+    weights: CellWeights,
+    update_mask: Tensor | None = None,
+) -> tuple[Tensor, LSTMState]:
+    new = pointwise(gate_preactivations(x, state.h, weights), state.c, weights.forget, update_mask)
+    return new.h, new
+
+
+def lstm_step(
+    x: Tensor, state: LSTMState, weights: CellWeights, update_mask: Tensor | None = None
+) -> tuple[Tensor, LSTMState]:
+    """One LSTM step: ``x`` ``(B, I)``, state ``(B, H)`` each -> ``(h', (h', c'))``."""
+    return _step(lstm_pointwise, x, state, weights, update_mask)
+
+
+def sublstm_step(
+    x: Tensor, state: LSTMState, weights: CellWeights, update_mask: Tensor | None = None
+) -> tuple[Tensor, LSTMState]:
+    """One subLSTM step: ``x`` ``(B, I)``, state ``(B, H)`` each -> ``(h', (h', c'))``."""
+    return _step(sublstm_pointwise, x, state, weights, update_mask)
+
+
+def fix_sublstm_step(
+    x: Tensor, state: LSTMState, weights: CellWeights, update_mask: Tensor | None = None
+) -> tuple[Tensor, LSTMState]:
+    """One fix-subLSTM step: ``x`` ``(B, I)``, state ``(B, H)`` each -> ``(h', (h', c'))``."""
+    return _step(fix_sublstm_pointwise, x, state, weights, update_mask)
+
+
+@dataclass(frozen=True)
+class CellKind:
+    """What distinguishes the cells, for code that handles all of them.
+
+    Attributes:
+        name: registry key (``"lstm"``, ``"sublstm"``, ``"fix_sublstm"``).
+        label: name for tables and plots.
+        num_gates: gate blocks in ``W``, ``R``, ``b`` (``G``).
+        gate_names: block order.
+        learned_decay: whether the layer owns ``forget_l{k}`` (phi).
+        pointwise: the nonlinearity of one step.
+        step: one whole step, projection included.
+    """
+
+    name: str
+    label: str
+    num_gates: int
+    gate_names: tuple[str, ...]
+    learned_decay: bool
+    pointwise: Pointwise
+    step: Callable[..., tuple[Tensor, LSTMState]]
+
+
+CELLS: dict[str, CellKind] = {
+    "lstm": CellKind("lstm", "LSTM", 4, ("i", "f", "z", "o"), False, lstm_pointwise, lstm_step),
+    "sublstm": CellKind(
+        "sublstm", "subLSTM", 4, ("i", "f", "z", "o"), False, sublstm_pointwise, sublstm_step
+    ),
+    "fix_sublstm": CellKind(
+        "fix_sublstm",
+        "fix-subLSTM",
+        3,
+        ("i", "z", "o"),
+        True,
+        fix_sublstm_pointwise,
+        fix_sublstm_step,
+    ),
+}
+
+_ALIASES = {"fix-sublstm": "fix_sublstm", "fixsublstm": "fix_sublstm", "sub-lstm": "sublstm"}
+
+
+def cell_kind(name: str) -> CellKind:
+    """Look a cell up by name (case-insensitive; ``fix-sublstm`` and ``fix_sublstm`` both work).
+
+    Raises:
+        ValueError: naming the valid choices when ``name`` is unknown.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"cell name must be a str, got {type(name).__name__}")
+    key = name.strip().lower()
+    key = _ALIASES.get(key, key)
+    if key not in CELLS:
+        raise ValueError(f"unknown cell {name!r}; choose one of {sorted(CELLS)}")
+    return CELLS[key]

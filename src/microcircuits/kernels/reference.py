@@ -1,0 +1,71 @@
+"""Reference path: a whole layer run step by step with the functions of ``cells.py``.
+
+Readable, differentiable by autograd, and the oracle every fast kernel is tested
+against. Variable lengths are handled by freezing a sequence's state after its last
+step (its output there is zero, as ``pad_packed_sequence`` gives for padding).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..cells import CellKind, CellWeights, LSTMState
+
+
+def reverse_within_lengths(x: Tensor, lengths: Tensor | None) -> Tensor:
+    """Reverse each sequence of ``x`` ``(T, B, ...)`` in time within its own length.
+
+    Padding steps (``t >= lengths[b]``) stay where they are. The map is its own
+    inverse, so the same call undoes it.
+    """
+    if lengths is None:
+        return x.flip(0)
+    steps = x.shape[0]
+    t = torch.arange(steps, device=x.device).unsqueeze(1)  # (T, 1)
+    lens = lengths.to(x.device).unsqueeze(0)  # (1, B)
+    index = torch.where(t < lens, lens - 1 - t, t)  # (T, B)
+    index = index.reshape(index.shape + (1,) * (x.dim() - 2)).expand_as(x)
+    return x.gather(0, index)
+
+
+def run_layer_reference(
+    kind: CellKind,
+    x: Tensor,
+    state: LSTMState,
+    weights: CellWeights,
+    lengths: Tensor | None = None,
+    update_mask: Tensor | None = None,
+) -> tuple[Tensor, LSTMState]:
+    """Run one layer and direction forward in time.
+
+    Args:
+        kind: which cell.
+        x: input ``(T, B, I)``.
+        state: initial ``(h, c)``, each ``(B, H)``.
+        weights: the layer's parameters.
+        lengths: optional valid length of each sequence ``(B,)``; ``None`` means all ``T``.
+        update_mask: optional update-dropout mask ``(B, H)``, fixed over time.
+
+    Returns:
+        ``output`` ``(T, B, H)`` and the state after each sequence's last valid step.
+    """
+    outputs = []
+    active_at = None
+    if lengths is not None:
+        # (T, B, 1) booleans: is step t inside sequence b?
+        steps = torch.arange(x.shape[0], device=x.device).unsqueeze(1)
+        active_at = (steps < lengths.to(x.device).unsqueeze(0)).unsqueeze(-1)
+    for t, x_t in enumerate(x.unbind(0)):  # unbind, not x[t]: keeps backward linear in T
+        h, new = kind.step(x_t, state, weights, update_mask)
+        if active_at is not None:
+            active = active_at[t]
+            new = LSTMState(
+                torch.where(active, new.h, state.h), torch.where(active, new.c, state.c)
+            )
+            h = torch.where(active, h, torch.zeros_like(h))
+        state = new
+        outputs.append(h)
+    if not outputs:
+        return x.new_zeros(x.shape[:2] + (state.h.shape[-1],)), state
+    return torch.stack(outputs), state
