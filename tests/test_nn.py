@@ -9,6 +9,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import microcircuits as mc
@@ -589,3 +591,57 @@ def test_parameter_count_matches_paper_sizes():
         )
         assert mcnn.parameter_count("fix_sublstm", fix_size, fix_size, 2) <= ref
         assert mcnn.parameter_count("fix_sublstm", fix_size + 1, fix_size + 1, 2) > ref
+
+
+# -- property tests: shapes agree with torch.nn.LSTM for any configuration --------------------
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    cell=st.sampled_from(CELL_NAMES),
+    steps=st.integers(1, 4),
+    batch=st.integers(1, 3),
+    input_size=st.integers(1, 4),
+    hidden_size=st.integers(1, 4),
+    num_layers=st.integers(1, 3),
+    bidirectional=st.booleans(),
+    batch_first=st.booleans(),
+    batched=st.booleans(),
+)
+def test_output_shapes_match_torch_lstm(
+    cell, steps, batch, input_size, hidden_size, num_layers, bidirectional, batch_first, batched
+):
+    kwargs = dict(num_layers=num_layers, bidirectional=bidirectional, batch_first=batch_first)
+    ours = mc.make_rnn(cell, input_size, hidden_size, **kwargs)
+    ref = torch.nn.LSTM(input_size, hidden_size, **kwargs)
+    shape = (batch, steps) if batch_first else (steps, batch)
+    x = torch.randn(*shape, input_size) if batched else torch.randn(steps, input_size)
+    out, (h, c) = ours(x)
+    ref_out, (ref_h, ref_c) = ref(x)
+    assert out.shape == ref_out.shape and h.shape == ref_h.shape and c.shape == ref_c.shape
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    cell=st.sampled_from(CELL_NAMES),
+    dims=st.lists(st.integers(1, 3), min_size=1, max_size=5).filter(lambda d: len(d) not in (2, 3)),
+)
+def test_any_wrong_rank_is_refused_with_value_error(cell, dims):
+    m = mc.make_rnn(cell, 3, 2)
+    with pytest.raises(ValueError, match="3-D .* 2-D"):
+        m(torch.randn(*dims))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    cell=st.sampled_from(CELL_NAMES),
+    h_shape=st.lists(st.integers(1, 4), min_size=1, max_size=4),
+)
+def test_any_wrong_state_shape_is_refused(cell, h_shape):
+    m = mc.make_rnn(cell, 3, 2, num_layers=2)
+    good = torch.zeros(2, 3, 2)
+    bad = torch.zeros(*h_shape)
+    if tuple(h_shape) == (2, 3, 2):
+        return
+    with pytest.raises(ValueError, match="h_0 must have shape"):
+        m(torch.randn(4, 3, 3), (bad, good))
