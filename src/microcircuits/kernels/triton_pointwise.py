@@ -1,0 +1,948 @@
+r"""Fused per-step pointwise kernels (Triton) for the GPU path, and their PyTorch twins.
+
+One time step of a recurrent layer is a GEMM (``pre = pre_x[t] + h @ R^T``) followed by
+pointwise work: gate nonlinearities, the memory update and the read-out. This module
+owns the pointwise half, forward and backward, for the three cells of
+:mod:`microcircuits.cells`, as
+
+* Triton kernels (:func:`pointwise_forward`, :func:`pointwise_backward`): one program per
+  ``(batch, hidden)`` tile, every gate block of a tile loaded once, all stores after all
+  loads (so outputs may alias inputs, see "In place" below); and
+* pure-PyTorch twins with the same signature and semantics
+  (:func:`pointwise_forward_torch`, :func:`pointwise_backward_torch`), usable on any
+  device, against which the kernels are tested and which a CPU path may reuse.
+
+Neither is differentiable by autograd: they are the insides of a hand-written
+``torch.autograd.Function`` (see "Composing a whole-sequence GPU Function" below).
+
+Equations (single source of truth)
+----------------------------------
+The arithmetic is written once, in the plain functions ``_lstm_memory``,
+``_sub_memory``, ``_lstm_readout``, ``_sub_readout``, ``_lstm_grads`` and
+``_sub_grads`` below. They use only ``+ - *`` so the *same* Python function runs on
+torch tensors (the twins call it directly) and inside a Triton kernel (it is wrapped by
+``triton.jit`` and handed to the kernel as a ``tl.constexpr`` argument). Only the
+elementwise nonlinearities (``sigmoid``, ``tanh``) are applied outside them, by
+``torch.sigmoid``/``torch.tanh`` in the twins and ``1/(1+exp(-x))``/``2*sigmoid(2x)-1``
+in the kernels (Triton 3 has no portable ``tanh``: ``libdevice.tanh`` is CUDA-only and
+absent from the interpreter; and ``tl.sigmoid`` is itself a ``triton.jit`` function
+fixed at ``import triton`` time, so using it would tie interpreter mode to the
+environment at that moment).
+
+With ``m`` the update-dropout mask (1 when absent), ``dh`` the gradient reaching the
+step's ``h`` and ``dc_next`` the one reaching its ``c`` from later steps (the paper's
+:math:`\delta c_{t+1} \odot f_{t+1}` term, already multiplied), the backward is (Costa
+et al. 2017, section 3.1, plus the mask):
+
+subLSTM / fix-subLSTM (``h = sigma(c) - o``, ``c = f*c_prev + z*m - i``)::
+
+    dc      = dh * sigma(c) * (1 - sigma(c)) + dc_next
+    d pre_o = -dh * o * (1 - o)
+    d pre_i = -dc * i * (1 - i)
+    d pre_z =  dc * m * z * (1 - z)
+    d pre_f =  dc * c_prev * f * (1 - f)     (fix-subLSTM: the per-step part of d phi)
+    dc_prev =  dc * f
+
+LSTM (``h = tanh(c) * o``, ``c = f*c_prev + g*m*i`` with ``g = tanh(pre_z)``)::
+
+    dc      = dh * o * (1 - tanh(c)^2) + dc_next
+    d pre_o = dh * tanh(c) * o * (1 - o)
+    d pre_i = dc * g * m * i * (1 - i)
+    d pre_z = dc * i * m * (1 - g^2)
+    d pre_f = dc * c_prev * f * (1 - f)
+    dc_prev = dc * f
+
+(The paper prints the LSTM lines with :math:`h_t` where :math:`\delta h_t` is meant; the
+lines above are the chain rule, checked against autograd in the tests.)
+
+Saved activations ``act`` ``(B, G*H)``, block order as the gates: LSTM ``(i, f, g, o)``
+with ``g = tanh(pre_z)`` *before* the mask; subLSTM ``(i, f, z, o)``; fix-subLSTM
+``(i, z, o)`` (``f = sigmoid(phi)`` is recomputed from ``phi``).
+
+Variable lengths
+----------------
+``active`` ``(B,)`` bool marks the sequences that still run at this step (``t <
+lengths[b]``). For an inactive row the step is the identity on the state, as in
+:mod:`microcircuits.kernels.reference`: ``h``/``c`` keep ``h_prev``/``c_prev`` and the
+step's *output* ``out`` is zero (what ``pad_packed_sequence`` gives). Forward therefore
+returns ``out`` separately from the state ``h``; with ``active=None`` they are one
+tensor. In backward an inactive row gets ``grad_pre = 0``, ``grad_c_prev = grad_c`` and
+passes ``grad_h`` on unchanged in ``grad_h_carry``; the caller adds the recurrent GEMM
+to it (``grad_h_prev = grad_h_carry + grad_pre @ R``, i.e. ``carry.addmm_(grad_pre,
+R)``).
+
+In place
+--------
+Every element is read and written by one program, all loads before any store, so the
+kernels accept outputs that alias inputs of the same shape: ``act`` may be ``pre``
+(the gate buffer becomes the activation buffer), ``h``/``c`` may be ``h_prev``/``c_prev``
+(inference), ``grad_pre`` may be ``act`` (the saved activations become the gate
+gradients), ``grad_c_prev`` may be ``grad_c``, ``grad_h_carry`` may be ``grad_h``. The
+twins accept the same aliasing. Partially overlapping views are not supported.
+
+Dtypes
+------
+float32 and float64 (GPU and interpreter), float16/bfloat16 storage on GPU; the kernels
+compute in float32 (float64 if any input is float64) and store in each output's dtype.
+The twins compute in the inputs' dtype, upcasting float16/bfloat16 to float32. Tensors
+must share a device; the last dimension of every 2-D tensor must be contiguous (rows
+may be strided, e.g. ``buffer[t]`` of a ``(T, B, G*H)`` buffer); other layouts are
+copied.
+
+Composing a whole-sequence GPU Function
+---------------------------------------
+One ``torch.autograd.Function`` per layer and direction (``reverse`` handled outside by
+``reverse_within_lengths``, so sequences are left-aligned)::
+
+    # forward (training)
+    gates = torch.addmm(b_ih + b_hh, x.view(T*B, I), W_ih.t()).view(T, B, G*H)  # 1 GEMM
+    cbuf = empty(T+1, B, H); cbuf[0] = c0; y = empty(T, B, H)
+    h = h0.clone() if lengths is not None else h0   # state buffer, updated in place
+    active = arange(T)[:, None] < lengths[None, :]          # (T, B) once, or None
+    for t in range(T):
+        gates[t].addmm_(h, W_hh.t())                          # cuBLAS, in place
+        r = pointwise_forward(kind, gates[t], cbuf[t], phi, mask, active_t,
+                              h_prev=h, act=gates[t], c=cbuf[t+1], out=y[t],
+                              h=(y[t] if active is None else h))
+        h = r.h
+    save x, y, gates (now act), cbuf, h0, W_ih, W_hh, phi, mask, active
+
+    # backward
+    dh = grad_hn (or zeros); dc = grad_cn (or zeros); dphi = zeros(B, H) for fix
+    for t in reversed(range(T)):
+        r = pointwise_backward(kind, gates[t], cbuf[t], cbuf[t+1], phi, mask, active_t,
+                               dh, dc, grad_out=dy[t], grad_pre=gates[t],  # in place
+                               grad_c_prev=dc, grad_h_carry=dh, grad_phi_accum=dphi)
+        dh = (r.grad_h_carry.addmm_(gates[t], W_hh) if active is not None
+              else torch.mm(gates[t], W_hh))                  # cuBLAS
+    dpre = gates.view(T*B, G*H)
+    h_prev_all = cat([h0[None], y[:-1]]).view(T*B, H)   # output rows = state rows
+    dW_ih = dpre.t() @ x.view(T*B, I); dW_hh = dpre.t() @ h_prev_all   # 2 big GEMMs
+    db = dpre.sum(0) (both biases); dx = (dpre @ W_ih).view(T, B, I)   # 1 big GEMM
+    dphi = dphi.sum(0); dh0 = dh; dc0 = dc
+
+Using ``y[t-1]`` for ``h_{t-1}`` in ``dW_hh`` is exact: a row whose output was zeroed
+(finished sequence) has ``dpre = 0`` at every later step. ``dy`` must be contiguous in
+its last dimension (``.contiguous()`` it once). Memory: ``gates`` ``(T,B,G*H)`` +
+``cbuf`` ``((T+1),B,H)`` + ``y``, like cuDNN's reserve space. Inference
+(``torch.no_grad``): ``store_act=False``, one ``(B, H)`` ``c`` updated in place
+(``c=c_prev``), ``h=y[t]`` (or the state buffer in place with lengths): besides ``y``
+only the hoisted input projection is sequence-sized; no per-step activations are kept.
+``tests/test_triton_pointwise.py::_sequence`` is this recipe, run and checked against
+autograd through the reference layer (both implementations, packed, masked, float64).
+
+What to expect against cuDNN (not measured here: no GPU in the session that wrote
+this). Per step the forward is one GEMM and one pointwise launch, the backward one
+pointwise launch and one GEMM, which is what cuDNN's non-persistent algorithm does too;
+the whole-sequence GEMMs are as large as cuDNN's. Large problems (workload D) are GEMM
+bound and should land near 1.0x *if the GEMMs use the same precision*: cuDNN RNNs use
+TF32 by default (``torch.backends.cudnn.allow_tf32`` is True) while ``torch.mm`` does
+not (``torch.backends.cuda.matmul.allow_tf32`` is False), so either benchmark with
+``torch.backends.cudnn.allow_tf32 = False`` or enable TF32 for our GEMMs too, and say
+which in the table. Small problems (A: B=20, H=650; B: T=784, H=100) are launch bound
+(~2 launches of ~4-6 us per step per direction); cuDNN may pick a persistent kernel
+that keeps ``R`` on chip and beats us there. The remedy, if needed, is to capture the
+per-step loop in a CUDA graph (fixed ``T``/``B``: one replay instead of ``2T``
+launches), not a bigger kernel.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..cells import CellKind, cell_kind
+
+try:  # Triton is optional: the GPU path only.
+    import triton
+    import triton.language as tl
+except Exception as exc:  # pragma: no cover - depends on the environment
+    triton = None
+    tl = None
+    TRITON_AVAILABLE = False
+    _TRITON_IMPORT_ERROR: str | None = f"{type(exc).__name__}: {exc}"
+else:
+    TRITON_AVAILABLE = True
+    _TRITON_IMPORT_ERROR = None
+
+__all__ = [
+    "TRITON_AVAILABLE",
+    "PointwiseBackward",
+    "PointwiseForward",
+    "interpret_mode",
+    "pointwise_backward",
+    "pointwise_backward_torch",
+    "pointwise_forward",
+    "pointwise_forward_torch",
+    "triton_available",
+]
+
+
+class PointwiseForward(NamedTuple):
+    """Result of one forward step.
+
+    Attributes:
+        h: new hidden state ``(B, H)`` (``h_prev`` at inactive rows).
+        c: new memory ``(B, H)`` (``c_prev`` at inactive rows).
+        act: saved activations ``(B, G*H)`` for backward, or ``None`` (``store_act=False``).
+        out: the step's output ``(B, H)``: ``h`` with inactive rows zeroed; the same
+            tensor as ``h`` when ``active`` is ``None`` and no separate ``out`` was given.
+    """
+
+    h: Tensor
+    c: Tensor
+    act: Tensor | None
+    out: Tensor
+
+
+class PointwiseBackward(NamedTuple):
+    """Result of one backward step.
+
+    Attributes:
+        grad_pre: gradient of the gate pre-activations ``(B, G*H)`` (zero at inactive rows).
+        grad_c_prev: gradient of ``c_prev`` ``(B, H)``.
+        grad_h_carry: ``(B, H)``, ``grad_h`` at inactive rows and zero elsewhere, when
+            ``active`` is given, else ``None``. ``grad_h_prev = grad_h_carry + grad_pre @ R``.
+        grad_phi: fix-subLSTM only: this step's ``d phi`` per row ``(B, H)`` (sum it over
+            the batch), or the accumulator ``grad_phi_accum`` it was added to; else ``None``.
+    """
+
+    grad_pre: Tensor
+    grad_c_prev: Tensor
+    grad_h_carry: Tensor | None
+    grad_phi: Tensor | None
+
+
+# -- the equations: plain + - * only, shared by the twins and the kernels ------------------
+# No annotations on purpose: Triton reads annotations as types.
+
+
+def _lstm_memory(i, f, g, c_prev, m):
+    """LSTM memory update ``c = f*c_prev + g*m*i`` (``g = tanh(pre_z)``)."""
+    return f * c_prev + g * m * i
+
+
+def _lstm_readout(tanh_c, o):
+    """LSTM output ``h = tanh(c) * o``."""
+    return tanh_c * o
+
+
+def _sub_memory(i, f, z, c_prev, m):
+    """subLSTM memory update ``c = f*c_prev + z*m - i``."""
+    return f * c_prev + z * m - i
+
+
+def _sub_readout(sigma_c, o):
+    """subLSTM output ``h = sigma(c) - o``."""
+    return sigma_c - o
+
+
+def _lstm_grads(dh, dc_next, i, f, g, o, tanh_c, c_prev, m):
+    """LSTM step backward -> ``(d pre_i, d pre_f, d pre_z, d pre_o, dc_prev)``."""
+    d_o = dh * tanh_c * o * (1.0 - o)
+    dc = dh * o * (1.0 - tanh_c * tanh_c) + dc_next
+    d_i = dc * g * m * i * (1.0 - i)
+    d_g = dc * i * m * (1.0 - g * g)
+    d_f = dc * c_prev * f * (1.0 - f)
+    return d_i, d_f, d_g, d_o, dc * f
+
+
+def _sub_grads(dh, dc_next, i, f, z, o, sigma_c, c_prev, m):
+    """subLSTM / fix-subLSTM step backward -> ``(d pre_i, d pre_f, d pre_z, d pre_o, dc_prev)``.
+
+    For fix-subLSTM ``d pre_f`` is the step's contribution to ``d phi``.
+    """
+    d_o = -dh * o * (1.0 - o)
+    dc = dh * sigma_c * (1.0 - sigma_c) + dc_next
+    d_i = -dc * i * (1.0 - i)
+    d_z = dc * m * z * (1.0 - z)
+    d_f = dc * c_prev * f * (1.0 - f)
+    return d_i, d_f, d_z, d_o, dc * f
+
+
+# kind name -> (code, gates, memory, readout, grads)
+_KIND_CODE = {"lstm": 0, "sublstm": 1, "fix_sublstm": 2}
+_EQUATIONS = {
+    "lstm": (_lstm_memory, _lstm_readout, _lstm_grads),
+    "sublstm": (_sub_memory, _sub_readout, _sub_grads),
+    "fix_sublstm": (_sub_memory, _sub_readout, _sub_grads),
+}
+
+
+# -- argument handling shared by both implementations --------------------------------------
+
+
+def _kind_name(kind: str | CellKind) -> str:
+    return kind.name if isinstance(kind, CellKind) else cell_kind(kind).name
+
+
+def _num_gates(name: str) -> int:
+    return 3 if name == "fix_sublstm" else 4
+
+
+def _check_2d(name: str, x: Tensor, rows: int, cols: int) -> None:
+    if x.dim() != 2 or x.shape[0] != rows or x.shape[1] != cols:
+        raise ValueError(f"{name} must have shape ({rows}, {cols}), got {tuple(x.shape)}")
+
+
+def _check_common(
+    name: str,
+    pre_like: Tensor,
+    c_prev: Tensor,
+    forget_phi: Tensor | None,
+    update_mask: Tensor | None,
+    active: Tensor | None,
+    pre_name: str,
+) -> tuple[int, int]:
+    if c_prev.dim() != 2:
+        raise ValueError(f"c_prev must be (B, H), got {tuple(c_prev.shape)}")
+    batch, hidden = c_prev.shape
+    _check_2d(pre_name, pre_like, batch, _num_gates(name) * hidden)
+    if name == "fix_sublstm":
+        if forget_phi is None:
+            raise ValueError("fix_sublstm needs forget_phi (phi, shape (H,)); got None")
+        if forget_phi.shape != (hidden,):
+            raise ValueError(
+                f"forget_phi must have shape ({hidden},), got {tuple(forget_phi.shape)}"
+            )
+    elif forget_phi is not None:
+        raise ValueError(f"{name} has no learned decay: forget_phi must be None")
+    if update_mask is not None:
+        _check_2d("update_mask", update_mask, batch, hidden)
+    if active is not None:
+        if active.shape != (batch,):
+            raise ValueError(f"active must have shape ({batch},), got {tuple(active.shape)}")
+        if active.dtype != torch.bool:
+            raise TypeError(f"active must be a bool tensor, got {active.dtype}")
+    return batch, hidden
+
+
+def _out_or_new(buf: Tensor | None, name: str, like: Tensor, rows: int, cols: int) -> Tensor:
+    if buf is None:
+        return torch.empty(rows, cols, dtype=like.dtype, device=like.device)
+    _check_2d(name, buf, rows, cols)
+    return buf
+
+
+# -- PyTorch twins ---------------------------------------------------------------------------
+
+
+def _twin_dtype(*xs: Tensor | None) -> torch.dtype:
+    """Promoted floating dtype of the inputs, float16/bfloat16 computed in float32."""
+    dtype = torch.float32
+    floats = [x.dtype for x in xs if x is not None and x.is_floating_point()]
+    if floats:
+        dtype = floats[0]
+        for d in floats[1:]:
+            dtype = torch.promote_types(dtype, d)
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _store(buf: Tensor | None, value: Tensor) -> Tensor:
+    """``value`` itself, or copied into the preallocated ``buf``."""
+    if buf is None:
+        return value
+    if value is not buf:
+        buf.copy_(value)
+    return buf
+
+
+def _gate_blocks(name: str, act: Tensor, hidden: int, forget_phi: Tensor | None, dtype):
+    """(i, f, z, o) views of ``act`` (``f = sigmoid(phi)`` for fix-subLSTM)."""
+    if name == "fix_sublstm":
+        i, z, o = act.split(hidden, dim=1)
+        f = torch.sigmoid(forget_phi.to(dtype))
+    else:
+        i, f, z, o = act.split(hidden, dim=1)
+    return i, f, z, o
+
+
+def pointwise_forward_torch(
+    kind: str | CellKind,
+    pre: Tensor,
+    c_prev: Tensor,
+    forget_phi: Tensor | None = None,
+    update_mask: Tensor | None = None,
+    active: Tensor | None = None,
+    *,
+    h_prev: Tensor | None = None,
+    h: Tensor | None = None,
+    c: Tensor | None = None,
+    act: Tensor | None = None,
+    out: Tensor | None = None,
+    store_act: bool = True,
+) -> PointwiseForward:
+    """PyTorch twin of :func:`pointwise_forward`: same arguments, same results."""
+    name = _kind_name(kind)
+    batch, hidden = _check_common(name, pre, c_prev, forget_phi, update_mask, active, "pre")
+    if active is not None and h_prev is None:
+        raise ValueError("active needs h_prev: inactive rows keep the previous state")
+    dtype = _twin_dtype(pre, c_prev, h_prev, update_mask, forget_phi)
+    memory, readout, _ = _EQUATIONS[name]
+
+    if store_act and act is not None:
+        _check_2d("act", act, batch, pre.shape[1])
+    if store_act and act is not None and act.dtype == dtype:
+        a = act  # activations computed in the output buffer (which may be ``pre`` itself)
+        if act.data_ptr() != pre.data_ptr():
+            act.copy_(pre)
+    else:
+        a = pre.to(dtype, copy=True)
+    if name == "lstm":
+        a[:, : 2 * hidden].sigmoid_()
+        a[:, 2 * hidden : 3 * hidden].tanh_()
+        a[:, 3 * hidden :].sigmoid_()
+    else:
+        a.sigmoid_()
+    i, f, z, o = _gate_blocks(name, a, hidden, forget_phi, dtype)
+    cp = c_prev.to(dtype)
+    m = 1.0 if update_mask is None else update_mask.to(dtype)
+    c_new = memory(i, f, z, cp, m)
+    h_new = readout(torch.tanh(c_new) if name == "lstm" else torch.sigmoid(c_new), o)
+    if active is not None:
+        keep = active.unsqueeze(1)
+        out_new = torch.where(keep, h_new, torch.zeros((), dtype=dtype, device=h_new.device))
+        h_new = torch.where(keep, h_new, h_prev.to(dtype))
+        c_new = torch.where(keep, c_new, cp)
+    else:
+        out_new = h_new
+
+    act_res = None
+    if store_act:
+        act_res = _store(act, a) if act is not None else a.to(pre.dtype)
+    state_dtype = c_prev.dtype
+    if out is not None and h is None and active is None:
+        h = out
+    h_res = _store(h, h_new.to(state_dtype))
+    c_res = _store(c, c_new.to(state_dtype))
+    if active is None and (out is None or out is h_res):
+        out_res = h_res
+    else:
+        out_res = _store(out, out_new.to(state_dtype))
+    return PointwiseForward(h_res, c_res, act_res, out_res)
+
+
+def pointwise_backward_torch(
+    kind: str | CellKind,
+    act: Tensor,
+    c_prev: Tensor,
+    c: Tensor,
+    forget_phi: Tensor | None = None,
+    update_mask: Tensor | None = None,
+    active: Tensor | None = None,
+    grad_h: Tensor | None = None,
+    grad_c: Tensor | None = None,
+    *,
+    grad_out: Tensor | None = None,
+    grad_pre: Tensor | None = None,
+    grad_c_prev: Tensor | None = None,
+    grad_h_carry: Tensor | None = None,
+    grad_phi_accum: Tensor | None = None,
+) -> PointwiseBackward:
+    """PyTorch twin of :func:`pointwise_backward`: same arguments, same results."""
+    name = _kind_name(kind)
+    batch, hidden = _check_common(name, act, c_prev, forget_phi, update_mask, active, "act")
+    _check_2d("c", c, batch, hidden)
+    for label, g in (("grad_h", grad_h), ("grad_c", grad_c), ("grad_out", grad_out)):
+        if g is not None:
+            _check_2d(label, g, batch, hidden)
+    dtype = _twin_dtype(act, c_prev, c, update_mask, forget_phi, grad_h, grad_c, grad_out)
+    _, _, grads = _EQUATIONS[name]
+
+    a = act.to(dtype)
+    i, f, z, o = _gate_blocks(name, a, hidden, forget_phi, dtype)
+    cc = c.to(dtype)
+    zero = torch.zeros((), dtype=dtype, device=act.device)
+    gh = zero if grad_h is None else grad_h.to(dtype)
+    dh = gh if grad_out is None else gh + grad_out.to(dtype)
+    dc_next = zero if grad_c is None else grad_c.to(dtype)
+    m = 1.0 if update_mask is None else update_mask.to(dtype)
+    nonlin_c = torch.tanh(cc) if name == "lstm" else torch.sigmoid(cc)
+    d_i, d_f, d_z, d_o, dc_prev = grads(dh, dc_next, i, f, z, o, nonlin_c, c_prev.to(dtype), m)
+    d_f = d_f.expand(batch, hidden)
+    blocks = [d_i, d_z, d_o] if name == "fix_sublstm" else [d_i, d_f, d_z, d_o]
+    d_pre = torch.cat([b.expand(batch, hidden) for b in blocks], dim=1)
+    carry = None
+    if active is not None:
+        keep = active.unsqueeze(1)
+        d_pre = torch.where(keep, d_pre, zero)
+        dc_prev = torch.where(keep, dc_prev, dc_next)
+        d_f = torch.where(keep, d_f, zero)
+        carry = torch.where(keep, zero, gh).expand(batch, hidden)
+    dc_prev = dc_prev.expand(batch, hidden)
+
+    grad_pre_res = _store(grad_pre, d_pre.to(act.dtype if grad_pre is None else grad_pre.dtype))
+    grad_c_prev_res = _store(grad_c_prev, dc_prev.to(c_prev.dtype))
+    carry_res = None
+    if carry is not None:
+        carry_dtype = (grad_h if grad_h is not None else c_prev).dtype
+        carry_res = _store(grad_h_carry, carry.to(carry_dtype).contiguous())
+    phi_res = None
+    if name == "fix_sublstm":
+        if grad_phi_accum is not None:
+            _check_2d("grad_phi_accum", grad_phi_accum, batch, hidden)
+            grad_phi_accum.add_(d_f.to(grad_phi_accum.dtype))
+            phi_res = grad_phi_accum
+        else:
+            phi_res = d_f.to(forget_phi.dtype).contiguous()
+    return PointwiseBackward(grad_pre_res, grad_c_prev_res, carry_res, phi_res)
+
+
+# -- Triton kernels ----------------------------------------------------------------------------
+# Raw functions; decorated lazily by _kernels() so that interpreter mode (TRITON_INTERPRET=1,
+# read by triton.jit at decoration time) can be switched on after this module is imported.
+
+
+def _forward_kernel(
+    pre_ptr, cp_ptr, hp_ptr, phi_ptr, mask_ptr, active_ptr,
+    h_ptr, c_ptr, act_ptr, out_ptr,
+    B, H,
+    s_pre, s_cp, s_hp, s_mask, s_h, s_c, s_act, s_out,
+    KIND: tl.constexpr, MEMORY: tl.constexpr, READOUT: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_ACTIVE: tl.constexpr,
+    STORE_ACT: tl.constexpr, WRITE_OUT: tl.constexpr,
+    CDT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    rmask = rows < B
+    cmask = cols < H
+    tile = rmask[:, None] & cmask[None, :]
+    r = rows.to(tl.int64)[:, None]
+    k = cols[None, :]
+
+    # -- all loads first (outputs may alias inputs) --
+    p = pre_ptr + r * s_pre + k
+    # sigmoid(x) is spelled 1 / (1 + exp(-x)) and tanh(x) 2 * sigmoid(2x) - 1 (module docstring)
+    if KIND == 2:  # fix-subLSTM: blocks (i, z, o), f = sigmoid(phi)
+        i = tl.load(p, mask=tile, other=0.0).to(CDT)
+        z = tl.load(p + H, mask=tile, other=0.0).to(CDT)
+        o = tl.load(p + 2 * H, mask=tile, other=0.0).to(CDT)
+        phi = tl.load(phi_ptr + cols, mask=cmask, other=0.0).to(CDT)
+        f = (1.0 / (1.0 + tl.exp(-phi)))[None, :]
+    else:
+        i = tl.load(p, mask=tile, other=0.0).to(CDT)
+        f = tl.load(p + H, mask=tile, other=0.0).to(CDT)
+        z = tl.load(p + 2 * H, mask=tile, other=0.0).to(CDT)
+        o = tl.load(p + 3 * H, mask=tile, other=0.0).to(CDT)
+        f = 1.0 / (1.0 + tl.exp(-f))
+    i = 1.0 / (1.0 + tl.exp(-i))
+    o = 1.0 / (1.0 + tl.exp(-o))
+    if KIND == 0:
+        z = 2.0 / (1.0 + tl.exp(-2.0 * z)) - 1.0
+    else:
+        z = 1.0 / (1.0 + tl.exp(-z))
+    c_prev = tl.load(cp_ptr + r * s_cp + k, mask=tile, other=0.0).to(CDT)
+    if HAS_MASK:
+        m = tl.load(mask_ptr + r * s_mask + k, mask=tile, other=0.0).to(CDT)
+    else:
+        m = 1.0
+    if HAS_ACTIVE:
+        h_prev = tl.load(hp_ptr + r * s_hp + k, mask=tile, other=0.0).to(CDT)
+        keep = (tl.load(active_ptr + rows, mask=rmask, other=0) != 0)[:, None]
+
+    # -- the step --
+    c = MEMORY(i, f, z, c_prev, m)
+    if KIND == 0:
+        nonlin_c = 2.0 / (1.0 + tl.exp(-2.0 * c)) - 1.0  # tanh
+    else:
+        nonlin_c = 1.0 / (1.0 + tl.exp(-c))
+    h = READOUT(nonlin_c, o)
+    if HAS_ACTIVE:
+        out = tl.where(keep, h, 0.0)
+        h = tl.where(keep, h, h_prev)
+        c = tl.where(keep, c, c_prev)
+    else:
+        out = h
+
+    # -- stores --
+    if STORE_ACT:
+        q = act_ptr + r * s_act + k
+        if KIND == 2:
+            tl.store(q, i, mask=tile)
+            tl.store(q + H, z, mask=tile)
+            tl.store(q + 2 * H, o, mask=tile)
+        else:
+            tl.store(q, i, mask=tile)
+            tl.store(q + H, f, mask=tile)
+            tl.store(q + 2 * H, z, mask=tile)
+            tl.store(q + 3 * H, o, mask=tile)
+    tl.store(h_ptr + r * s_h + k, h, mask=tile)
+    tl.store(c_ptr + r * s_c + k, c, mask=tile)
+    if WRITE_OUT:
+        tl.store(out_ptr + r * s_out + k, out, mask=tile)
+
+
+def _backward_kernel(
+    act_ptr, cp_ptr, c_ptr, phi_ptr, mask_ptr, active_ptr,
+    gh_ptr, gout_ptr, gc_ptr,
+    gpre_ptr, gcp_ptr, carry_ptr, gphi_ptr,
+    B, H,
+    s_act, s_cp, s_c, s_mask, s_gh, s_gout, s_gc, s_gpre, s_gcp, s_carry, s_gphi,
+    KIND: tl.constexpr, GRADS: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_ACTIVE: tl.constexpr,
+    HAS_GH: tl.constexpr, HAS_GOUT: tl.constexpr, HAS_GC: tl.constexpr,
+    ACCUM_PHI: tl.constexpr,
+    CDT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    rmask = rows < B
+    cmask = cols < H
+    tile = rmask[:, None] & cmask[None, :]
+    r = rows.to(tl.int64)[:, None]
+    k = cols[None, :]
+
+    # -- all loads first (outputs may alias inputs) --
+    p = act_ptr + r * s_act + k
+    if KIND == 2:
+        i = tl.load(p, mask=tile, other=0.0).to(CDT)
+        z = tl.load(p + H, mask=tile, other=0.0).to(CDT)
+        o = tl.load(p + 2 * H, mask=tile, other=0.0).to(CDT)
+        phi = tl.load(phi_ptr + cols, mask=cmask, other=0.0).to(CDT)
+        f = (1.0 / (1.0 + tl.exp(-phi)))[None, :]
+    else:
+        i = tl.load(p, mask=tile, other=0.0).to(CDT)
+        f = tl.load(p + H, mask=tile, other=0.0).to(CDT)
+        z = tl.load(p + 2 * H, mask=tile, other=0.0).to(CDT)
+        o = tl.load(p + 3 * H, mask=tile, other=0.0).to(CDT)
+    c_prev = tl.load(cp_ptr + r * s_cp + k, mask=tile, other=0.0).to(CDT)
+    c = tl.load(c_ptr + r * s_c + k, mask=tile, other=0.0).to(CDT)
+    if HAS_MASK:
+        m = tl.load(mask_ptr + r * s_mask + k, mask=tile, other=0.0).to(CDT)
+    else:
+        m = 1.0
+    if HAS_GH:
+        gh = tl.load(gh_ptr + r * s_gh + k, mask=tile, other=0.0).to(CDT)
+    else:
+        gh = tl.full((BLOCK_B, BLOCK_H), 0.0, CDT)
+    if HAS_GOUT:
+        dh = gh + tl.load(gout_ptr + r * s_gout + k, mask=tile, other=0.0).to(CDT)
+    else:
+        dh = gh
+    if HAS_GC:
+        dc_next = tl.load(gc_ptr + r * s_gc + k, mask=tile, other=0.0).to(CDT)
+    else:
+        dc_next = tl.full((BLOCK_B, BLOCK_H), 0.0, CDT)
+    if ACCUM_PHI:
+        phi_acc = tl.load(gphi_ptr + r * s_gphi + k, mask=tile, other=0.0).to(CDT)
+    if HAS_ACTIVE:
+        keep = (tl.load(active_ptr + rows, mask=rmask, other=0) != 0)[:, None]
+
+    # -- the step --
+    if KIND == 0:
+        nonlin_c = 2.0 / (1.0 + tl.exp(-2.0 * c)) - 1.0  # tanh
+    else:
+        nonlin_c = 1.0 / (1.0 + tl.exp(-c))
+    d_i, d_f, d_z, d_o, dc_prev = GRADS(dh, dc_next, i, f, z, o, nonlin_c, c_prev, m)
+    if HAS_ACTIVE:
+        d_i = tl.where(keep, d_i, 0.0)
+        d_f = tl.where(keep, d_f, 0.0)
+        d_z = tl.where(keep, d_z, 0.0)
+        d_o = tl.where(keep, d_o, 0.0)
+        dc_prev = tl.where(keep, dc_prev, dc_next)
+        carry = tl.where(keep, 0.0, gh)
+
+    # -- stores --
+    q = gpre_ptr + r * s_gpre + k
+    if KIND == 2:
+        tl.store(q, d_i, mask=tile)
+        tl.store(q + H, d_z, mask=tile)
+        tl.store(q + 2 * H, d_o, mask=tile)
+        if ACCUM_PHI:
+            tl.store(gphi_ptr + r * s_gphi + k, phi_acc + d_f, mask=tile)
+        else:
+            tl.store(gphi_ptr + r * s_gphi + k, d_f, mask=tile)
+    else:
+        tl.store(q, d_i, mask=tile)
+        tl.store(q + H, d_f, mask=tile)
+        tl.store(q + 2 * H, d_z, mask=tile)
+        tl.store(q + 3 * H, d_o, mask=tile)
+    tl.store(gcp_ptr + r * s_gcp + k, dc_prev, mask=tile)
+    if HAS_ACTIVE:
+        tl.store(carry_ptr + r * s_carry + k, carry, mask=tile)
+
+
+def interpret_mode() -> bool:
+    """Whether Triton's CPU interpreter is switched on (``TRITON_INTERPRET=1``)."""
+    if not TRITON_AVAILABLE:
+        return False
+    try:
+        return bool(triton.knobs.runtime.interpret)
+    except AttributeError:  # older Triton without knobs
+        return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def triton_available(device: torch.device | str) -> bool:
+    """Whether the Triton kernels can run on ``device``.
+
+    True when Triton imports and ``device`` is CUDA (ROCm included), or Triton's
+    interpreter is on (``TRITON_INTERPRET=1``, for tests on CPU tensors).
+    """
+    if not TRITON_AVAILABLE:
+        return False
+    return torch.device(device).type == "cuda" or interpret_mode()
+
+
+_KERNEL_CACHE: dict[bool, types.SimpleNamespace] = {}
+
+
+def _kernels() -> types.SimpleNamespace:
+    """The jitted kernels and equation helpers for the current mode (compiled or interpreted)."""
+    mode = interpret_mode()
+    ns = _KERNEL_CACHE.get(mode)
+    if ns is None:
+        # triton.jit picks InterpretedFunction or JITFunction from TRITON_INTERPRET now.
+        helpers = {fn.__name__: triton.jit(fn) for fn in (
+            _lstm_memory, _lstm_readout, _lstm_grads, _sub_memory, _sub_readout, _sub_grads
+        )}  # fmt: skip
+        ns = types.SimpleNamespace(
+            forward=triton.jit(_forward_kernel),
+            backward=triton.jit(_backward_kernel),
+            equations={
+                name: tuple(helpers[fn.__name__] for fn in fns) for name, fns in _EQUATIONS.items()
+            },
+        )
+        _KERNEL_CACHE[mode] = ns
+    return ns
+
+
+def _require_triton(device: torch.device) -> None:
+    if not TRITON_AVAILABLE:
+        raise RuntimeError(
+            "the Triton pointwise kernels need the 'triton' package, which is not installed "
+            f"({_TRITON_IMPORT_ERROR}); install it (pip install triton) or use the PyTorch "
+            "twins pointwise_forward_torch / pointwise_backward_torch"
+        )
+    if not triton_available(device):
+        raise RuntimeError(
+            f"the Triton pointwise kernels run on CUDA tensors (got {device}); set "
+            "TRITON_INTERPRET=1 to run them on CPU tensors in Triton's interpreter"
+        )
+
+
+_SUPPORTED = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _prep(x: Tensor | None, device: torch.device) -> Tensor | None:
+    """Same device, supported dtype, last dimension contiguous (copies otherwise)."""
+    if x is None:
+        return None
+    if x.device != device:
+        raise ValueError(f"all tensors must be on {device}, got one on {x.device}")
+    if x.is_floating_point() and x.dtype not in _SUPPORTED:
+        raise TypeError(f"unsupported dtype {x.dtype}; use one of {list(_SUPPORTED)}")
+    if (x.dim() == 2 and x.shape[1] > 1 and x.stride(1) != 1) or (
+        x.dim() == 1 and x.shape[0] > 1 and x.stride(0) != 1
+    ):
+        x = x.contiguous()
+    return x
+
+
+def _check_out(x: Tensor | None, name: str) -> None:
+    if x is not None and x.shape[1] > 1 and x.stride(1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dimension")
+
+
+def _compute_dtype(*xs: Tensor | None):
+    return tl.float64 if any(x is not None and x.dtype == torch.float64 for x in xs) else tl.float32
+
+
+def _launch(batch: int, hidden: int) -> tuple[tuple[int, int], int, int, int]:
+    block_h = min(128, triton.next_power_of_2(max(hidden, 1)))
+    block_b = max(1, min(triton.next_power_of_2(max(batch, 1)), 1024 // block_h))
+    grid = (triton.cdiv(batch, block_b), triton.cdiv(hidden, block_h))
+    return grid, block_b, block_h, 4
+
+
+def _row_stride(x: Tensor | None) -> int:
+    return 0 if x is None else x.stride(0)
+
+
+def pointwise_forward(
+    kind: str | CellKind,
+    pre: Tensor,
+    c_prev: Tensor,
+    forget_phi: Tensor | None = None,
+    update_mask: Tensor | None = None,
+    active: Tensor | None = None,
+    *,
+    h_prev: Tensor | None = None,
+    h: Tensor | None = None,
+    c: Tensor | None = None,
+    act: Tensor | None = None,
+    out: Tensor | None = None,
+    store_act: bool = True,
+) -> PointwiseForward:
+    """One step's pointwise forward, fused in one Triton kernel.
+
+    Args:
+        kind: cell name (``"lstm"``, ``"sublstm"``, ``"fix_sublstm"``) or a ``CellKind``.
+        pre: gate pre-activations ``(B, G*H)``, blocks ``(i, f, z, o)`` or ``(i, z, o)``.
+        c_prev: previous memory ``(B, H)``.
+        forget_phi: fix-subLSTM's ``phi`` ``(H,)``; ``None`` for the others.
+        update_mask: update-dropout mask on ``z`` ``(B, H)`` (scaled), or ``None``.
+        active: ``(B,)`` bool, rows whose sequence runs at this step, or ``None`` (all).
+        h_prev: previous hidden state ``(B, H)``; required when ``active`` is given.
+        h, c, act, out: optional preallocated outputs (may alias inputs, see module
+            docstring); allocated when ``None``.
+        store_act: write the activations backward needs (``False`` for inference).
+
+    Returns:
+        :class:`PointwiseForward` ``(h, c, act, out)``.
+
+    Raises:
+        RuntimeError: Triton is not installed, or ``pre`` is not on CUDA and the
+            interpreter is off.
+    """
+    _require_triton(pre.device)
+    name = _kind_name(kind)
+    batch, hidden = _check_common(name, pre, c_prev, forget_phi, update_mask, active, "pre")
+    if active is not None and h_prev is None:
+        raise ValueError("active needs h_prev: inactive rows keep the previous state")
+    dev = pre.device
+    pre, c_prev, h_prev, forget_phi, update_mask, active = (
+        _prep(x, dev) for x in (pre, c_prev, h_prev, forget_phi, update_mask, active)
+    )
+    if h_prev is not None:
+        _check_2d("h_prev", h_prev, batch, hidden)
+    g = _num_gates(name)
+    act = _out_or_new(act, "act", pre, batch, g * hidden) if store_act else None
+    if out is not None and h is None and active is None:
+        h = out
+    h = _out_or_new(h, "h", c_prev, batch, hidden)
+    c = _out_or_new(c, "c", c_prev, batch, hidden)
+    write_out = active is not None or (out is not None and out is not h)
+    if write_out:
+        out = _out_or_new(out, "out", c_prev, batch, hidden)
+    else:
+        out = h
+    for label, x in (("act", act), ("h", h), ("c", c), ("out", out)):
+        _check_out(x, label)
+        if x is not None and x.device != dev:
+            raise ValueError(f"{label} must be on {dev}, got {x.device}")
+
+    ns = _kernels()
+    memory, readout, _ = ns.equations[name]
+    grid, block_b, block_h, num_warps = _launch(batch, hidden)
+    dummy = c_prev  # stands in for absent pointers (never dereferenced)
+    ns.forward[grid](
+        pre, c_prev, dummy if h_prev is None else h_prev,
+        dummy if forget_phi is None else forget_phi,
+        dummy if update_mask is None else update_mask,
+        dummy if active is None else active.view(torch.uint8),
+        h, c, dummy if act is None else act, out,
+        batch, hidden,
+        pre.stride(0), c_prev.stride(0), _row_stride(h_prev), _row_stride(update_mask),
+        h.stride(0), c.stride(0), _row_stride(act), out.stride(0),
+        KIND=_KIND_CODE[name], MEMORY=memory, READOUT=readout,
+        HAS_MASK=update_mask is not None, HAS_ACTIVE=active is not None,
+        STORE_ACT=act is not None, WRITE_OUT=write_out,
+        CDT=_compute_dtype(pre, c_prev, h_prev, update_mask, forget_phi),
+        BLOCK_B=block_b, BLOCK_H=block_h, num_warps=num_warps,
+    )  # fmt: skip
+    return PointwiseForward(h, c, act, out)
+
+
+def pointwise_backward(
+    kind: str | CellKind,
+    act: Tensor,
+    c_prev: Tensor,
+    c: Tensor,
+    forget_phi: Tensor | None = None,
+    update_mask: Tensor | None = None,
+    active: Tensor | None = None,
+    grad_h: Tensor | None = None,
+    grad_c: Tensor | None = None,
+    *,
+    grad_out: Tensor | None = None,
+    grad_pre: Tensor | None = None,
+    grad_c_prev: Tensor | None = None,
+    grad_h_carry: Tensor | None = None,
+    grad_phi_accum: Tensor | None = None,
+) -> PointwiseBackward:
+    """One step's pointwise backward, fused in one Triton kernel.
+
+    Args:
+        kind: cell name or ``CellKind``.
+        act: the activations :func:`pointwise_forward` saved ``(B, G*H)``.
+        c_prev: memory before the step ``(B, H)``.
+        c: memory after the step ``(B, H)`` (the forward's ``c``).
+        forget_phi, update_mask, active: as in the forward.
+        grad_h: gradient reaching the step's state ``h`` from later steps and the final
+            state ``(B, H)``, or ``None`` (zero).
+        grad_c: gradient reaching the step's ``c`` ``(B, H)``, or ``None`` (zero).
+        grad_out: gradient of the step's output ``out`` ``(B, H)``, or ``None``; added
+            to ``grad_h`` at active rows (an inactive row's output was a constant zero).
+        grad_pre, grad_c_prev, grad_h_carry: optional preallocated outputs (may alias
+            ``act``, ``grad_c``, ``grad_h``).
+        grad_phi_accum: fix-subLSTM only: a ``(B, H)`` buffer the step's ``d phi`` is
+            added to (summed over steps; sum over rows at the end), or ``None``.
+
+    Returns:
+        :class:`PointwiseBackward` ``(grad_pre, grad_c_prev, grad_h_carry, grad_phi)``.
+    """
+    _require_triton(act.device)
+    name = _kind_name(kind)
+    batch, hidden = _check_common(name, act, c_prev, forget_phi, update_mask, active, "act")
+    dev = act.device
+    act, c_prev, c, forget_phi, update_mask, active, grad_h, grad_c, grad_out = (
+        _prep(x, dev)
+        for x in (act, c_prev, c, forget_phi, update_mask, active, grad_h, grad_c, grad_out)
+    )
+    for label, x in (("c", c), ("grad_h", grad_h), ("grad_c", grad_c), ("grad_out", grad_out)):
+        if x is not None:
+            _check_2d(label, x, batch, hidden)
+    g = _num_gates(name)
+    grad_pre = _out_or_new(grad_pre, "grad_pre", act, batch, g * hidden)
+    grad_c_prev = _out_or_new(grad_c_prev, "grad_c_prev", c_prev, batch, hidden)
+    carry = None
+    if active is not None:
+        like = grad_h if grad_h is not None else c_prev
+        carry = _out_or_new(grad_h_carry, "grad_h_carry", like, batch, hidden)
+    gphi = None
+    accum = False
+    if name == "fix_sublstm":
+        if grad_phi_accum is not None:
+            _check_2d("grad_phi_accum", grad_phi_accum, batch, hidden)
+            gphi, accum = grad_phi_accum, True
+        else:
+            gphi = torch.empty(batch, hidden, dtype=forget_phi.dtype, device=dev)
+    for label, x in (
+        ("grad_pre", grad_pre), ("grad_c_prev", grad_c_prev), ("grad_h_carry", carry),
+        ("grad_phi_accum", gphi),
+    ):  # fmt: skip
+        _check_out(x, label)
+        if x is not None and x.device != dev:
+            raise ValueError(f"{label} must be on {dev}, got {x.device}")
+
+    ns = _kernels()
+    _, _, grads = ns.equations[name]
+    grid, block_b, block_h, num_warps = _launch(batch, hidden)
+    dummy = c_prev
+    ns.backward[grid](
+        act, c_prev, c,
+        dummy if forget_phi is None else forget_phi,
+        dummy if update_mask is None else update_mask,
+        dummy if active is None else active.view(torch.uint8),
+        dummy if grad_h is None else grad_h,
+        dummy if grad_out is None else grad_out,
+        dummy if grad_c is None else grad_c,
+        grad_pre, grad_c_prev, dummy if carry is None else carry,
+        dummy if gphi is None else gphi,
+        batch, hidden,
+        act.stride(0), c_prev.stride(0), c.stride(0), _row_stride(update_mask),
+        _row_stride(grad_h), _row_stride(grad_out), _row_stride(grad_c),
+        grad_pre.stride(0), grad_c_prev.stride(0), _row_stride(carry), _row_stride(gphi),
+        KIND=_KIND_CODE[name], GRADS=grads,
+        HAS_MASK=update_mask is not None, HAS_ACTIVE=active is not None,
+        HAS_GH=grad_h is not None, HAS_GOUT=grad_out is not None, HAS_GC=grad_c is not None,
+        ACCUM_PHI=accum,
+        CDT=_compute_dtype(act, c_prev, c, update_mask, forget_phi, grad_h, grad_c, grad_out),
+        BLOCK_B=block_b, BLOCK_H=block_h, num_warps=num_warps,
+    )  # fmt: skip
+    return PointwiseBackward(grad_pre, grad_c_prev, carry, gphi)
