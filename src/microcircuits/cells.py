@@ -39,12 +39,16 @@ __all__ = [
     "CELLS",
     "CellKind",
     "CellWeights",
+    "Gates",
     "LSTMState",
     "cell_kind",
+    "fix_sublstm_gates",
     "fix_sublstm_pointwise",
     "fix_sublstm_step",
+    "lstm_gates",
     "lstm_pointwise",
     "lstm_step",
+    "sublstm_gates",
     "sublstm_pointwise",
     "sublstm_step",
 ]
@@ -80,8 +84,59 @@ class CellWeights(NamedTuple):
     forget: Tensor | None = None
 
 
+class Gates(NamedTuple):
+    """Gate values after their nonlinearity, each ``(B, H)``.
+
+    fix-subLSTM's ``f`` is its per-unit constant ``sigma(phi)`` broadcast to ``(B, H)``.
+    """
+
+    i: Tensor
+    f: Tensor
+    z: Tensor
+    o: Tensor
+
+
+def lstm_gates(gates: Tensor, forget: Tensor | None = None) -> Gates:
+    """LSTM gates from pre-activations ``(B, 4H)``: ``i, f, o = sigma(.)``, ``z = tanh(.)``."""
+    pre_i, pre_f, pre_z, pre_o = gates.chunk(4, dim=-1)
+    sigma = torch.sigmoid
+    return Gates(sigma(pre_i), sigma(pre_f), torch.tanh(pre_z), sigma(pre_o))
+
+
+def sublstm_gates(gates: Tensor, forget: Tensor | None = None) -> Gates:
+    """subLSTM gates from pre-activations ``(B, 4H)``: all four ``sigma(.)``."""
+    return Gates(*torch.sigmoid(gates).chunk(4, dim=-1))
+
+
+def fix_sublstm_gates(gates: Tensor, forget: Tensor | None = None) -> Gates:
+    """fix-subLSTM gates from pre-activations ``(B, 3H)`` and ``phi`` ``(H,)``.
+
+    ``f = sigma(phi)``, the same for every sample.
+    """
+    if forget is None:
+        raise ValueError("fix-subLSTM needs its forget parameter phi (got None)")
+    i, z, o = torch.sigmoid(gates).chunk(3, dim=-1)
+    return Gates(i, torch.sigmoid(forget).expand_as(i), z, o)
+
+
 def _apply_update_mask(z: Tensor, update_mask: Tensor | None) -> Tensor:
     return z if update_mask is None else z * update_mask
+
+
+def multiplicative_update(g: Gates, c: Tensor, update_mask: Tensor | None = None) -> LSTMState:
+    """LSTM memory and output: ``c' = f*c + z*i``, ``h' = tanh(c')*o``."""
+    c_new = g.f * c + _apply_update_mask(g.z, update_mask) * g.i
+    return LSTMState(torch.tanh(c_new) * g.o, c_new)
+
+
+def subtractive_update(g: Gates, c: Tensor, update_mask: Tensor | None = None) -> LSTMState:
+    """subLSTM memory and output: ``c' = f*c + z - i``, ``h' = sigma(c') - o``.
+
+    Inhibition is subtractive: the input gate ``i`` cancels the excitatory candidate
+    ``z`` and the output gate ``o`` cancels the excitatory read-out ``sigma(c')``.
+    """
+    c_new = g.f * c + _apply_update_mask(g.z, update_mask) - g.i
+    return LSTMState(torch.sigmoid(c_new) - g.o, c_new)
 
 
 def lstm_pointwise(
@@ -98,20 +153,13 @@ def lstm_pointwise(
     Returns:
         The new state ``(h', c')``, each ``(B, H)``.
     """
-    pre_i, pre_f, pre_z, pre_o = gates.chunk(4, dim=-1)
-    i, f, o = torch.sigmoid(pre_i), torch.sigmoid(pre_f), torch.sigmoid(pre_o)
-    z = _apply_update_mask(torch.tanh(pre_z), update_mask)
-    c_new = f * c + z * i
-    return LSTMState(torch.tanh(c_new) * o, c_new)
+    return multiplicative_update(lstm_gates(gates), c, update_mask)
 
 
 def sublstm_pointwise(
     gates: Tensor, c: Tensor, forget: Tensor | None = None, update_mask: Tensor | None = None
 ) -> LSTMState:
     """subLSTM nonlinearity: ``c' = f*c + z - i``, ``h' = sigma(c') - o``.
-
-    Inhibition is subtractive: the input gate ``i`` cancels the excitatory candidate
-    ``z`` and the output gate ``o`` cancels the excitatory read-out ``sigma(c')``.
 
     Args:
         gates: pre-activations ``(B, 4H)`` in block order (i, f, z, o).
@@ -122,9 +170,7 @@ def sublstm_pointwise(
     Returns:
         The new state ``(h', c')``, each ``(B, H)``.
     """
-    i, f, z, o = torch.sigmoid(gates).chunk(4, dim=-1)
-    c_new = f * c + _apply_update_mask(z, update_mask) - i
-    return LSTMState(torch.sigmoid(c_new) - o, c_new)
+    return subtractive_update(sublstm_gates(gates), c, update_mask)
 
 
 def fix_sublstm_pointwise(
@@ -141,11 +187,7 @@ def fix_sublstm_pointwise(
     Returns:
         The new state ``(h', c')``, each ``(B, H)``.
     """
-    if forget is None:
-        raise ValueError("fix-subLSTM needs its forget parameter phi (got None)")
-    i, z, o = torch.sigmoid(gates).chunk(3, dim=-1)
-    c_new = torch.sigmoid(forget) * c + _apply_update_mask(z, update_mask) - i
-    return LSTMState(torch.sigmoid(c_new) - o, c_new)
+    return subtractive_update(fix_sublstm_gates(gates, forget), c, update_mask)
 
 
 def gate_preactivations(x: Tensor, h: Tensor, weights: CellWeights) -> Tensor:
@@ -200,6 +242,7 @@ class CellKind:
         num_gates: gate blocks in ``W``, ``R``, ``b`` (``G``).
         gate_names: block order.
         learned_decay: whether the layer owns ``forget_l{k}`` (phi).
+        activate: gate values ``Gates(i, f, z, o)`` from pre-activations (and phi).
         pointwise: the nonlinearity of one step.
         step: one whole step, projection included.
     """
@@ -209,14 +252,24 @@ class CellKind:
     num_gates: int
     gate_names: tuple[str, ...]
     learned_decay: bool
+    activate: Callable[[Tensor, Tensor | None], Gates]
     pointwise: Pointwise
     step: Callable[..., tuple[Tensor, LSTMState]]
 
 
 CELLS: dict[str, CellKind] = {
-    "lstm": CellKind("lstm", "LSTM", 4, ("i", "f", "z", "o"), False, lstm_pointwise, lstm_step),
+    "lstm": CellKind(
+        "lstm", "LSTM", 4, ("i", "f", "z", "o"), False, lstm_gates, lstm_pointwise, lstm_step
+    ),
     "sublstm": CellKind(
-        "sublstm", "subLSTM", 4, ("i", "f", "z", "o"), False, sublstm_pointwise, sublstm_step
+        "sublstm",
+        "subLSTM",
+        4,
+        ("i", "f", "z", "o"),
+        False,
+        sublstm_gates,
+        sublstm_pointwise,
+        sublstm_step,
     ),
     "fix_sublstm": CellKind(
         "fix_sublstm",
@@ -224,6 +277,7 @@ CELLS: dict[str, CellKind] = {
         3,
         ("i", "z", "o"),
         True,
+        fix_sublstm_gates,
         fix_sublstm_pointwise,
         fix_sublstm_step,
     ),

@@ -113,19 +113,10 @@ def gate_activations(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gate values ``(i, f, z, o)`` from pre-activations ``(B, G*H)``, each ``(B, H)``.
 
-    The same nonlinearities as the cell's step in :mod:`microcircuits.cells`: sigmoid
-    everywhere except the LSTM's ``z = tanh``; fix-subLSTM's ``f = sigma(phi)``.
+    The cell's own gate function from :mod:`microcircuits.cells` (``kind.activate``);
+    fix-subLSTM's ``f = sigma(phi)`` comes broadcast to ``(B, H)``.
     """
-    blocks = dict(zip(kind.gate_names, preactivations.chunk(kind.num_gates, dim=-1)))
-    i, z, o = (torch.sigmoid(blocks["i"]), blocks["z"], torch.sigmoid(blocks["o"]))
-    z = torch.tanh(z) if kind.name == "lstm" else torch.sigmoid(z)
-    if kind.learned_decay:
-        if forget is None:
-            raise ValueError(f"{kind.label} needs its forget parameter phi (got None)")
-        f = torch.sigmoid(forget).expand_as(i)
-    else:
-        f = torch.sigmoid(blocks["f"])
-    return i, f, z, o
+    return tuple(kind.activate(preactivations, forget))
 
 
 def record_layer(
