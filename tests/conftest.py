@@ -16,7 +16,8 @@ _SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 if "MICROCIRCUITS_DATA" not in os.environ and _SHARED_DATA.is_dir():
     os.environ["MICROCIRCUITS_DATA"] = str(_SHARED_DATA)
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One thread: on shared 2-core machines two threads stall each other badly.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

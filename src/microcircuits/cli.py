@@ -1,0 +1,328 @@
+"""The ``microcircuits`` command: parse arguments, call the library, report errors plainly.
+
+::
+
+    microcircuits train TASK [--cell C] [--size N] [--epochs N] [--set key=value ...]
+                             [--data-dir DIR] [--out DIR] [--name NAME] [--resume]
+                             [--device cpu|cuda|auto] [--seed N] [--no-progress]
+    microcircuits compare TASK [--cells lstm,sublstm,fix_sublstm] [same options]
+    microcircuits report RUNS... --out DIR
+
+Every subcommand is one ``add_<name>_command(subparsers)`` function that adds its
+parser and sets ``handler``, a function ``(args) -> exit status``. More subcommands
+(``figure``, ``bench``, ``search``) are added with :func:`register_command`.
+``python -m microcircuits`` is the same command (as torchrun needs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import DEVICES, TASKS
+
+__all__ = [
+    "COMMANDS",
+    "add_compare_command",
+    "add_report_command",
+    "add_train_command",
+    "build_parser",
+    "main",
+    "register_command",
+]
+
+logger = logging.getLogger("microcircuits.cli")
+
+CommandAdder = Callable[[Any], None]
+"""Adds one subcommand to the ``subparsers`` object of :func:`build_parser`."""
+
+CELL_NAMES = ("lstm", "sublstm", "fix_sublstm")
+
+
+# -- shared options ---------------------------------------------------------------------
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    """Options shared by ``train`` and ``compare``."""
+    parser.add_argument("task", choices=TASKS, help="the experiment")
+    parser.add_argument(
+        "--size",
+        type=int,
+        help="the paper's size: for ptb/wikitext2 the row of Table 2/3 (10, 100, 200, 650; "
+        "fix-subLSTM then gets 11/115/230/750 units), elsewhere the hidden size",
+    )
+    parser.add_argument("--epochs", type=int, help="number of epochs (overrides the preset)")
+    parser.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
+    parser.add_argument(
+        "--set",
+        dest="assignments",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config field, e.g. --set lr=0.001 --set clip_norm=none "
+        "(repeatable; see microcircuits.config.ExperimentConfig for the fields)",
+    )
+    parser.add_argument(
+        "--data-dir", help="dataset directory (default: $MICROCIRCUITS_DATA, else a cache)"
+    )
+    parser.add_argument("--device", choices=DEVICES, help="where to train (default: auto)")
+    parser.add_argument("--seed", type=int, help="random seed (default: 0)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in the output directory from its last checkpoint",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing run in the output directory"
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (e.g. for log files)"
+    )
+
+
+def _overrides(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
+    """``--set`` assignments, then the dedicated flags (which win)."""
+    from .config import parse_assignments
+
+    values: dict[str, Any] = dict(parse_assignments(args.assignments))
+    flags = {
+        "epochs": args.epochs,
+        "max_steps": args.max_steps,
+        "data_dir": args.data_dir,
+        "device": args.device,
+        "seed": args.seed,
+        "num_threads": args.threads,
+        **extra,
+    }
+    values.update({key: value for key, value in flags.items() if value is not None})
+    if args.no_progress:
+        values["progress"] = False
+    return values
+
+
+def _parse_cells(text: str) -> list[str]:
+    from .cells import cell_kind
+
+    cells = [cell_kind(name).name for name in text.split(",") if name.strip()]
+    if not cells:
+        raise ValueError(f"--cells must name at least one of {list(CELL_NAMES)}, got {text!r}")
+    return cells
+
+
+# -- train ------------------------------------------------------------------------------
+
+
+def add_train_command(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train one model on one task",
+        description="Train one model with the task's preset (the paper's hyperparameters), "
+        "evaluate the best-validation checkpoint on the test set, and write the run "
+        "directory (config, metrics, TensorBoard events, checkpoints, results.json).",
+    )
+    _add_run_options(parser)
+    parser.add_argument("--cell", default="lstm", help=f"one of {list(CELL_NAMES)}")
+    parser.add_argument("--out", default="runs", help="parent directory of the run")
+    parser.add_argument("--name", help="run directory name (default: TASK-CELL-SIZE-seedSEED)")
+    parser.set_defaults(handler=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .report import format_table, summarize_run
+    from .train import train
+
+    overrides = _overrides(args, out_dir=args.out, run_name=args.name)
+    config = load_config(args.task, args.cell, args.size, overrides)
+    result = train(config, resume=args.resume, overwrite=args.overwrite)
+    print(format_table([summarize_run(result.run_dir)]))
+    print(f"run directory: {result.run_dir}")
+    return 0
+
+
+# -- compare ----------------------------------------------------------------------------
+
+
+def add_compare_command(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "compare",
+        help="train LSTM, subLSTM and fix-subLSTM with the same seed; print a table",
+        description="Train each cell on TASK with the same seed and settings (each with "
+        "its own preset row), then print and write a results table and learning curves. "
+        "`microcircuits compare adding` is the quick demonstration (a few minutes on 2 CPU "
+        "cores).",
+    )
+    _add_run_options(parser)
+    parser.add_argument(
+        "--cells",
+        default=",".join(CELL_NAMES),
+        help="comma-separated cells to train (default: all three)",
+    )
+    parser.add_argument(
+        "--out",
+        help="directory for the runs and the report (default: runs/compare-TASK-<time>)",
+    )
+    parser.set_defaults(handler=_run_compare)
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from .report import write_report
+    from .train import compare_cells
+
+    if args.out is None:
+        if args.resume:
+            raise ValueError("--resume needs --out: the directory of the comparison to resume")
+        args.out = str(Path("runs") / f"compare-{args.task}-{time.strftime('%Y%m%d-%H%M%S')}")
+    cells = _parse_cells(args.cells)
+    overrides = _overrides(args, out_dir=args.out)
+    results = compare_cells(
+        args.task,
+        cells,
+        size=args.size,
+        overrides=overrides,
+        resume=args.resume,
+        overwrite=args.overwrite,
+    )
+    files = write_report([r.run_dir for r in results], args.out)
+    print(files.text)
+    print(f"runs, table ({files.markdown.name}, {files.csv.name}) and curves in {args.out}")
+    return 0
+
+
+# -- report -----------------------------------------------------------------------------
+
+
+def add_report_command(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "report",
+        help="tabulate runs beside the paper's numbers; plot learning curves",
+        description="Find the run directories under RUNS, print a Markdown table of their "
+        "results beside the paper's, and write results.md, results.csv and "
+        "curves_<task>_<size>.png into --out. Unfinished runs are shown as in progress.",
+    )
+    parser.add_argument("runs", nargs="+", help="run directories or folders holding them")
+    parser.add_argument("--out", required=True, help="where to write the report")
+    parser.add_argument("--no-plots", action="store_true", help="skip the learning curves")
+    parser.set_defaults(handler=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    files = write_report(args.runs, args.out, plots=not args.no_plots)
+    print(files.text)
+    written = [files.markdown, files.csv, *files.figures]
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+# -- the parser and main ----------------------------------------------------------------
+
+COMMANDS: list[CommandAdder] = [add_train_command, add_compare_command, add_report_command]
+"""The subcommands, in the order ``--help`` lists them."""
+
+
+def register_command(adder: CommandAdder) -> CommandAdder:
+    """Add a subcommand (usable as a decorator); its parser must set ``handler``."""
+    if adder not in COMMANDS:
+        COMMANDS.append(adder)
+    return adder
+
+
+def build_parser(commands: Sequence[CommandAdder] | None = None) -> argparse.ArgumentParser:
+    """The ``microcircuits`` argument parser with ``commands`` (default: :data:`COMMANDS`)."""
+    parser = argparse.ArgumentParser(
+        prog="microcircuits",
+        description="subLSTM and fix-subLSTM (Costa et al., NIPS 2017): train, compare, report.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="debug messages")
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="warnings only")
+    parser.add_argument(
+        "--traceback", action="store_true", help="show the full traceback of an error"
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in COMMANDS if commands is None else commands:
+        add(subparsers)
+    return parser
+
+
+class _TqdmHandler(logging.Handler):
+    """Log lines written around the progress bar instead of through it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
+def _configure_logging(args: argparse.Namespace) -> tuple[logging.Handler, int]:
+    """Send the package's log records to stderr; return the handler and the old level."""
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    package_logger = logging.getLogger("microcircuits")
+    previous = package_logger.level
+    package_logger.addHandler(handler)
+    package_logger.setLevel(level)
+    return handler, previous
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .train import NonFiniteLossError
+
+    return (
+        ValueError,
+        TypeError,
+        KeyError,
+        FileExistsError,
+        FileNotFoundError,
+        DataError,
+        CheckpointError,
+        NonFiniteLossError,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``); return the exit status.
+
+    Errors a user can fix (bad values, missing data, an existing run directory, a
+    diverged run) print one line ``microcircuits: error: ...`` and return 2 (1 for a
+    diverged run), without a traceback unless ``--traceback`` is given.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler, previous_level = _configure_logging(args)
+    try:
+        return int(args.handler(args))
+    except KeyboardInterrupt:
+        print(
+            "microcircuits: interrupted; continue with the same command and --resume",
+            file=sys.stderr,
+        )
+        return 130
+    except _user_errors() as error:
+        if args.traceback:
+            raise
+        from .train import NonFiniteLossError
+
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"microcircuits: error: {message}", file=sys.stderr)
+        return 1 if isinstance(error, NonFiniteLossError) else 2
+    finally:
+        package_logger = logging.getLogger("microcircuits")
+        package_logger.removeHandler(handler)
+        package_logger.setLevel(previous_level)

@@ -1,0 +1,457 @@
+"""Experiment configuration: one dataclass holding every hyperparameter, and its presets.
+
+An experiment is an :class:`ExperimentConfig`. Presets are TOML files shipped inside the
+package (``microcircuits/configs/<task>.toml``); the language-model presets carry the
+rows of the paper's Tables 2 (PTB) and 3 (WikiText-2), keyed by cell and size, so that
+``load_config("ptb", cell="sublstm", size=200)`` is the paper's subLSTM-200 row.
+
+Values are layered, later ones winning::
+
+    dataclass defaults  <  [defaults] of the task's TOML  <  the (cell, size) row
+                        <  overrides (e.g. ``--set lr=0.001`` on the command line)
+
+The fully resolved config is saved as ``config.json`` with every run, and
+:meth:`ExperimentConfig.validate` checks all values in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import sys
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+from .cells import cell_kind
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 has the same parser as the tomli package
+    import tomli as tomllib
+
+__all__ = [
+    "DEVICES",
+    "OPTIMIZERS",
+    "TASKS",
+    "ExperimentConfig",
+    "available_sizes",
+    "config_fields",
+    "load_config",
+    "parse_assignments",
+    "preset_table",
+]
+
+TASKS = ("adding", "smnist", "psmnist", "ptb", "wikitext2")
+"""Task names, as accepted by :func:`load_config` and ``microcircuits train``."""
+OPTIMIZERS = ("rmsprop", "adam", "sgd")
+DEVICES = ("auto", "cpu", "cuda")
+LANGUAGE_TASKS = ("ptb", "wikitext2")
+_TASK_ALIASES = {"wikitext-2": "wikitext2", "wt2": "wikitext2", "mnist": "smnist"}
+
+
+@dataclass
+class ExperimentConfig:
+    """Every hyperparameter of one training run.
+
+    The paper (Costa et al. 2017) fixes the architecture, the optimiser family (RMSProp
+    with momentum), the sMNIST learning rate and the LM rows of Tables 2 and 3. What it
+    leaves open (RMSProp's smoothing and momentum, clipping, epochs, batch size for
+    sMNIST) has the defaults below and in the TOML presets, each with its reason.
+    """
+
+    # -- what is trained -------------------------------------------------------------
+    task: str = "adding"  # one of TASKS
+    cell: str = "lstm"  # "lstm" | "sublstm" | "fix_sublstm"
+    size: int | None = None  # the paper's nominal size (table key); None: = hidden_size
+    hidden_size: int = 64  # units per layer (fix-subLSTM: the parameter-matched count)
+    num_layers: int = 1  # stacked recurrent layers (paper: 1 for sMNIST, 2 for LM)
+    forget_bias: float = 1.0  # initial forget-gate bias (paper: 1); phi for fix-subLSTM
+
+    # -- data ------------------------------------------------------------------------
+    batch_size: int = 50  # sequences per training step (paper LM: 20)
+    eval_batch_size: int = 100  # batch for validation/test (LM: parallel streams)
+    bptt: int = 35  # LM: truncated-BPTT segment length (paper: 35)
+    seq_len: int = 50  # adding: steps per sequence
+    steps_per_epoch: int | None = None  # cap on training steps per epoch; required
+    # for the adding task (its data is endless); None elsewhere = the whole split
+    valid_size: int = 1000  # adding: sequences in the fixed validation set
+    test_size: int = 1000  # adding: sequences in the fixed test set
+    data_dir: str | None = None  # dataset directory; None: $MICROCIRCUITS_DATA or cache
+    download: bool = True  # fetch missing dataset files from their public address
+
+    # -- schedule --------------------------------------------------------------------
+    epochs: int = 10  # passes over the training data (adding: of steps_per_epoch)
+    max_steps: int | None = None  # stop after this many optimiser steps in all
+    early_stop_patience: int | None = None  # stop after this many validations without
+    # improvement; None: never
+    lr_decay_factor: float = 1.0  # multiply lr by this after lr_decay_patience
+    # consecutive validations without improvement; 1.0: no decay
+    lr_decay_patience: int = 1  # consecutive validations without improvement that
+    # trigger one decay (the count restarts after it)
+    min_lr: float = 0.0  # the plateau decay never goes below this
+
+    # -- optimiser -------------------------------------------------------------------
+    optimizer: str = "rmsprop"  # one of OPTIMIZERS; the paper uses RMSProp + momentum
+    lr: float = 1e-3  # learning rate
+    momentum: float = 0.9  # RMSProp/SGD momentum; not given in the paper, 0.9 is the
+    # usual value of "RMSProp with momentum" (Tieleman & Hinton 2012, Graves 2013)
+    rmsprop_alpha: float = 0.9  # RMSProp smoothing of the squared gradient; 0.9 is the
+    # original (Tieleman & Hinton 2012) and TensorFlow default
+    eps: float = 1e-8  # added to the RMS denominator (Adam: to sqrt(v))
+    rmsprop_initial_square_avg: float = 1.0  # RMSProp's running mean square starts here.
+    # TensorFlow's RMSPropOptimizer (the paper's 2017 tooling) starts it at 1; torch's
+    # default 0 makes the first steps ~lr/sqrt(1 - alpha) per weight, which threw the
+    # LMs at the paper's learning rates (~0.01) far off before they recovered.
+    weight_decay: float = 0.0  # L2 coefficient added to the gradient (torch convention:
+    # g += wd * theta, i.e. a penalty wd/2 * |theta|^2 on the mean loss)
+    clip_norm: float | None = 5.0  # clip the global gradient norm to this; None: off
+
+    # -- regularisation (Tables 2 and 3) ---------------------------------------------
+    input_dropout: float = 0.0  # dropout on the recurrent stack's input (embeddings)
+    output_dropout: float = 0.0  # dropout on its output (before the decoder/readout)
+    update_dropout: float = 0.0  # dropout on the candidate update z (Semeniuta 2016)
+    dropout: float = 0.0  # torch-style dropout between stacked layers (not in the paper)
+
+    # -- logging, evaluation, checkpoints --------------------------------------------
+    log_every: int = 10  # steps between training-loss records (metrics + progress)
+    eval_every: int | None = None  # steps between validations; None: at epoch ends only
+    checkpoint_every: int | None = 200  # steps between checkpoints/last.pt (also at
+    # every epoch end); None: epoch ends only
+    tensorboard: bool = True  # also write TensorBoard event files
+    progress: bool = True  # tqdm progress bar on stderr
+
+    # -- reproducibility and hardware ------------------------------------------------
+    seed: int = 0  # seeds the weights, dropout, data order and generated data
+    device: str = "auto"  # "cpu" | "cuda" | "auto" (cuda when available)
+    amp: bool = False  # bfloat16 autocast on CUDA
+    num_threads: int | None = None  # torch CPU threads; None: torch's default
+    out_dir: str = "runs"  # runs are written to <out_dir>/<run_name>
+    run_name: str | None = None  # None: "<task>-<cell>-<size>-seed<seed>"
+
+    # -- notes -----------------------------------------------------------------------
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes saved with
+    # the run (e.g. which preset row it came from); never read by training
+
+    def __post_init__(self) -> None:
+        self.task = _canonical_task(self.task)
+        if isinstance(self.cell, str):
+            try:
+                self.cell = cell_kind(self.cell).name
+            except ValueError:
+                pass  # validate() reports it with the field's name
+
+    @property
+    def nominal_size(self) -> int:
+        """The size the paper's tables use for this run (``size``, else ``hidden_size``)."""
+        return self.size if self.size is not None else self.hidden_size
+
+    @property
+    def default_run_name(self) -> str:
+        return f"{self.task}-{self.cell}-{self.nominal_size}-seed{self.seed}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready copy of every field."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> ExperimentConfig:
+        """Build from a mapping such as a saved ``config.json``; unknown keys refused."""
+        _check_known_keys(values, "config")
+        return cls(**dict(values))
+
+    def replace(self, **changes: Any) -> ExperimentConfig:
+        """A copy with ``changes`` applied (typed values; see :func:`load_config` for text)."""
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> ExperimentConfig:
+        """Check every field; return ``self`` so calls chain.
+
+        Raises:
+            ValueError/TypeError: naming the field, its value and what is allowed.
+        """
+        _choice("task", self.task, TASKS)
+        try:
+            cell_kind(self.cell)
+        except (ValueError, TypeError):
+            _choice("cell", self.cell, ("lstm", "sublstm", "fix_sublstm"))
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("device", self.device, DEVICES)
+        for name in (
+            "hidden_size", "num_layers", "batch_size", "eval_batch_size", "bptt",
+            "epochs", "valid_size", "test_size", "log_every", "lr_decay_patience",
+        ):  # fmt: skip
+            _positive_int(name, getattr(self, name))
+        for name in (
+            "size", "steps_per_epoch", "max_steps", "early_stop_patience", "eval_every",
+            "checkpoint_every", "num_threads",
+        ):  # fmt: skip
+            if getattr(self, name) is not None:
+                _positive_int(name, getattr(self, name))
+        _integer("seed", self.seed, low=0)
+        if self.task == "adding":
+            _integer("seq_len", self.seq_len, low=2)
+            if self.steps_per_epoch is None:
+                raise ValueError(
+                    "steps_per_epoch must be set for the adding task (its data is generated "
+                    "without end), got None; e.g. --set steps_per_epoch=100"
+                )
+        _real("lr", self.lr, low=0.0, low_open=True)
+        _real("momentum", self.momentum, low=0.0, high=1.0, high_open=True)
+        _real("rmsprop_alpha", self.rmsprop_alpha, low=0.0, high=1.0, high_open=True)
+        _real("eps", self.eps, low=0.0, low_open=True)
+        _real("rmsprop_initial_square_avg", self.rmsprop_initial_square_avg, low=0.0)
+        _real("weight_decay", self.weight_decay, low=0.0)
+        if self.clip_norm is not None:
+            _real("clip_norm", self.clip_norm, low=0.0, low_open=True)
+        _real("forget_bias", self.forget_bias)
+        _real("lr_decay_factor", self.lr_decay_factor, low=0.0, high=1.0, low_open=True)
+        _real("min_lr", self.min_lr, low=0.0)
+        for name in ("input_dropout", "output_dropout", "update_dropout", "dropout"):
+            _real(name, getattr(self, name), low=0.0, high=1.0, high_open=True)
+        for name in ("download", "tensorboard", "progress", "amp"):
+            _boolean(name, getattr(self, name))
+        if self.amp and self.device == "cpu":
+            raise ValueError("amp=True needs a CUDA device, got device='cpu'; set amp=false")
+        for name in ("data_dir", "run_name"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{name} must be a non-empty string or None, got {value!r}")
+        if not isinstance(self.out_dir, str) or not self.out_dir:
+            raise ValueError(f"out_dir must be a non-empty string, got {self.out_dir!r}")
+        if self.run_name is not None and ("/" in self.run_name or self.run_name in {".", ".."}):
+            raise ValueError(f"run_name must be a plain name without '/', got {self.run_name!r}")
+        if not isinstance(self.extra, dict):
+            raise TypeError(f"extra must be a dict, got {type(self.extra).__name__}")
+        return self
+
+
+# -- field checks -----------------------------------------------------------------------
+
+
+def _canonical_task(task: object) -> object:
+    if isinstance(task, str):
+        key = task.strip().lower()
+        return _TASK_ALIASES.get(key, key)
+    return task
+
+
+def _choice(name: str, value: object, allowed: Iterable[str]) -> None:
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def _integer(name: str, value: object, *, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= {low}, got {type(value).__name__} ({value!r})")
+    if value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value}")
+
+
+def _positive_int(name: str, value: object) -> None:
+    _integer(name, value, low=1)
+
+
+def _real(
+    name: str,
+    value: object,
+    *,
+    low: float = -math.inf,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"{name} must be a real number in {interval}, got {type(value).__name__} ({value!r})"
+        )
+    value = float(value)
+    inside = (
+        math.isfinite(value)
+        and (value > low if low_open else value >= low)
+        and (value < high if high_open else value <= high)
+    )
+    if not inside:
+        raise ValueError(f"{name} must be in {interval}, got {value!r}")
+
+
+def _boolean(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be true or false, got {type(value).__name__} ({value!r})")
+
+
+# -- typed overrides --------------------------------------------------------------------
+
+
+def config_fields() -> dict[str, Any]:
+    """Field name -> resolved type annotation of :class:`ExperimentConfig`."""
+    hints = typing.get_type_hints(ExperimentConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(ExperimentConfig)}
+
+
+def _check_known_keys(values: Mapping[str, Any], what: str) -> None:
+    known = config_fields()
+    unknown = [key for key in values if key not in known]
+    if unknown:
+        raise ValueError(f"unknown {what} key(s) {unknown}; valid keys: {', '.join(sorted(known))}")
+
+
+_NONE_WORDS = {"none", "null", ""}
+_TRUE_WORDS = {"true", "yes", "on", "1"}
+_FALSE_WORDS = {"false", "no", "off", "0"}
+
+
+def _coerce(name: str, annotation: Any, value: Any) -> Any:
+    """Convert ``value`` (text from the command line, or a TOML value) to the field's type."""
+    args = typing.get_args(annotation)
+    optional = (
+        typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in args
+    )
+    if optional:
+        if value is None or (isinstance(value, str) and value.strip().lower() in _NONE_WORDS):
+            return None
+        (annotation,) = [a for a in args if a is not type(None)]
+    if not isinstance(value, str):
+        if annotation is float and isinstance(value, numbers.Real) and not isinstance(value, bool):
+            return float(value)
+        return value  # typed already (TOML); validate() checks it
+    text = value.strip()
+    try:
+        if annotation is bool:
+            if text.lower() in _TRUE_WORDS:
+                return True
+            if text.lower() in _FALSE_WORDS:
+                return False
+            raise ValueError
+        if annotation is int:
+            return int(text)
+        if annotation is float:
+            return float(text)
+    except ValueError:
+        kind = {bool: "true/false", int: "an int", float: "a number"}[annotation]
+        raise ValueError(f"{name} must be {kind}, got {value!r}") from None
+    if annotation is str:
+        return text
+    raise ValueError(f"{name} cannot be set from text (type {annotation}); got {value!r}")
+
+
+def parse_assignments(items: Iterable[str]) -> dict[str, str]:
+    """Parse ``["key=value", ...]`` (``--set`` arguments) into a dict of raw text values.
+
+    Raises:
+        ValueError: an item has no ``=`` or an empty key, or a key is not a config field
+            (the message lists the valid keys).
+    """
+    parsed: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        parsed[key] = value
+    _check_known_keys(parsed, "--set")
+    return parsed
+
+
+# -- presets ----------------------------------------------------------------------------
+
+
+def _read_preset(task: str) -> dict[str, Any]:
+    text = resources.files("microcircuits").joinpath("configs", f"{task}.toml").read_text("utf-8")
+    table = tomllib.loads(text)
+    parent = table.pop("extends", None)
+    if parent is not None:  # e.g. psmnist = smnist with another task name
+        base = _read_preset(parent)
+        base["defaults"] = {**base.get("defaults", {}), **table.pop("defaults", {})}
+        base.update(table)
+        table = base
+    return table
+
+
+def preset_table(task: str) -> dict[str, Any]:
+    """The parsed TOML preset of ``task`` (``[defaults]``, ``[preset]``, ``[rows.*]``)."""
+    task = _canonical_task(task)
+    _choice("task", task, TASKS)
+    return _read_preset(task)
+
+
+def available_sizes(task: str, cell: str) -> list[int]:
+    """Sizes that have a row in ``task``'s preset for ``cell`` (empty: any size allowed)."""
+    rows = preset_table(task).get("rows", {}).get(cell_kind(cell).name, {})
+    return sorted(int(size) for size in rows)
+
+
+def load_config(
+    task: str,
+    cell: str = "lstm",
+    size: int | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> ExperimentConfig:
+    """Resolve the config of one run from the task's preset, its table row and overrides.
+
+    Args:
+        task: one of :data:`TASKS` (aliases ``wikitext-2``, ``wt2``, ``mnist``).
+        cell: ``"lstm"``, ``"sublstm"`` or ``"fix_sublstm"`` (``fix-sublstm`` too).
+        size: the paper's nominal size. For PTB and WikiText-2 it selects the row of
+            Table 2/3 (10, 100, 200 or 650; fix-subLSTM then gets the parameter-matched
+            11/115/230/750 units); elsewhere it sets ``hidden_size``. ``None``: the
+            preset's default size.
+        overrides: field -> value, applied last; text values (from ``--set``) are
+            converted to the field's type.
+
+    Returns:
+        The validated config.
+
+    Raises:
+        ValueError: unknown task, cell or override key, a size the table lacks, or an
+            invalid value (naming field, value and allowed range).
+    """
+    task = _canonical_task(task)
+    _choice("task", task, TASKS)
+    kind = cell_kind(cell)
+    if size is not None:
+        _positive_int("size", size)
+    overrides = dict(overrides or {})
+    _check_known_keys(overrides, "override")
+    fields = config_fields()
+
+    table = preset_table(task)
+    values: dict[str, Any] = {"task": task, "cell": kind.name}
+    values.update(table.get("defaults", {}))
+    preset = table.get("preset", {})
+    rows = table.get("rows", {})
+    if size is None:
+        size = preset.get("default_size")
+    extra: dict[str, Any] = {"preset": task}
+    if rows:
+        cell_rows = rows.get(kind.name, {})
+        if size is None or str(size) not in cell_rows:
+            sizes = sorted(int(s) for s in cell_rows)
+            raise ValueError(
+                f"size must be one of {sizes} for {task} with cell {kind.name!r} (the rows of "
+                f"{preset.get('source', 'the preset')}), got {size}"
+            )
+        row = dict(cell_rows[str(size)])
+        note = row.pop("note", None)
+        values.update(row)
+        extra["row"] = f"{kind.name} {size}"
+        if note:
+            extra["note"] = note
+        values["size"] = size
+    elif size is not None:
+        values["size"] = size
+        values["hidden_size"] = size
+    _check_known_keys(values, f"preset {task}.toml")
+    for name, value in list(values.items()):
+        if name != "extra":
+            values[name] = _coerce(name, fields[name], value)
+    for name, value in overrides.items():
+        values[name] = _coerce(name, fields[name], value)
+    values["extra"] = {**extra, **values.get("extra", {})}
+    return ExperimentConfig(**values).validate()

@@ -1,0 +1,395 @@
+"""Results of runs beside the paper's numbers: a table (Markdown + CSV) and learning curves.
+
+``write_report(["runs/"], "results/")`` finds every run directory (one holding a
+``config.json``) under the given paths and writes
+
+- ``results.md``: one table per task: our validation and test metric next to the
+  paper's test number (``configs/paper_results.toml``, the one place they live);
+- ``results.csv``: the same rows, machine-readable;
+- ``curves_<task>_<size>.png`` (and ``.pdf``): training loss and validation metric
+  against epochs, one line per cell.
+
+A run without ``results.json`` is still reported, from its ``metrics.jsonl``, and
+marked "in progress (epoch k)"; a run stopped by a non-finite loss is marked "failed".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .cells import cell_kind
+from .data import ADDING_BASELINE_MSE
+from .tasks import AddingTask, LanguageModelTask, SequentialMNISTTask
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = [
+    "RunSummary",
+    "find_runs",
+    "format_table",
+    "paper_result",
+    "summarize_run",
+    "write_report",
+]
+
+_TASK_METRIC = {
+    task: (cls.metric, cls.higher_is_better)
+    for task, cls in (
+        ("adding", AddingTask),
+        ("smnist", SequentialMNISTTask),
+        ("psmnist", SequentialMNISTTask),
+        ("ptb", LanguageModelTask),
+        ("wikitext2", LanguageModelTask),
+    )
+}
+_TASK_TITLES = {
+    "adding": "Delayed addition (test MSE; always predicting 1 gives 0.1667)",
+    "smnist": "Sequential MNIST (test accuracy, %)",
+    "psmnist": "Permuted sequential MNIST (test accuracy, %)",
+    "ptb": "Penn Treebank (perplexity)",
+    "wikitext2": "WikiText-2 (perplexity)",
+}
+_TASK_ORDER = list(_TASK_METRIC)
+_CELL_ORDER = ["lstm", "sublstm", "fix_sublstm"]
+
+CSV_COLUMNS = (
+    "task", "cell", "size", "hidden_size", "metric", "status", "valid", "test",
+    "paper_test", "epochs", "steps", "wall_time_s", "parameters", "seed", "run",
+)  # fmt: skip
+
+
+@dataclass
+class RunSummary:
+    """What the report shows of one run.
+
+    Attributes:
+        run_dir: the run directory.
+        task, cell, size, hidden_size, seed: from its config (``size``: nominal size).
+        metric: metric name; ``higher_is_better`` its direction.
+        status: ``"done"``, ``"early stop"``, ``"stopped at max_steps"``,
+            ``"in progress (epoch k)"`` or ``"failed (...)"``.
+        valid: best validation metric (from results.json, else from the metrics).
+        test: test metric of the best-validation checkpoint (finished runs only).
+        paper: the paper's test number for this task, cell and size, if any.
+        epochs, steps, wall_time_s, parameters: progress and cost.
+        curves: ``{"train": [(epoch, loss)], "valid": [(epoch, metric)]}``.
+    """
+
+    run_dir: Path
+    task: str
+    cell: str
+    size: int
+    hidden_size: int
+    seed: int
+    metric: str
+    higher_is_better: bool
+    status: str
+    valid: float | None
+    test: float | None
+    paper: float | None
+    epochs: float | None
+    steps: int | None
+    wall_time_s: float | None
+    parameters: int | None
+    curves: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return self.test is not None
+
+
+# -- reading runs -----------------------------------------------------------------------
+
+
+def find_runs(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """Run directories (holding ``config.json``) at or below each path, sorted, unique.
+
+    Raises:
+        FileNotFoundError: a path does not exist.
+        ValueError: no run directory was found at all.
+    """
+    found: set[Path] = set()
+    paths = [Path(p) for p in paths]
+    for path in paths:
+        if not path.exists():
+            raise FileNotFoundError(f"run path {path} does not exist")
+        if (path / "config.json").is_file():
+            found.add(path)
+        else:
+            found.update(p.parent for p in path.rglob("config.json"))
+    if not found:
+        raise ValueError(
+            f"no run directory (a folder with config.json) under {[str(p) for p in paths]}"
+        )
+    return sorted(found)
+
+
+def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut off by a kill mid-write
+                continue
+    return records
+
+
+@cache
+def _paper_results() -> dict[str, Any]:
+    text = resources.files("microcircuits").joinpath("configs", "paper_results.toml")
+    return tomllib.loads(text.read_text("utf-8"))
+
+
+def paper_result(task: str, cell: str, size: int) -> float | None:
+    """The paper's test number (accuracy in %, or perplexity), or ``None`` if it has none."""
+    table = _paper_results().get(task, {})
+    return table.get(cell_kind(cell).name, {}).get(str(size))
+
+
+def summarize_run(run_dir: str | os.PathLike[str]) -> RunSummary:
+    """Read one run directory (finished or not) into a :class:`RunSummary`."""
+    run_dir = Path(run_dir)
+    config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    task, cell = config["task"], config["cell"]
+    size = config.get("size") or config["hidden_size"]
+    metric, higher = _TASK_METRIC.get(task, ("metric", False))
+    records = _read_metrics(run_dir)
+    train_curve = [(r["epoch"], r["loss"]) for r in records if r.get("kind") == "train"]
+    valid_records = [r for r in records if r.get("kind") == "valid" and metric in r]
+    valid_curve = [(r["epoch"], r[metric]) for r in valid_records]
+    errors = [r for r in records if r.get("kind") == "error"]
+
+    results_path = run_dir / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else None
+    if results is not None:
+        status = {
+            "completed": "done",
+            "early_stop": "early stop",
+            "max_steps": "stopped at max_steps",
+        }.get(results["stopped"], results["stopped"])
+        valid, test = results["best_valid"], results["test"]
+        epochs, steps = results["epochs_done"], results["steps_done"]
+        wall_time, parameters = results["wall_time_s"], results["parameters"]
+    else:
+        values = [v for _, v in valid_curve if v is not None and math.isfinite(v)]
+        valid = (max(values) if higher else min(values)) if values else None
+        test = None
+        last = records[-1] if records else {}
+        epochs = last.get("epoch")
+        steps = last.get("step")
+        wall_time = last.get("time")
+        parameters = None
+        completed_epochs = sum(1 for r in records if r.get("kind") == "epoch")
+        if errors:
+            status = f"failed (non-finite loss at step {errors[-1]['step']})"
+        else:
+            status = f"in progress (epoch {completed_epochs + 1})"
+    meta_path = run_dir / "meta.json"
+    if parameters is None and meta_path.exists():
+        parameters = json.loads(meta_path.read_text()).get("parameters")
+    return RunSummary(
+        run_dir=run_dir,
+        task=task,
+        cell=cell,
+        size=int(size),
+        hidden_size=config["hidden_size"],
+        seed=config.get("seed", 0),
+        metric=metric,
+        higher_is_better=higher,
+        status=status,
+        valid=valid,
+        test=test,
+        paper=paper_result(task, cell, size),
+        epochs=epochs,
+        steps=steps,
+        wall_time_s=wall_time,
+        parameters=parameters,
+        curves={"train": train_curve, "valid": valid_curve},
+    )
+
+
+# -- formatting -------------------------------------------------------------------------
+
+
+def _display(metric: str, value: float | None) -> str:
+    """A metric as the table shows it: accuracy in %, perplexity to 2 decimals."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    if metric == "accuracy":
+        return f"{100.0 * value:.2f}"
+    if metric == "perplexity":
+        return f"{value:.2f}"
+    return f"{value:.4g}"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _sort_key(summary: RunSummary) -> tuple:
+    task = _TASK_ORDER.index(summary.task) if summary.task in _TASK_ORDER else 99
+    cell = _CELL_ORDER.index(summary.cell) if summary.cell in _CELL_ORDER else 99
+    return (task, summary.size, cell, summary.seed, str(summary.run_dir))
+
+
+def format_table(summaries: Sequence[RunSummary]) -> str:
+    """Markdown tables, one per task, of our results beside the paper's."""
+    lines: list[str] = []
+    ordered = sorted(summaries, key=_sort_key)
+    for task in dict.fromkeys(s.task for s in ordered):
+        rows = [s for s in ordered if s.task == task]
+        lines.append(f"### {_TASK_TITLES.get(task, task)}")
+        lines.append("")
+        size_label = "size (units)"
+        lines.append(
+            f"| {size_label} | cell | status | valid | test | paper (test) | epochs | "
+            "time | parameters |"
+        )
+        lines.append("|---|---|---|---|---|---|---|---|---|")
+        for s in rows:
+            units = f"{s.size}" if s.hidden_size == s.size else f"{s.size} ({s.hidden_size})"
+            paper = "—" if s.paper is None else f"{s.paper:.2f}"
+            epochs = "—" if s.epochs is None else f"{s.epochs:.3g}"
+            lines.append(
+                f"| {units} | {cell_kind(s.cell).label} | {s.status} | "
+                f"{_display(s.metric, s.valid)} | {_display(s.metric, s.test)} | {paper} | "
+                f"{epochs} | {_duration(s.wall_time_s)} | "
+                f"{'—' if s.parameters is None else f'{s.parameters:,}'} |"
+            )
+        lines.append("")
+    lines.append(
+        "valid: best validation metric; test: of the best-validation checkpoint. "
+        "Perplexity = exp(mean per-token NLL, `<eos>` included)."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _csv_rows(summaries: Sequence[RunSummary], base: Path) -> list[list[object]]:
+    rows = []
+    for s in sorted(summaries, key=_sort_key):
+        try:
+            run = os.path.relpath(s.run_dir, base)
+        except ValueError:  # another drive on Windows
+            run = str(s.run_dir)
+        rows.append(
+            [
+                s.task, s.cell, s.size, s.hidden_size, s.metric, s.status, s.valid, s.test,
+                s.paper, s.epochs, s.steps, s.wall_time_s, s.parameters, s.seed, run,
+            ]
+        )  # fmt: skip
+    return rows
+
+
+# -- learning curves --------------------------------------------------------------------
+
+
+def _plot_curves(summaries: Sequence[RunSummary], out_dir: Path) -> list[Path]:
+    """One figure per (task, size): training loss and validation metric vs epoch."""
+    from .analysis.style import cell_color, new_figure, save_figure, styled
+
+    @styled
+    def plot(task: str, size: int, runs: list[RunSummary]) -> list[Path]:
+        fig, axes = new_figure(2, width=7.0, height=2.6)
+        train_ax, valid_ax = axes[0]
+        metric = runs[0].metric
+        scale = 100.0 if metric == "accuracy" else 1.0
+        for s in runs:
+            label = f"{cell_kind(s.cell).label} ({s.hidden_size})"
+            if len({r.seed for r in runs}) > 1:
+                label += f" seed {s.seed}"
+            color = cell_color(s.cell)
+            if s.curves["train"]:
+                x, y = zip(*s.curves["train"])
+                train_ax.plot(x, y, color=color, label=label, alpha=0.85)
+            if s.curves["valid"]:
+                x, y = zip(*s.curves["valid"])
+                valid_ax.plot(x, [v * scale for v in y], color=color, marker=".", label=label)
+            if s.paper is not None:
+                valid_ax.axhline(s.paper, color=color, linestyle=":", linewidth=1.0)
+        train_ax.set(xlabel="epoch", ylabel="training loss", title=f"{task}, size {size}")
+        unit = " (%)" if metric == "accuracy" else ""
+        valid_ax.set(xlabel="epoch", ylabel=f"validation {metric}{unit}")
+        if metric in ("perplexity", "mse"):
+            valid_ax.set_yscale("log")
+            train_ax.set_yscale("log")
+        if task == "adding":
+            valid_ax.axhline(ADDING_BASELINE_MSE, color="grey", linestyle="--", linewidth=0.8)
+            valid_ax.set_title("dashed: always predicting 1", fontsize=7)
+        if any(s.paper is not None for s in runs):
+            valid_ax.set_title("dotted: the paper's test result", fontsize=7)
+        train_ax.legend()
+        return save_figure(fig, out_dir, f"curves_{task}_{size}")
+
+    paths: list[Path] = []
+    groups: dict[tuple[str, int], list[RunSummary]] = {}
+    for s in sorted(summaries, key=_sort_key):
+        groups.setdefault((s.task, s.size), []).append(s)
+    for (task, size), runs in groups.items():
+        if any(r.curves["train"] or r.curves["valid"] for r in runs):
+            paths.extend(p for p in plot(task, size, runs) if p.suffix == ".png")
+    return paths
+
+
+# -- the report -------------------------------------------------------------------------
+
+
+@dataclass
+class ReportFiles:
+    """Paths written by :func:`write_report`, and the Markdown text itself."""
+
+    markdown: Path
+    csv: Path
+    figures: list[Path]
+    text: str
+    summaries: list[RunSummary]
+
+
+def write_report(
+    paths: Iterable[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    *,
+    plots: bool = True,
+) -> ReportFiles:
+    """Summarise every run under ``paths`` into ``out_dir``.
+
+    Args:
+        paths: run directories, or folders searched for them.
+        out_dir: where ``results.md``, ``results.csv`` and the curves go (created).
+        plots: also draw the learning curves.
+
+    Returns:
+        The files written, the Markdown text and the per-run summaries.
+    """
+    from .analysis.style import write_csv
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summaries = [summarize_run(run) for run in find_runs(paths)]
+    text = "## Results beside Costa et al. 2017\n\n" + format_table(summaries)
+    markdown = out_dir / "results.md"
+    markdown.write_text(text, encoding="utf-8")
+    csv_path = write_csv(out_dir / "results.csv", CSV_COLUMNS, _csv_rows(summaries, out_dir))
+    figures = _plot_curves(summaries, out_dir) if plots else []
+    return ReportFiles(markdown, csv_path, figures, text, summaries)

@@ -1,0 +1,94 @@
+"""Model heads around a recurrent stack: last-step readout, and the language model."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ..config import ExperimentConfig
+from ..nn import make_rnn
+
+__all__ = ["LanguageModel", "LastStepReadout", "make_recurrent_stack"]
+
+
+def make_recurrent_stack(config: ExperimentConfig, input_size: int) -> nn.Module:
+    """The recurrent stack of ``config`` (cell, sizes, the paper's three dropouts).
+
+    Returns:
+        A module with the API of ``torch.nn.LSTM`` (time-major).
+    """
+    return make_rnn(
+        config.cell,
+        input_size,
+        config.hidden_size,
+        num_layers=config.num_layers,
+        dropout=config.dropout,
+        input_dropout=config.input_dropout,
+        output_dropout=config.output_dropout,
+        update_dropout=config.update_dropout,
+        forget_bias=config.forget_bias,
+    )
+
+
+class LastStepReadout(nn.Module):
+    """A recurrent stack read out by a linear layer at the last step.
+
+    Used by the adding task (1 output, regression) and sequential MNIST (10 classes).
+
+    Args:
+        rnn: time-major recurrent stack with ``hidden_size`` outputs.
+        hidden_size: its output size.
+        out_features: readout size.
+    """
+
+    def __init__(self, rnn: nn.Module, hidden_size: int, out_features: int) -> None:
+        super().__init__()
+        self.rnn = rnn
+        self.readout = nn.Linear(hidden_size, out_features)
+        nn.init.xavier_uniform_(self.readout.weight)  # Glorot, as the paper's weights
+        nn.init.zeros_(self.readout.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Map ``x`` ``(T, B, I)`` to the readout of the last step, ``(B, out_features)``."""
+        output, _ = self.rnn(x)  # (T, B, H)
+        return self.readout(output[-1])
+
+
+class LanguageModel(nn.Module):
+    """Embedding -> recurrent stack -> linear decoder over the vocabulary.
+
+    The embedding size equals the hidden size. Input dropout (on the embeddings) and
+    output dropout (before the decoder) are the recurrent stack's ``input_dropout`` and
+    ``output_dropout``; update dropout acts inside its cells.
+
+    Args:
+        rnn: time-major recurrent stack, input and output size ``hidden_size``.
+        vocab_size: number of words.
+        hidden_size: embedding and hidden size.
+    """
+
+    def __init__(self, rnn: nn.Module, vocab_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, hidden_size)
+        self.rnn = rnn
+        self.decoder = nn.Linear(hidden_size, vocab_size)
+        # Small uniform embeddings (as in Zaremba et al. 2014); Glorot decoder as the
+        # paper's weights; zero output bias.
+        nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
+        nn.init.xavier_uniform_(self.decoder.weight)
+        nn.init.zeros_(self.decoder.bias)
+
+    def forward(
+        self, tokens: Tensor, hidden: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Next-token logits.
+
+        Args:
+            tokens: ``(T, B)`` int64 token ids.
+            hidden: ``(h, c)``, each ``(num_layers, B, H)``, or ``None`` for zeros.
+
+        Returns:
+            ``logits`` ``(T, B, V)`` and the final ``(h, c)``.
+        """
+        embedded = self.embedding(tokens)  # (T, B, H)
+        output, hidden = self.rnn(embedded, hidden)  # (T, B, H)
+        return self.decoder(output), hidden

@@ -1,0 +1,844 @@
+"""One training loop for every task: optimiser, clipping, schedule, checkpoints, resume.
+
+``train(config)`` runs one experiment and writes its run directory::
+
+    <out_dir>/<run_name>/
+      config.json        the fully resolved ExperimentConfig
+      meta.json          package version, git commit, seed, torch, threads, hardware
+      task.json          what the task stores with the run (e.g. psMNIST's permutation)
+      metrics.jsonl      one JSON record per line: "train" (every log_every steps),
+                         "valid" (every validation), "epoch" (every epoch end), "error"
+      tensorboard/       the same scalars as TensorBoard events
+      train.log          the run's log messages
+      checkpoints/last.pt   everything needed to resume (see below)
+      checkpoints/best.pt   the model of the best validation so far
+      results.json       written at the end: best validation metric, test metric of the
+                         best-validation checkpoint, epochs/steps done, wall time
+
+Exact resume: ``last.pt`` holds the model, optimiser, plateau/early-stopping state,
+the position (epoch, step in epoch, global step), torch's RNG state (dropout masks),
+the data generator's state at the start of the epoch, and the state carried between
+batches (the LM's hidden state). ``train(config, resume=True)`` restores all of it,
+replays the data generator to the same batch and goes on, so on CPU a resumed run ends
+with the same numbers as an uninterrupted one. ``last.pt`` is written every
+``checkpoint_every`` steps, at every epoch end and when ``max_steps`` stops the run.
+
+A non-finite training loss stops the run with :class:`NonFiniteLossError`, naming the
+step and the loss; no checkpoint is written after it, so ``last.pt`` stays the last
+good one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import __version__
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import ExperimentConfig
+from .tasks import Evaluation, Task, data_seed, make_task
+
+__all__ = [
+    "NonFiniteLossError",
+    "RESUMABLE_CHANGES",
+    "RunResult",
+    "hardware_description",
+    "make_optimizer",
+    "resolve_device",
+    "run_directory",
+    "train",
+]
+
+logger = logging.getLogger(__name__)
+
+RESUMABLE_CHANGES = frozenset(
+    {
+        "epochs", "max_steps", "device", "progress", "tensorboard", "num_threads",
+        "checkpoint_every", "log_every", "data_dir", "download", "out_dir", "run_name",
+    }
+)  # fmt: skip
+"""Config fields that may differ between a run and its resumption (they change where
+the run stops or how it is observed, not what it computes)."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the run stopped."""
+
+
+@dataclass
+class RunResult:
+    """Outcome of one run (also written as ``results.json``).
+
+    Attributes:
+        run_dir: the run directory.
+        task, cell, size, hidden_size: what was trained (``size``: the paper's nominal size).
+        metric: the task's metric name; ``higher_is_better`` its direction.
+        best_valid: best validation metric seen (of the checkpoint ``best.pt``).
+        best_valid_loss: validation loss of that checkpoint.
+        best_step, best_epoch: where it was reached.
+        test: test metric of the best-validation checkpoint.
+        test_loss: its test loss.
+        epochs_done: epochs completed (fractional when stopped mid-epoch).
+        steps_done: optimiser steps done.
+        wall_time_s: training time, summed over resumptions.
+        stopped: ``"completed"``, ``"early_stop"`` or ``"max_steps"``.
+        parameters: number of trainable parameters.
+        evaluated: ``"best"`` when test/valid come from ``best.pt``, ``"last"`` when no
+            validation had happened and the current model was evaluated.
+    """
+
+    run_dir: Path
+    task: str
+    cell: str
+    size: int
+    hidden_size: int
+    metric: str
+    higher_is_better: bool
+    best_valid: float | None
+    best_valid_loss: float | None
+    best_step: int | None
+    best_epoch: float | None
+    test: float | None
+    test_loss: float | None
+    epochs_done: float
+    steps_done: int
+    wall_time_s: float
+    stopped: str
+    parameters: int
+    evaluated: str
+
+    @property
+    def completed(self) -> bool:
+        return self.stopped in ("completed", "early_stop")
+
+    def to_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        values["run_dir"] = str(self.run_dir)
+        values["completed"] = self.completed
+        return values
+
+
+# -- environment ------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when available) as a ``torch.device``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but no CUDA device is available; use cpu or auto")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"device must be one of ['auto', 'cpu', 'cuda'], got {name!r}")
+    return torch.device(name)
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def hardware_description(device: torch.device | None = None) -> dict[str, Any]:
+    """The machine, without its name: CPU model and cores, threads, CUDA device."""
+    info: dict[str, Any] = {
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "system": f"{platform.system()} {platform.machine()}",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+    }
+    if torch.cuda.is_available():
+        index = device.index if device is not None and device.type == "cuda" else None
+        info["cuda_device"] = torch.cuda.get_device_name(index)
+        info["cuda_version"] = torch.version.cuda
+    return info
+
+
+def _git_commit() -> dict[str, Any] | None:
+    """Commit of the source tree the package runs from, if it is a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()  # fmt: skip
+        status = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "dirty": bool(status.strip())}
+
+
+def _command_line() -> str:
+    """The command that started this process, without the path of the executable."""
+    program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+    if program == "__main__.py":
+        program = "python -m microcircuits"
+    return " ".join([program, *sys.argv[1:]])
+
+
+def _start_mean_square_at(optimizer: torch.optim.RMSprop, value: float) -> None:
+    """Give every parameter RMSProp state whose running mean square starts at ``value``.
+
+    ``torch.optim.RMSprop`` creates its state lazily, at zero, on the first step; state
+    that already exists is used as it is, so filling it in here is all it takes.
+    """
+    if value == 0.0:
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state[p]
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["square_avg"] = torch.full_like(p, value, memory_format=torch.preserve_format)
+            if group["momentum"] > 0:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group["centered"]:
+                state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def make_optimizer(config: ExperimentConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """The optimiser of ``config`` over ``model``'s parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "rmsprop":
+        optimizer = torch.optim.RMSprop(
+            params,
+            lr=config.lr,
+            alpha=config.rmsprop_alpha,
+            eps=config.eps,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+        )
+        _start_mean_square_at(optimizer, config.rmsprop_initial_square_avg)
+        return optimizer
+    if config.optimizer == "adam":
+        return torch.optim.Adam(
+            params, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay
+        )
+    return torch.optim.SGD(
+        params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
+
+
+def run_directory(config: ExperimentConfig) -> Path:
+    """``<out_dir>/<run_name>`` (default name ``<task>-<cell>-<size>-seed<seed>``)."""
+    return Path(config.out_dir) / (config.run_name or config.default_run_name)
+
+
+# -- bookkeeping ------------------------------------------------------------------------
+
+
+@dataclass
+class _Plateau:
+    """Best validation so far, and the counters of plateau decay and early stopping."""
+
+    best: float | None = None
+    best_loss: float | None = None
+    best_step: int | None = None
+    best_epoch: float | None = None
+    since_decay: int = 0  # validations without improvement since the last decay/best
+    since_best: int = 0  # validations without improvement since the best
+    decays: int = 0
+
+    def improved_by(self, value: float, higher_is_better: bool) -> bool:
+        if self.best is None:
+            return math.isfinite(value)
+        return value > self.best if higher_is_better else value < self.best
+
+
+@dataclass
+class _Position:
+    """Where the loop is, and what must survive a resume to continue exactly."""
+
+    epoch: int = 0  # index of the current epoch (= epochs completed)
+    step_in_epoch: int = 0
+    global_step: int = 0
+    epoch_generator_state: Tensor | None = None
+    carry: tuple[Tensor, ...] | None = None
+    epoch_loss_sum: float = 0.0
+    epoch_loss_count: int = 0
+    wall_time: float = 0.0
+
+
+class _MetricsLog:
+    """``metrics.jsonl`` plus optional TensorBoard events, resumable at a step."""
+
+    def __init__(self, run_dir: Path, *, resume_step: int | None, tensorboard: bool) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        if resume_step is not None and self.path.exists():
+            # Drop what was logged after the checkpoint: those steps are redone.
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+            ]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self._file = self.path.open("a", encoding="utf-8")
+        self._writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # slow import: only when used
+
+            self._writer = SummaryWriter(
+                log_dir=str(run_dir / "tensorboard"), purge_step=resume_step
+            )
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._writer is not None:
+            kind, step = record["kind"], record.get("step", 0)
+            for key, value in record.items():
+                if key not in ("kind", "step") and isinstance(value, (int, float)):
+                    if not isinstance(value, bool):
+                        self._writer.add_scalar(f"{kind}/{key}", value, step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._writer is not None:
+            self._writer.close()
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    os.replace(temp, path)
+
+
+@contextlib.contextmanager
+def _run_log(run_dir: Path) -> Iterator[None]:
+    """Copy the package's log records into ``train.log`` for the duration of the run."""
+    package_logger = logging.getLogger("microcircuits")
+    handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    previous_level = package_logger.level
+    if package_logger.getEffectiveLevel() > logging.INFO:
+        package_logger.setLevel(logging.INFO)
+    package_logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        package_logger.removeHandler(handler)
+        package_logger.setLevel(previous_level)
+        handler.close()
+
+
+def _prepare_run_dir(
+    config: ExperimentConfig, run_dir: Path, *, resume: bool, overwrite: bool
+) -> bool:
+    """Create or check the run directory; return whether a checkpoint is resumed."""
+    last = run_dir / "checkpoints" / "last.pt"
+    saved_config = run_dir / "config.json"
+    if resume and last.exists():
+        if saved_config.exists():
+            saved = json.loads(saved_config.read_text())
+            current = config.to_dict()
+            changed = sorted(
+                key
+                for key in current
+                if key not in RESUMABLE_CHANGES and key in saved and saved[key] != current[key]
+            )
+            if changed:
+                details = ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in changed)
+                raise ValueError(
+                    f"cannot resume {run_dir} with a different config ({details}); only "
+                    f"{sorted(RESUMABLE_CHANGES)} may change on resume"
+                )
+        return True
+    if resume:
+        logger.info("no checkpoint in %s: starting a new run", run_dir)
+    if saved_config.exists() and not resume:
+        if not overwrite:
+            raise FileExistsError(
+                f"run directory {run_dir} already holds a run; resume it (--resume), replace "
+                "it (--overwrite), or choose another --out/--name"
+            )
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return False
+
+
+# -- the loop ---------------------------------------------------------------------------
+
+
+def train(
+    config: ExperimentConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    task: Task | None = None,
+) -> RunResult:
+    """Train and evaluate one experiment; write its run directory (see module docstring).
+
+    Args:
+        config: the experiment (validated here).
+        resume: continue from ``checkpoints/last.pt`` of the run directory if it exists
+            (else start afresh); the config may differ only in :data:`RESUMABLE_CHANGES`.
+        overwrite: replace an existing run directory instead of refusing.
+        task: use this task instead of ``make_task(config, device)`` (e.g. a tiny corpus).
+
+    Returns:
+        The :class:`RunResult` (also written as ``results.json``).
+
+    Raises:
+        ValueError: invalid config, or a resume with incompatible changes.
+        FileExistsError: the run directory holds a run and neither ``resume`` nor
+            ``overwrite`` was given.
+        NonFiniteLossError: the training loss became NaN/inf.
+        microcircuits.data.DataError: dataset files missing or corrupt.
+        microcircuits.checkpoint.CheckpointError: the checkpoint cannot be read.
+    """
+    config.validate()
+    run_dir = run_directory(config)
+    resuming = _prepare_run_dir(config, run_dir, resume=resume, overwrite=overwrite)
+    with _run_log(run_dir):
+        return _Trainer(config, run_dir, resuming, task).run()
+
+
+class _Trainer:
+    """State and steps of one run; :func:`train` is its public face."""
+
+    def __init__(
+        self, config: ExperimentConfig, run_dir: Path, resuming: bool, task: Task | None
+    ) -> None:
+        self.config = config
+        self.run_dir = run_dir
+        self.checkpoints = run_dir / "checkpoints"
+        self.last_path = self.checkpoints / "last.pt"
+        self.best_path = self.checkpoints / "best.pt"
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
+        self.device = resolve_device(config.device)
+        self.amp = config.amp and self.device.type == "cuda"
+        if config.amp and not self.amp:
+            logger.warning("amp=True ignored: the run is on %s, autocast is CUDA-only", self.device)
+
+        torch.manual_seed(config.seed)
+        self.task = task if task is not None else make_task(config, self.device)
+        self.model = self.task.build_model()
+        self.optimizer = make_optimizer(config, self.model)
+        self.data_generator = torch.Generator().manual_seed(data_seed(config.seed))
+        self.steps_per_epoch = self.task.steps_per_epoch()
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"the {config.task} task has no training batch with batch_size="
+                f"{config.batch_size}; lower batch_size (or bptt)"
+            )
+        self.position = _Position()
+        self.plateau = _Plateau()
+        self.pending: list[tuple[int, Tensor]] = []  # (step, loss) not yet logged
+        self.last_valid: Evaluation | None = None
+        self.resume_step: int | None = None
+        if resuming:
+            self._restore(load_checkpoint(self.last_path, map_location=self.device))
+        self._write_run_files(resuming)
+
+    # -- files --------------------------------------------------------------------------
+
+    def _write_run_files(self, resuming: bool) -> None:
+        _write_json(self.run_dir / "config.json", self.config.to_dict())
+        meta_path = self.run_dir / "meta.json"
+        meta = json.loads(meta_path.read_text()) if resuming and meta_path.exists() else {}
+        now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        if not meta:
+            meta = {
+                "package": "microcircuits",
+                "version": __version__,
+                "git": _git_commit(),
+                "seed": self.config.seed,
+                "created": now,
+                "command": _command_line(),
+                "device": str(self.device),
+                "amp": self.amp,
+                "hardware": hardware_description(self.device),
+                "parameters": sum(p.numel() for p in self.model.parameters()),
+                "resumes": [],
+            }
+        else:
+            meta["resumes"].append(
+                {
+                    "at_step": self.position.global_step,
+                    "time": now,
+                    "version": __version__,
+                    "git": _git_commit(),
+                    "device": str(self.device),
+                    "hardware": hardware_description(self.device),
+                }
+            )
+        _write_json(meta_path, meta)
+        _write_json(self.run_dir / "task.json", self.task.artifacts())
+
+    def _checkpoint_payload(self) -> dict[str, Any]:
+        pos = self.position
+        cuda_rng = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "config": self.config.to_dict(),
+            "epoch": pos.epoch,
+            "step_in_epoch": pos.step_in_epoch,
+            "global_step": pos.global_step,
+            "epoch_generator_state": pos.epoch_generator_state,
+            "data_generator_state": self.data_generator.get_state(),
+            "carry": None if pos.carry is None else list(pos.carry),
+            "epoch_loss": [pos.epoch_loss_sum, pos.epoch_loss_count],
+            "wall_time": pos.wall_time + (time.perf_counter() - self.started),
+            "torch_rng_state": torch.get_rng_state(),
+            "cuda_rng_state": cuda_rng,
+            "plateau": dataclasses.asdict(self.plateau),
+        }
+
+    def _save_last(self) -> None:
+        self._flush_losses()
+        save_checkpoint(self.last_path, self._checkpoint_payload())
+
+    def _restore(self, payload: dict[str, Any]) -> None:
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        pos = self.position
+        pos.epoch = payload["epoch"]
+        pos.step_in_epoch = payload["step_in_epoch"]
+        pos.global_step = payload["global_step"]
+        pos.epoch_generator_state = payload["epoch_generator_state"]
+        self.data_generator.set_state(payload["data_generator_state"])
+        carry = payload["carry"]
+        pos.carry = None if carry is None else tuple(t.to(self.device) for t in carry)
+        pos.epoch_loss_sum, pos.epoch_loss_count = payload["epoch_loss"]
+        pos.wall_time = payload["wall_time"]
+        self.plateau = _Plateau(**payload["plateau"])
+        torch.set_rng_state(payload["torch_rng_state"].cpu())
+        if payload["cuda_rng_state"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all([s.cpu() for s in payload["cuda_rng_state"]])
+        self.resume_step = pos.global_step
+        logger.info(
+            "resuming %s at step %d (epoch %d, step %d of %d)",
+            self.run_dir, pos.global_step, pos.epoch + 1, pos.step_in_epoch, self.steps_per_epoch,
+        )  # fmt: skip
+
+    # -- steps --------------------------------------------------------------------------
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp:
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def _epoch_float(self) -> float:
+        return self.position.epoch + self.position.step_in_epoch / self.steps_per_epoch
+
+    def _train_step(self, batch: tuple[Tensor, ...]) -> None:
+        pos = self.position
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            loss, pos.carry = self.task.train_loss(self.model, batch, pos.carry)
+        loss.backward()
+        if self.config.clip_norm is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_norm)
+        self.optimizer.step()
+        pos.global_step += 1
+        pos.step_in_epoch += 1
+        self.pending.append((pos.global_step, loss.detach()))
+
+    def _flush_losses(self) -> None:
+        """Log the mean loss of the steps since the last flush; stop on a non-finite one.
+
+        Losses stay on the device until here, so the loop does not wait for the device
+        at every step.
+        """
+        if not self.pending:
+            return
+        steps = [step for step, _ in self.pending]
+        values = torch.stack([loss.float() for _, loss in self.pending]).tolist()
+        self.pending.clear()
+        for step, value in zip(steps, values):
+            if not math.isfinite(value):
+                self._fail(step, value)
+        pos = self.position
+        pos.epoch_loss_sum += sum(values)
+        pos.epoch_loss_count += len(values)
+        mean = sum(values) / len(values)
+        self.metrics.write(
+            {
+                "kind": "train",
+                "step": pos.global_step,
+                "epoch": self._epoch_float(),
+                "loss": mean,
+                "lr": self._lr(),
+                "steps": len(values),
+                "time": self._elapsed(),
+            }
+        )
+        postfix = {"loss": f"{mean:.4g}", "lr": f"{self._lr():.2g}"}
+        if self.last_valid is not None:
+            postfix[f"valid {self.task.metric}"] = f"{self.last_valid.metric:.4g}"
+        self.bar.set_postfix(postfix, refresh=False)
+
+    def _fail(self, step: int, value: float) -> None:
+        if self.last_path.exists():
+            saved = load_checkpoint(self.last_path)["global_step"]
+            kept = f"the last good checkpoint {self.last_path} (step {saved}) is kept"
+        else:
+            kept = "no checkpoint had been written yet"
+        message = (
+            f"training loss became {value} at step {step} (epoch {self.position.epoch + 1}); "
+            f"stopping. {kept}. Try a lower lr or a clip_norm."
+        )
+        self.metrics.write({"kind": "error", "step": step, "loss": str(value), "message": message})
+        logger.error(message)
+        raise NonFiniteLossError(message)
+
+    def _elapsed(self) -> float:
+        return self.position.wall_time + (time.perf_counter() - self.started)
+
+    def _validate(self) -> bool:
+        """Evaluate on the validation split; update best/plateau; return True to stop early."""
+        self._flush_losses()
+        config, plateau, pos = self.config, self.plateau, self.position
+        with self._autocast():
+            evaluation = self.task.evaluate(self.model, "valid")
+        self.model.train()
+        self.last_valid = evaluation
+        if plateau.improved_by(evaluation.metric, self.task.higher_is_better):
+            plateau.best, plateau.best_loss = evaluation.metric, evaluation.loss
+            plateau.best_step, plateau.best_epoch = pos.global_step, self._epoch_float()
+            plateau.since_best = plateau.since_decay = 0
+            save_checkpoint(
+                self.best_path,
+                {
+                    "model": self.model.state_dict(),
+                    "config": config.to_dict(),
+                    "global_step": pos.global_step,
+                    "epoch": self._epoch_float(),
+                    "valid_metric": evaluation.metric,
+                    "valid_loss": evaluation.loss,
+                },
+            )
+        else:
+            plateau.since_best += 1
+            plateau.since_decay += 1
+            if config.lr_decay_factor < 1.0 and plateau.since_decay >= config.lr_decay_patience:
+                plateau.since_decay = 0
+                new_lr = max(self._lr() * config.lr_decay_factor, config.min_lr)
+                if new_lr < self._lr():
+                    plateau.decays += 1
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = new_lr
+                    logger.info("validation plateau: lr -> %.3g", new_lr)
+        self.metrics.write(
+            {
+                "kind": "valid",
+                "step": pos.global_step,
+                "epoch": self._epoch_float(),
+                "loss": evaluation.loss,
+                self.task.metric: evaluation.metric,
+                "best": plateau.best,
+                "lr": self._lr(),
+                "time": self._elapsed(),
+            }
+        )
+        logger.info(
+            "step %d (epoch %.2f): valid loss %.4f, %s %.4f (best %.4f)",
+            pos.global_step, self._epoch_float(), evaluation.loss, self.task.metric,
+            evaluation.metric, plateau.best if plateau.best is not None else math.nan,
+        )  # fmt: skip
+        patience = config.early_stop_patience
+        if patience is not None and plateau.since_best >= patience:
+            logger.info("early stop: %d validations without improvement", plateau.since_best)
+            return True
+        return False
+
+    def _end_epoch(self) -> bool:
+        """Validate, log the epoch, move to the next one, checkpoint; True to stop early."""
+        stop = self._validate()
+        pos = self.position
+        mean_loss = pos.epoch_loss_sum / max(pos.epoch_loss_count, 1)
+        valid = self.last_valid  # set by _validate
+        self.metrics.write(
+            {
+                "kind": "epoch",
+                "step": pos.global_step,
+                "epoch": pos.epoch + 1,
+                "train_loss": mean_loss,
+                "valid_loss": valid.loss if valid is not None else None,
+                f"valid_{self.task.metric}": valid.metric if valid is not None else None,
+                "lr": self._lr(),
+                "time": self._elapsed(),
+            }
+        )
+        pos.epoch += 1
+        pos.step_in_epoch = 0
+        pos.carry = None
+        pos.epoch_loss_sum, pos.epoch_loss_count = 0.0, 0
+        self._save_last()
+        return stop
+
+    def _batches(self) -> Iterator[tuple[Tensor, ...]]:
+        """This epoch's remaining batches; on resume, replays the generator to the spot."""
+        pos = self.position
+        if pos.step_in_epoch == 0:
+            pos.epoch_generator_state = self.data_generator.get_state()
+        else:
+            self.data_generator.set_state(pos.epoch_generator_state)
+        batches = self.task.train_batches(self.data_generator)
+        return itertools.islice(batches, pos.step_in_epoch, None)
+
+    def _loop(self) -> str:
+        config, pos = self.config, self.position
+
+        def at_max_steps() -> bool:
+            # Checked before a batch is drawn, so a stop leaves the generator untouched.
+            return config.max_steps is not None and pos.global_step >= config.max_steps
+
+        patience = config.early_stop_patience
+        if patience is not None and self.plateau.since_best >= patience:
+            return "early_stop"  # a resumed run that had already stopped early
+        while pos.epoch < config.epochs:
+            if at_max_steps():
+                return "max_steps"
+            batches = self._batches()
+            while not at_max_steps():
+                batch = next(batches, None)
+                if batch is None:
+                    break
+                self._train_step(batch)
+                self.bar.update(1)
+                step = pos.global_step
+                if step % config.log_every == 0:
+                    self._flush_losses()
+                if config.eval_every is not None and step % config.eval_every == 0:
+                    if pos.step_in_epoch < self.steps_per_epoch and self._validate():
+                        self._save_last()
+                        return "early_stop"
+                if config.checkpoint_every is not None and step % config.checkpoint_every == 0:
+                    self._save_last()
+            if pos.step_in_epoch < self.steps_per_epoch:
+                return "max_steps"
+            if self._end_epoch():
+                return "early_stop"
+        return "completed"
+
+    def run(self) -> RunResult:
+        config, pos = self.config, self.position
+        self.started = time.perf_counter()
+        self.metrics = _MetricsLog(
+            self.run_dir, resume_step=self.resume_step, tensorboard=config.tensorboard
+        )
+        total = self.steps_per_epoch * config.epochs
+        if config.max_steps is not None:
+            total = min(total, config.max_steps)
+        from tqdm import tqdm
+
+        self.bar = tqdm(
+            total=total,
+            initial=min(pos.global_step, total),
+            disable=not config.progress,
+            desc=f"{config.task} {config.cell} {config.hidden_size}",
+            unit="step",
+            dynamic_ncols=True,
+            leave=True,
+        )
+        logger.info(
+            "training %s with %s (%d units, %d layer(s), %d parameters) on %s; %d steps/epoch",
+            config.task, config.cell, config.hidden_size, config.num_layers,
+            sum(p.numel() for p in self.model.parameters()), self.device, self.steps_per_epoch,
+        )  # fmt: skip
+        try:
+            self.model.train()
+            try:
+                stopped = self._loop()
+                if stopped == "max_steps":
+                    self._save_last()
+            finally:
+                self.bar.close()
+            result = self._finish(stopped)
+        finally:
+            self.metrics.close()
+        return result
+
+    def _finish(self, stopped: str) -> RunResult:
+        """Evaluate the best-validation checkpoint on validation and test; write results."""
+        config, pos, plateau = self.config, self.position, self.plateau
+        wall_time = self._elapsed()
+        if self.best_path.exists() and plateau.best is not None:
+            best = load_checkpoint(self.best_path, self.device)
+            self.model.load_state_dict(best["model"])
+            # Its validation numbers were measured when it was saved: no second pass.
+            valid = Evaluation(best["valid_loss"], best["valid_metric"], count=0)
+            evaluated = "best"
+        else:
+            with self._autocast():
+                valid = self.task.evaluate(self.model, "valid")
+            evaluated = "last"
+        with self._autocast():
+            test = self.task.evaluate(self.model, "test")
+        result = RunResult(
+            run_dir=self.run_dir,
+            task=config.task,
+            cell=config.cell,
+            size=config.nominal_size,
+            hidden_size=config.hidden_size,
+            metric=self.task.metric,
+            higher_is_better=self.task.higher_is_better,
+            best_valid=valid.metric,
+            best_valid_loss=valid.loss,
+            best_step=plateau.best_step if evaluated == "best" else pos.global_step,
+            best_epoch=plateau.best_epoch if evaluated == "best" else self._epoch_float(),
+            test=test.metric,
+            test_loss=test.loss,
+            epochs_done=self._epoch_float(),
+            steps_done=pos.global_step,
+            wall_time_s=wall_time,
+            stopped=stopped,
+            parameters=sum(p.numel() for p in self.model.parameters()),
+            evaluated=evaluated,
+        )
+        _write_json(self.run_dir / "results.json", result.to_dict())
+        logger.info(
+            "%s %s: best valid %s %.4f, test %.4f (%s after %d steps, %.0f s)",
+            config.task, config.cell, self.task.metric, valid.metric, test.metric,
+            stopped, pos.global_step, wall_time,
+        )  # fmt: skip
+        return result
+
+
+def compare_cells(
+    task: str,
+    cells: Sequence[str] = ("lstm", "sublstm", "fix_sublstm"),
+    *,
+    size: int | None = None,
+    overrides: dict[str, Any] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> list[RunResult]:
+    """Train one run per cell with the same seed and settings; return their results.
+
+    Each cell gets its own preset row (LM tasks) and its run directory under
+    ``overrides["out_dir"]``.
+    """
+    from .config import load_config
+
+    configs = [load_config(task, cell, size, overrides) for cell in cells]  # all checked first
+    return [train(config, resume=resume, overwrite=overwrite) for config in configs]

@@ -1,0 +1,152 @@
+"""The ``microcircuits`` command end to end on tiny settings."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from microcircuits.cli import build_parser, main, register_command
+from microcircuits.data import MissingDataError, data_file, read_verified
+
+TINY = [
+    "--set", "hidden_size=4", "--set", "seq_len=6", "--set", "batch_size=8",
+    "--set", "steps_per_epoch=3", "--set", "valid_size=20", "--set", "test_size=20",
+    "--set", "tensorboard=false", "--epochs", "2", "--no-progress", "--device", "cpu",
+]  # fmt: skip
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_train_runs_end_to_end(tmp_path: Path, capsys) -> None:
+    status = main(["train", "adding", "--cell", "sublstm", "--out", str(tmp_path), *TINY])
+    assert status == 0
+    run = tmp_path / "adding-sublstm-4-seed0"
+    results = json.loads((run / "results.json").read_text())
+    assert (results["cell"], results["steps_done"], results["completed"]) == ("sublstm", 6, True)
+    out = capsys.readouterr().out
+    assert "| 4 | subLSTM | done |" in out and str(run) in out
+
+
+def test_train_refuses_to_overwrite_then_resumes(tmp_path: Path, capsys) -> None:
+    args = ["train", "adding", "--out", str(tmp_path), "--name", "r", *TINY]
+    assert main([*args, "--max-steps", "4"]) == 0
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--resume" in err and "Traceback" not in err
+    assert main([*args, "--resume"]) == 0
+    assert json.loads((tmp_path / "r" / "results.json").read_text())["steps_done"] == 6
+
+
+def test_compare_trains_three_cells_and_prints_a_table(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "cmp"
+    assert main(["compare", "adding", "--out", str(out), "--seed", "3", *TINY]) == 0
+    printed = capsys.readouterr().out
+    for label in ("| LSTM |", "| subLSTM |", "| fix-subLSTM |"):
+        assert label in printed
+    for cell in ("lstm", "sublstm", "fix_sublstm"):
+        config = json.loads((out / f"adding-{cell}-4-seed3" / "config.json").read_text())
+        assert config["seed"] == 3
+    assert (out / "results.md").read_text() in printed
+    assert (out / "curves_adding_4.png").is_file()
+
+
+def test_report_command(tmp_path: Path, capsys) -> None:
+    main(["train", "adding", "--out", str(tmp_path / "runs"), *TINY])
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "rep")]) == 0
+    assert "| 4 | LSTM | done |" in capsys.readouterr().out
+    assert (tmp_path / "rep" / "results.csv").is_file()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "adding", "--set", "lr=-1"], "lr must be in (0, inf], got -1.0"),
+        (["train", "adding", "--set", "speed=3"], "unknown --set key(s) ['speed']"),
+        (["train", "adding", "--cell", "gru"], "unknown cell 'gru'"),
+        (["train", "ptb", "--size", "300"], "size must be one of [10, 100, 200, 650]"),
+        (["compare", "adding", "--resume"], "--resume needs --out"),
+        (["report", "does-not-exist", "--out", "x"], "does not exist"),
+    ],
+)
+def test_bad_values_exit_with_a_message_not_a_traceback(
+    tmp_path: Path, capsys, monkeypatch, args: list[str], message: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("microcircuits: error: ") and message in err
+    assert "Traceback" not in err
+
+
+def test_missing_data_is_reported_plainly(tmp_path: Path, capsys) -> None:
+    args = ["train", "ptb", "--size", "10", "--data-dir", str(tmp_path / "empty")]
+    assert main([*args, "--set", "download=false", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "ptb.train.txt" in err and "not found" in err
+
+
+def test_argparse_rejects_unknown_tasks() -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "cifar"])
+    assert exit_info.value.code == 2
+
+
+def test_more_subcommands_can_be_registered() -> None:
+    def add_hello(subparsers) -> None:
+        parser = subparsers.add_parser("hello")
+        parser.set_defaults(handler=lambda args: 0)
+
+    parser = build_parser()
+    assert "hello" not in parser.format_help()
+    try:
+        register_command(add_hello)
+        assert build_parser().parse_args(["hello"]).handler(None) == 0
+        assert main(["hello"]) == 0
+    finally:
+        from microcircuits import cli
+
+        cli.COMMANDS.remove(add_hello)
+
+
+def test_python_dash_m_runs_the_cli() -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "microcircuits", "--help"], capture_output=True, text=True
+    )
+    assert completed.returncode == 0
+    for command in ("train", "compare", "report"):
+        assert command in completed.stdout
+
+
+def _have_ptb() -> bool:
+    try:
+        read_verified("ptb", data_file("ptb", "ptb.valid.txt").name, download=False)
+    except MissingDataError:
+        return False
+    return True
+
+
+@pytest.mark.slow  # scoring all of PTB's validation and test words takes ~15 s on 2 cores
+@pytest.mark.skipif(not _have_ptb(), reason="PTB not found (set MICROCIRCUITS_DATA)")
+def test_train_ptb_on_a_slice(tmp_path: Path) -> None:
+    args = [
+        "train", "ptb", "--size", "10", "--cell", "fix_sublstm", "--out", str(tmp_path),
+        "--set", "steps_per_epoch=2", "--set", "hidden_size=3", "--set", "eval_batch_size=200",
+        "--set", "tensorboard=false", "--epochs", "1", "--no-progress",
+    ]  # fmt: skip
+    assert main(args) == 0
+    results = json.loads((tmp_path / "ptb-fix_sublstm-10-seed0" / "results.json").read_text())
+    assert results["metric"] == "perplexity" and results["size"] == 10
+    # An untrained model over a 10,000-word vocabulary: perplexity near 10,000.
+    assert 1000 < results["test"] < 40000

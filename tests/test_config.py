@@ -1,0 +1,181 @@
+"""Experiment configs: the paper's presets, typed overrides, and validation messages."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from microcircuits.config import (
+    TASKS,
+    ExperimentConfig,
+    available_sizes,
+    load_config,
+    parse_assignments,
+)
+
+# Rows copied by hand from the paper's Table 2 (PTB) and Table 3 (WikiText-2):
+# (task, cell, size) -> (hidden units, input, output, update dropout, lr, weight decay).
+PAPER_ROWS = {
+    ("ptb", "lstm", 10): (10, 0.026, 0.047, 0.002, 0.01186, 0.000020),
+    ("ptb", "sublstm", 200): (200, 0.337, 0.373, 0.439, 0.01534, 0.000076),
+    ("ptb", "fix_sublstm", 200): (230, 0.394, 0.472, 0.161, 0.00382, 0.000066),
+    ("ptb", "fix_sublstm", 650): (750, 0.662, 0.730, 0.530, 0.00347, 0.000136),
+    ("ptb", "lstm", 650): (650, 0.607, 0.630, 0.083, 0.00568, 0.000145),
+    ("wikitext2", "lstm", 10): (10, 0.015, 0.039, 0.0, 0.01235, 0.000013),
+    ("wikitext2", "sublstm", 10): (10, 0.002, 0.030, 0.390, 0.00859, 0.0),
+    ("wikitext2", "fix_sublstm", 100): (115, 0.130, 0.187, 0.0, 0.00541, 0.000172),
+    ("wikitext2", "sublstm", 650): (650, 0.633, 0.567, 0.257, 0.00300, 0.000142),
+}
+
+
+@pytest.mark.parametrize(("task", "cell", "size"), sorted(PAPER_ROWS))
+def test_language_presets_are_the_paper_rows(task: str, cell: str, size: int) -> None:
+    hidden, input_dropout, output_dropout, update_dropout, lr, weight_decay = PAPER_ROWS[
+        (task, cell, size)
+    ]
+    config = load_config(task, cell, size)
+    assert config.hidden_size == hidden
+    assert config.size == size
+    assert config.input_dropout == input_dropout
+    assert config.output_dropout == output_dropout
+    assert config.update_dropout == update_dropout
+    assert config.lr == lr
+    assert config.weight_decay == weight_decay
+    # Section 4.2: two layers, BPTT 35, batch 20, RMSProp with momentum.
+    assert (config.num_layers, config.bptt, config.batch_size) == (2, 35, 20)
+    assert config.optimizer == "rmsprop" and config.momentum > 0
+
+
+def test_fix_sublstm_sizes_are_parameter_matched_units() -> None:
+    hidden = [load_config("ptb", "fix_sublstm", s).hidden_size for s in (10, 100, 200, 650)]
+    assert hidden == [11, 115, 230, 750]
+    assert load_config("wikitext2", "fix-sublstm", 200).hidden_size == 230  # alias spelling
+
+
+def test_every_cell_has_every_paper_size() -> None:
+    for task in ("ptb", "wikitext2"):
+        for cell in ("lstm", "sublstm", "fix_sublstm"):
+            assert available_sizes(task, cell) == [10, 100, 200, 650]
+
+
+def test_missing_wikitext_weight_decay_is_recorded() -> None:
+    config = load_config("wikitext2", "fix_sublstm", 10)
+    assert config.weight_decay == 0.0
+    assert "missing" in config.extra["note"]
+
+
+def test_sequential_mnist_preset_follows_section_4_1() -> None:
+    for task in ("smnist", "psmnist"):
+        for cell in ("lstm", "sublstm", "fix_sublstm"):
+            config = load_config(task, cell)
+            assert config.task == task
+            assert (config.hidden_size, config.num_layers, config.lr) == (100, 1, 1e-4)
+            assert config.optimizer == "rmsprop" and config.momentum > 0
+
+
+def test_size_sets_hidden_units_where_there_is_no_table() -> None:
+    assert load_config("adding", "sublstm", 24).hidden_size == 24
+    assert load_config("smnist", "lstm", 64).hidden_size == 64
+
+
+def test_unknown_size_names_the_table_sizes() -> None:
+    with pytest.raises(ValueError, match=r"size must be one of \[10, 100, 200, 650\].*got 300"):
+        load_config("ptb", "lstm", 300)
+
+
+def test_unknown_task_and_cell() -> None:
+    with pytest.raises(ValueError, match="task must be one of"):
+        load_config("imagenet")
+    with pytest.raises(ValueError, match="unknown cell 'gru'"):
+        load_config("adding", "gru")
+
+
+def test_text_overrides_take_the_field_type() -> None:
+    overrides = parse_assignments(
+        ["lr=0.01", "epochs=3", "clip_norm=none", "tensorboard=false", "max_steps=7"]
+    )
+    config = load_config("adding", "lstm", overrides=overrides)
+    assert config.lr == 0.01 and isinstance(config.lr, float)
+    assert config.epochs == 3 and isinstance(config.epochs, int)
+    assert config.clip_norm is None
+    assert config.tensorboard is False
+    assert config.max_steps == 7
+
+
+def test_overrides_win_over_the_table_row() -> None:
+    config = load_config("ptb", "sublstm", 200, {"lr": "0.5", "hidden_size": 7})
+    assert (config.lr, config.hidden_size, config.size) == (0.5, 7, 200)
+
+
+def test_unknown_override_key_lists_the_valid_keys() -> None:
+    with pytest.raises(ValueError, match=r"unknown --set key\(s\) \['learning_rate'\].*lr,"):
+        parse_assignments(["learning_rate=0.1"])
+    with pytest.raises(ValueError, match="expects key=value"):
+        parse_assignments(["lr"])
+    with pytest.raises(ValueError, match=r"unknown override key\(s\) \['foo'\]"):
+        load_config("adding", overrides={"foo": 1})
+
+
+def test_untypable_override_names_field_and_value() -> None:
+    with pytest.raises(ValueError, match="epochs must be an int, got 'three'"):
+        load_config("adding", overrides={"epochs": "three"})
+    with pytest.raises(ValueError, match="amp must be true/false, got 'maybe'"):
+        load_config("adding", overrides={"amp": "maybe"})
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("hidden_size", 0, r"hidden_size must be an int >= 1, got 0"),
+        ("epochs", -2, r"epochs must be an int >= 1, got -2"),
+        ("lr", 0.0, r"lr must be in \(0, inf\], got 0.0"),
+        ("lr", float("nan"), r"lr must be in \(0, inf\], got nan"),
+        ("momentum", 1.0, r"momentum must be in \[0, 1\), got 1.0"),
+        ("input_dropout", 1.0, r"input_dropout must be in \[0, 1\), got 1.0"),
+        ("update_dropout", -0.1, r"update_dropout must be in \[0, 1\), got -0.1"),
+        ("weight_decay", -1e-5, r"weight_decay must be in \[0, inf\], got -1e-05"),
+        ("clip_norm", 0.0, r"clip_norm must be in \(0, inf\], got 0.0"),
+        ("lr_decay_factor", 1.5, r"lr_decay_factor must be in \(0, 1\], got 1.5"),
+        ("optimizer", "adagrad", r"optimizer must be one of \['rmsprop', 'adam', 'sgd'\]"),
+        ("device", "tpu", r"device must be one of \['auto', 'cpu', 'cuda'\], got 'tpu'"),
+        ("seq_len", 1, r"seq_len must be an int >= 2, got 1"),
+        ("steps_per_epoch", None, r"steps_per_epoch must be set for the adding task"),
+        ("seed", -1, r"seed must be an int >= 0, got -1"),
+        ("run_name", "a/b", r"run_name must be a plain name"),
+    ],
+)
+def test_validation_names_field_value_and_range(field: str, value: object, message: str) -> None:
+    config = load_config("adding")
+    setattr(config, field, value)
+    with pytest.raises(ValueError, match=message):
+        config.validate()
+
+
+def test_wrong_types_raise_type_error() -> None:
+    config = load_config("adding")
+    config.batch_size = 2.5
+    with pytest.raises(TypeError, match=r"batch_size must be an int >= 1, got float \(2.5\)"):
+        config.validate()
+    config = load_config("adding")
+    config.progress = "yes"
+    with pytest.raises(TypeError, match="progress must be true or false"):
+        config.validate()
+
+
+def test_amp_on_cpu_is_refused() -> None:
+    with pytest.raises(ValueError, match="amp=True needs a CUDA device"):
+        load_config("adding", overrides={"amp": "true", "device": "cpu"})
+
+
+def test_config_round_trips_through_json() -> None:
+    config = load_config("wikitext2", "fix_sublstm", 10, {"seed": 3})
+    again = ExperimentConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert again == config
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['bogus'\]"):
+        ExperimentConfig.from_dict({**config.to_dict(), "bogus": 1})
+
+
+def test_every_task_has_a_valid_preset() -> None:
+    for task in TASKS:
+        assert load_config(task).task == task

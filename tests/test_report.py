@@ -1,0 +1,130 @@
+"""The report: measured results beside the paper's numbers, as Markdown, CSV and PNG."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from microcircuits.config import load_config
+from microcircuits.report import find_runs, paper_result, summarize_run, write_report
+from microcircuits.train import train
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _tiny_adding(out: Path, name: str, cell: str = "lstm"):
+    overrides = {
+        "hidden_size": 4, "seq_len": 6, "batch_size": 8, "steps_per_epoch": 3, "epochs": 2,
+        "valid_size": 20, "test_size": 20, "progress": False, "tensorboard": False,
+        "out_dir": str(out), "run_name": name, "log_every": 1,
+    }  # fmt: skip
+    return load_config("adding", cell, overrides=overrides)
+
+
+def _fake_lm_run(run_dir: Path, cell: str, size: int, finished: bool) -> None:
+    """A PTB run directory written by hand (as a long run would leave it)."""
+    run_dir.mkdir(parents=True)
+    config = load_config("ptb", cell, size)
+    (run_dir / "config.json").write_text(json.dumps(config.to_dict()))
+    records = [
+        {"kind": "train", "step": 10, "epoch": 0.5, "loss": 6.0},
+        {"kind": "train", "step": 20, "epoch": 1.0, "loss": 5.5},
+        {"kind": "valid", "step": 20, "epoch": 1.0, "loss": 5.0, "perplexity": 148.4},
+        {"kind": "epoch", "step": 20, "epoch": 1, "train_loss": 5.7},
+        {"kind": "train", "step": 30, "epoch": 1.5, "loss": 5.2},
+        {"kind": "valid", "step": 40, "epoch": 2.0, "loss": 4.6, "perplexity": 99.5},
+        {"kind": "epoch", "step": 40, "epoch": 2, "train_loss": 5.1},
+    ]
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    (run_dir / "metrics.jsonl").write_text(text + '{"kind": "train", "st')  # cut by a kill
+    if finished:
+        results = {
+            "task": "ptb", "cell": cell, "size": size, "hidden_size": config.hidden_size,
+            "metric": "perplexity", "best_valid": 99.5, "test": 95.25, "epochs_done": 2.0,
+            "steps_done": 40, "wall_time_s": 3600.0, "stopped": "completed", "parameters": 123,
+        }  # fmt: skip
+        (run_dir / "results.json").write_text(json.dumps(results))
+
+
+def test_paper_numbers_come_from_tables_1a_1b_and_section_4_1() -> None:
+    assert paper_result("ptb", "sublstm", 200) == 79.59
+    assert paper_result("ptb", "fix_sublstm", 650) == 70.58
+    assert paper_result("wikitext2", "lstm", 10) == 271.44
+    assert paper_result("smnist", "fix_sublstm", 100) == 97.27
+    assert paper_result("adding", "lstm", 32) is None
+    assert paper_result("ptb", "lstm", 300) is None
+
+
+def test_report_on_finished_and_running_runs(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    finished = train(_tiny_adding(runs, "lstm"))
+    train(_tiny_adding(runs, "sublstm", "sublstm"))
+    (runs / "sublstm" / "results.json").unlink()  # as if still running after epoch 2
+    _fake_lm_run(runs / "ptb-sub", "sublstm", 200, finished=True)
+    _fake_lm_run(runs / "ptb-fix", "fix_sublstm", 200, finished=False)
+
+    files = write_report([runs], tmp_path / "report")
+
+    assert len(find_runs([runs])) == 4
+    rows = {(r["task"], r["cell"]): r for r in csv.DictReader(files.csv.open())}
+    assert set(rows) == {
+        ("adding", "lstm"), ("adding", "sublstm"), ("ptb", "sublstm"), ("ptb", "fix_sublstm"),
+    }  # fmt: skip
+    adding = rows[("adding", "lstm")]
+    assert adding["status"] == "done"
+    assert float(adding["test"]) == pytest.approx(finished.test, rel=1e-5)
+    assert adding["paper_test"] == ""
+    assert rows[("adding", "sublstm")]["status"] == "in progress (epoch 3)"
+    assert rows[("adding", "sublstm")]["test"] == ""
+    sub = rows[("ptb", "sublstm")]
+    assert (sub["paper_test"], sub["test"], sub["hidden_size"]) == ("79.59", "95.25", "200")
+    fix = rows[("ptb", "fix_sublstm")]
+    assert (fix["paper_test"], fix["hidden_size"], fix["size"]) == ("81.97", "230", "200")
+    assert fix["status"] == "in progress (epoch 3)"
+    assert float(fix["valid"]) == 99.5  # best of its validation records
+
+    markdown = files.markdown.read_text()
+    assert markdown == files.text
+    assert "| 200 | subLSTM | done | 99.50 | 95.25 | 79.59 |" in markdown
+    assert "| 200 (230) | fix-subLSTM | in progress (epoch 3) | 99.50 | — | 81.97 |" in markdown
+    assert "Delayed addition" in markdown and "Penn Treebank" in markdown
+
+    names = sorted(p.name for p in files.figures)
+    assert names == ["curves_adding_4.png", "curves_ptb_200.png"]
+    for figure in files.figures:
+        assert figure.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_accuracy_is_shown_in_percent(tmp_path: Path) -> None:
+    run = tmp_path / "smnist"
+    run.mkdir()
+    config = load_config("smnist", "lstm")
+    (run / "config.json").write_text(json.dumps(config.to_dict()))
+    (run / "metrics.jsonl").write_text(
+        json.dumps({"kind": "valid", "step": 5, "epoch": 0.5, "loss": 2.0, "accuracy": 0.4321})
+        + "\n"
+    )
+    summary = summarize_run(run)
+    assert summary.paper == 97.96 and summary.status == "in progress (epoch 1)"
+    files = write_report([run], tmp_path / "out", plots=False)
+    assert "| 100 | LSTM | in progress (epoch 1) | 43.21 | — | 97.96 |" in files.text
+    assert files.figures == []
+
+
+def test_no_runs_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no run directory"):
+        write_report([tmp_path], tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        write_report([tmp_path / "absent"], tmp_path / "out")

@@ -1,0 +1,259 @@
+"""Tasks on tiny sizes: shapes, data order, metrics against independent computations, and
+that a few optimiser steps reduce the loss."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from microcircuits.config import load_config
+from microcircuits.data import MissingDataError, corpus_from_texts, load_mnist
+from microcircuits.tasks import (
+    AddingTask,
+    LanguageModelTask,
+    SequentialMNISTTask,
+    make_task,
+)
+
+CELLS = ("lstm", "sublstm", "fix_sublstm")
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread, and a second one stalls on busy shared cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _fit(task, model, batch, steps: int, lr: float) -> tuple[float, float]:
+    """Loss on ``batch`` before and after ``steps`` Adam steps on it."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    with torch.no_grad():
+        before = task.train_loss(model, batch, None)[0].item()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        task.train_loss(model, batch, None)[0].backward()
+        optimizer.step()
+    with torch.no_grad():
+        after = task.train_loss(model, batch, None)[0].item()
+    return before, after
+
+
+# -- adding -----------------------------------------------------------------------------
+
+
+def _adding_config(cell: str = "lstm", **overrides):
+    values = {"hidden_size": 8, "seq_len": 12, "batch_size": 16, "steps_per_epoch": 3}
+    values |= {"valid_size": 40, "test_size": 30, "eval_batch_size": 16} | overrides
+    return load_config("adding", cell, overrides=values)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_adding_model_shapes_and_learning(cell: str) -> None:
+    task = make_task(_adding_config(cell), CPU)
+    assert isinstance(task, AddingTask)
+    model = task.build_model()
+    x, y = next(task.train_batches(torch.Generator().manual_seed(1)))
+    assert x.shape == (12, 16, 2) and y.shape == (16,)
+    assert model(x).shape == (16, 1)
+    before, after = _fit(task, model, (x, y), steps=40, lr=0.02)
+    assert after < 0.5 * before
+
+
+def test_adding_batches_come_from_the_generator_only() -> None:
+    task = make_task(_adding_config(), CPU)
+    torch.manual_seed(0)
+    global_state = torch.get_rng_state()
+    first = list(task.train_batches(torch.Generator().manual_seed(5)))
+    again = list(task.train_batches(torch.Generator().manual_seed(5)))
+    other = list(task.train_batches(torch.Generator().manual_seed(6)))
+    assert len(first) == task.steps_per_epoch() == 3
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
+    assert not torch.equal(first[0][0], other[0][0])
+    assert torch.equal(torch.get_rng_state(), global_state)  # global RNG untouched
+
+
+def test_adding_evaluation_sets_are_fixed_and_the_metric_is_mse() -> None:
+    config = _adding_config()
+    task_a = AddingTask(config, CPU)
+    task_b = AddingTask(config.replace(seed=9), CPU)
+    valid_a, valid_b = task_a._split("valid"), task_b._split("valid")
+    assert torch.equal(valid_a[0], valid_b[0])  # the same for every run seed
+    assert not torch.equal(valid_a[1][:30], task_a._split("test")[1])
+    model = task_a.build_model()
+    evaluation = task_a.evaluate(model, "valid")
+    x, y = valid_a
+    with torch.no_grad():
+        expected = ((model(x).squeeze(-1) - y) ** 2).mean().item()
+    assert evaluation.count == 40
+    assert evaluation.metric == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="split must be 'valid' or 'test', got 'train'"):
+        task_a.evaluate(model, "train")
+
+
+# -- sequential MNIST ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mnist_train() -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        return load_mnist("train", download=False)
+    except MissingDataError:
+        pytest.skip("MNIST not found (set MICROCIRCUITS_DATA)")
+
+
+def _mnist_task(task: str, cell: str = "lstm", seed: int = 0) -> SequentialMNISTTask:
+    config = load_config(
+        task,
+        cell,
+        overrides={"hidden_size": 8, "batch_size": 16, "eval_batch_size": 500, "seed": seed},
+    )
+    return make_task(config.replace(download=False), CPU)
+
+
+def test_smnist_presents_pixels_in_raster_order_scaled(mnist_train) -> None:
+    images, labels = mnist_train
+    task = _mnist_task("smnist")
+    x = task.sequences(images[:3].reshape(3, -1))
+    assert x.shape == (784, 3, 1)
+    assert x.min() >= 0 and x.max() <= 1
+    row, col = 14, 9  # step t is pixel (t // 28, t % 28)
+    assert x[row * 28 + col, 2, 0] == images[2, row, col].float() / 255
+
+
+def test_smnist_validation_is_the_last_5000_training_images(mnist_train) -> None:
+    images, labels = mnist_train
+    task = _mnist_task("smnist")
+    valid_pixels, valid_labels = task._splits["valid"]
+    train_pixels, _ = task._splits["train"]
+    assert valid_pixels.shape == (5000, 784) and train_pixels.shape == (55000, 784)
+    assert torch.equal(valid_labels, labels[-5000:])
+    assert torch.equal(valid_pixels[0], images[55000].reshape(-1))
+    assert task.steps_per_epoch() == 55000 // 16
+
+
+def test_psmnist_permutation_is_fixed_by_the_seed(mnist_train) -> None:
+    images, _ = mnist_train
+    task, same, other = (
+        _mnist_task("psmnist"),
+        _mnist_task("psmnist"),
+        _mnist_task("psmnist", seed=1),
+    )
+    permutation = task.permutation
+    assert sorted(permutation.tolist()) == list(range(784))
+    assert not torch.equal(permutation, torch.arange(784))
+    assert torch.equal(permutation, same.permutation)
+    assert not torch.equal(permutation, other.permutation)
+    assert task.artifacts()["permutation"] == permutation.tolist()
+    x = task.sequences(images[:1].reshape(1, -1))
+    pixel = int(permutation[100])
+    assert x[100, 0, 0] == images[0].reshape(-1)[pixel].float() / 255
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_smnist_model_shapes_and_learning(mnist_train, cell: str) -> None:
+    task = _mnist_task("smnist", cell)
+    model = task.build_model()
+    batch = next(task.train_batches(torch.Generator().manual_seed(0)))
+    x, y = batch
+    assert x.shape == (784, 16, 1) and y.shape == (16,)
+    assert model(x).shape == (16, 10)
+    before, after = _fit(task, model, batch, steps=6, lr=0.05)
+    assert after < before
+
+
+def test_smnist_accuracy_is_the_fraction_correct(mnist_train) -> None:
+    task = _mnist_task("smnist")
+    model = task.build_model()
+    evaluation = task.evaluate(model, "valid")
+    pixels, labels = task._splits["valid"]
+    with torch.no_grad():
+        predicted = model(task.sequences(pixels[:500])).argmax(-1)
+    assert evaluation.count == 5000
+    assert 0.0 <= evaluation.metric <= 1.0
+    # The first eval batch alone bounds the overall fraction correct.
+    first = (predicted == labels[:500]).sum().item()
+    assert first <= evaluation.metric * 5000 <= first + 4500
+
+
+# -- language modelling -------------------------------------------------------------------
+
+TEXT = "the cat sat on the mat\nthe dog sat on the log\na cat and a dog\n" * 12
+
+
+@pytest.fixture(scope="module")
+def tiny_corpus():
+    lines = TEXT.splitlines(keepends=True)
+    return corpus_from_texts("tiny", TEXT, "".join(lines[:14]), "".join(lines[5:21]))
+
+
+def _lm_task(corpus, cell: str = "lstm", **overrides) -> LanguageModelTask:
+    values = {"hidden_size": 6, "batch_size": 4, "bptt": 5, "eval_batch_size": 2} | overrides
+    config = load_config("ptb", cell, 10, values)
+    return LanguageModelTask(config, CPU, corpus=corpus)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_lm_shapes_carry_and_learning(tiny_corpus, cell: str) -> None:
+    task = _lm_task(tiny_corpus, cell, input_dropout=0.0, output_dropout=0.0, update_dropout=0.0)
+    model = task.build_model()
+    vocab = len(tiny_corpus.vocab)
+    batches = list(task.train_batches(torch.Generator()))
+    assert (
+        len(batches)
+        == task.steps_per_epoch()
+        == math.ceil((tiny_corpus.train.numel() // 4 - 1) / 5)
+    )
+    inputs, targets = batches[0]
+    assert inputs.shape == targets.shape == (5, 4)
+    logits, (h, c) = model(inputs)
+    assert logits.shape == (5, 4, vocab)
+    assert h.shape == c.shape == (2, 4, 6)
+    loss, carry = task.train_loss(model, batches[0], None)
+    assert not carry[0].requires_grad and not carry[1].requires_grad
+    before, after = _fit(task, model, batches[0], steps=30, lr=0.05)
+    assert after < 0.7 * before
+
+
+def test_lm_carry_continues_the_streams(tiny_corpus) -> None:
+    """Two segments with the carry equal one forward pass over both (dropout off)."""
+    task = _lm_task(tiny_corpus, input_dropout=0.0, output_dropout=0.0, update_dropout=0.0)
+    model = task.build_model().eval()
+    first, second = list(task.train_batches(torch.Generator()))[:2]
+    with torch.no_grad():
+        _, carry = task.train_loss(model, first, None)
+        loss_second, _ = task.train_loss(model, second, carry)
+        logits, _ = model(torch.cat([first[0], second[0]]))
+        expected = F.cross_entropy(logits[5:].reshape(-1, logits.shape[-1]), second[1].reshape(-1))
+    assert loss_second.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_lm_perplexity_is_exp_mean_nll_over_each_stream(tiny_corpus) -> None:
+    task = _lm_task(tiny_corpus)
+    model = task.build_model()
+    evaluation = task.evaluate(model, "valid")
+    # Independent: each of the 2 streams as one whole sequence, no segmenting.
+    tokens = tiny_corpus.valid
+    length = tokens.numel() // 2
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for stream in tokens[: 2 * length].view(2, length):
+            logits, _ = model(stream[:-1].unsqueeze(1))
+            total += F.cross_entropy(logits.squeeze(1), stream[1:], reduction="sum").item()
+            count += length - 1
+    assert evaluation.count == count
+    assert evaluation.metric == pytest.approx(math.exp(total / count), rel=1e-5)
+    assert evaluation.loss == pytest.approx(total / count, rel=1e-5)
+
+
+def test_lm_steps_per_epoch_cap(tiny_corpus) -> None:
+    task = _lm_task(tiny_corpus, steps_per_epoch=2)
+    assert task.steps_per_epoch() == 2
+    assert len(list(task.train_batches(torch.Generator()))) == 2

@@ -1,0 +1,227 @@
+"""The training loop on tiny runs: run files, exact resume, divergence, schedules."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from microcircuits.checkpoint import load_checkpoint
+from microcircuits.config import load_config
+from microcircuits.data import corpus_from_texts
+from microcircuits.tasks import AddingTask, Evaluation, LanguageModelTask
+from microcircuits.train import NonFiniteLossError, RunResult, train
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread, and a second one stalls on busy shared cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _adding(out: Path, name: str = "run", cell: str = "lstm", **overrides):
+    values = {
+        "hidden_size": 6,
+        "seq_len": 8,
+        "batch_size": 8,
+        "eval_batch_size": 50,
+        "valid_size": 50,
+        "test_size": 50,
+        "steps_per_epoch": 6,
+        "epochs": 3,
+        "lr": 0.01,
+        # Dropout draws from torch's global RNG, so resuming must restore it.
+        "input_dropout": 0.2,
+        "update_dropout": 0.3,
+        "lr_decay_factor": 0.5,
+        "log_every": 2,
+        "checkpoint_every": 4,
+        "progress": False,
+        "tensorboard": False,
+        "out_dir": str(out),
+        "run_name": name,
+    }
+    return load_config("adding", cell, overrides=values | overrides)
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_run_writes_its_directory(tmp_path: Path) -> None:
+    config = _adding(tmp_path, tensorboard=True)
+    result = train(config)
+    run = tmp_path / "run"
+    assert result.run_dir == run
+    assert json.loads((run / "config.json").read_text()) == config.to_dict()
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["seed"] == config.seed and meta["version"]
+    assert {"cpu", "cpu_count", "torch_threads", "torch"} <= set(meta["hardware"])
+    assert "hostname" not in json.dumps(meta).lower()
+    results = json.loads((run / "results.json").read_text())
+    assert results["steps_done"] == 18 and results["epochs_done"] == 3
+    assert results["stopped"] == "completed" and results["completed"] is True
+    assert results["test"] == result.test and results["metric"] == "mse"
+    records = _records(run)
+    assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1, 2, 3]
+    assert [r["step"] for r in records if r["kind"] == "train"][:3] == [2, 4, 6]
+    assert (run / "checkpoints" / "last.pt").is_file()
+    assert (run / "checkpoints" / "best.pt").is_file()
+    assert any((run / "tensorboard").iterdir())
+    assert "valid" in (run / "train.log").read_text()
+
+
+def test_best_checkpoint_is_the_one_tested(tmp_path: Path) -> None:
+    result = train(_adding(tmp_path))
+    best = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
+    assert best["global_step"] == result.best_step
+    valid = [r for r in _records(tmp_path / "run") if r["kind"] == "valid"]
+    assert result.best_valid == pytest.approx(min(r["mse"] for r in valid), rel=1e-6)
+    task = AddingTask(_adding(tmp_path), torch.device("cpu"))
+    model = task.build_model()
+    model.load_state_dict(best["model"])
+    assert task.evaluate(model, "test").metric == pytest.approx(result.test, rel=1e-6)
+
+
+def _final_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
+
+
+def _comparable(result: RunResult) -> dict:
+    values = result.to_dict()
+    for key in ("run_dir", "wall_time_s"):
+        values.pop(key)
+    return values
+
+
+@pytest.mark.parametrize("stop_at", [4, 6, 9])  # at a checkpoint, an epoch end, mid-epoch
+def test_resume_equals_an_uninterrupted_run(tmp_path: Path, stop_at: int) -> None:
+    whole = train(_adding(tmp_path, "whole"))
+
+    stopped = train(_adding(tmp_path, "split", max_steps=stop_at))
+    assert stopped.stopped == "max_steps" and stopped.steps_done == stop_at
+    resumed = train(_adding(tmp_path, "split"), resume=True)
+
+    assert _comparable(resumed) == _comparable(whole)
+    whole_state, resumed_state = _final_state(tmp_path / "whole"), _final_state(tmp_path / "split")
+    assert whole_state.keys() == resumed_state.keys()
+    for key in whole_state:
+        assert torch.equal(whole_state[key], resumed_state[key]), key
+    meta = json.loads((tmp_path / "split" / "meta.json").read_text())
+    assert [r["at_step"] for r in meta["resumes"]] == [stop_at]
+    # The metrics of the resumed run continue those of the first part, without repeats.
+    steps = [r["step"] for r in _records(tmp_path / "split") if r["kind"] == "valid"]
+    assert steps == [r["step"] for r in _records(tmp_path / "whole") if r["kind"] == "valid"]
+
+
+def test_resume_without_restoring_the_rng_would_differ(tmp_path: Path, monkeypatch) -> None:
+    """Guards the test above: it notices a resume that skips part of the state."""
+    whole = train(_adding(tmp_path, "whole"))
+    train(_adding(tmp_path, "split", max_steps=9))
+    monkeypatch.setattr(torch, "set_rng_state", lambda state: None)  # dropout masks differ
+    broken = train(_adding(tmp_path, "split"), resume=True)
+    assert broken.steps_done == whole.steps_done
+    assert _comparable(broken) != _comparable(whole)
+
+
+TEXT = "the cat sat on the mat\nthe dog sat on the log\na cat and a dog\n" * 6
+
+
+def test_language_model_resume_restores_the_carried_state(tmp_path: Path) -> None:
+    lines = TEXT.splitlines(keepends=True)
+    corpus = corpus_from_texts("tiny", TEXT, "".join(lines[:8]), "".join(lines[3:12]))
+    overrides = {
+        "hidden_size": 5, "batch_size": 3, "bptt": 4, "eval_batch_size": 2, "epochs": 2,
+        "checkpoint_every": 3, "log_every": 1, "progress": False, "tensorboard": False,
+        "out_dir": str(tmp_path),
+    }  # fmt: skip
+
+    def run(name: str, **extra) -> RunResult:
+        config = load_config("ptb", "sublstm", 10, overrides | {"run_name": name} | extra)
+        task = LanguageModelTask(config, torch.device("cpu"), corpus=corpus)
+        return train(config, task=task, resume=not extra)
+
+    whole = run("whole", seed=0)
+    run("split", seed=0, max_steps=7)  # mid-epoch: the hidden state is carried
+    assert load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")["carry"] is not None
+    config = load_config("ptb", "sublstm", 10, overrides | {"run_name": "split"})
+    resumed = train(
+        config, resume=True, task=LanguageModelTask(config, torch.device("cpu"), corpus=corpus)
+    )
+    assert _comparable(resumed) == _comparable(whole)
+    assert resumed.metric == "perplexity"
+
+
+class _DivergingAdding(AddingTask):
+    """The adding task whose loss becomes NaN from training step ``bad_step`` on."""
+
+    bad_step = 6
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.calls = 0
+
+    def train_loss(self, model, batch, carry):
+        self.calls += 1
+        loss, carry = super().train_loss(model, batch, carry)
+        return (loss * float("nan") if self.calls >= self.bad_step else loss), carry
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    config = _adding(tmp_path, log_every=1)
+    task = _DivergingAdding(config, torch.device("cpu"))
+    with pytest.raises(NonFiniteLossError, match=r"loss became nan at step 6 .*step 4\) is kept"):
+        train(config, task=task)
+    run = tmp_path / "run"
+    last = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert last["global_step"] == 4
+    assert all(torch.isfinite(t).all() for t in last["model"].values())
+    assert not (run / "results.json").exists()
+    assert _records(run)[-1]["kind"] == "error"
+
+
+class _WorseningAdding(AddingTask):
+    """Validation gets worse every time: exercises plateau decay and early stopping."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.validations = 0
+
+    def evaluate(self, model, split):
+        self.validations += 1
+        return Evaluation(loss=float(self.validations), metric=float(self.validations), count=1)
+
+
+def test_plateau_decays_the_lr_and_early_stopping_stops(tmp_path: Path) -> None:
+    config = _adding(tmp_path, epochs=10, early_stop_patience=2, lr_decay_patience=1)
+    result = train(config, task=_WorseningAdding(config, torch.device("cpu")))
+    assert result.stopped == "early_stop"
+    assert result.epochs_done == 3 and result.steps_done == 18
+    assert result.best_step == 6  # the first validation stayed the best
+    lrs = [r["lr"] for r in _records(tmp_path / "run") if r["kind"] == "valid"]
+    assert lrs == pytest.approx([0.01, 0.005, 0.0025])
+    again = train(config, resume=True, task=_WorseningAdding(config, torch.device("cpu")))
+    assert (again.stopped, again.steps_done) == ("early_stop", 18)  # stays stopped
+
+
+def test_an_existing_run_is_neither_overwritten_nor_resumed_silently(tmp_path: Path) -> None:
+    train(_adding(tmp_path, epochs=1))
+    with pytest.raises(FileExistsError, match=r"already holds a run; resume it \(--resume\)"):
+        train(_adding(tmp_path, epochs=1))
+    with pytest.raises(ValueError, match=r"different config \(lr: 0.01 -> 0.02\)"):
+        train(_adding(tmp_path, epochs=1, lr=0.02), resume=True)
+    more = train(_adding(tmp_path, epochs=2), resume=True)  # more epochs: allowed
+    assert more.epochs_done == 2
+    fresh = train(_adding(tmp_path, epochs=1, lr=0.02), overwrite=True)
+    assert fresh.steps_done == 6
+
+
+def test_every_cell_trains(tmp_path: Path) -> None:
+    for cell in ("sublstm", "fix_sublstm"):
+        result = train(_adding(tmp_path, cell, cell=cell, epochs=1))
+        assert result.cell == cell and result.test is not None
