@@ -223,9 +223,74 @@ def _run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_figure_command(subparsers: Any) -> None:
+    from .analysis import FIGURES
+
+    names = "; ".join(f"{name}: {text}" for name, text in FIGURES.items())
+    parser = subparsers.add_parser(
+        "figure",
+        help="write a figure of the biology (PNG, PDF and the data as CSV)",
+        description=f"Compute and plot one analysis. {names}. With --runs (gradients, "
+        "balance), the trained networks of those run directories are measured beside "
+        "themselves at initialisation, on their task's test data.",
+    )
+    parser.add_argument("name", choices=sorted(FIGURES), help="the figure")
+    parser.add_argument("--out", default="figures", help="output directory (default: figures)")
+    parser.add_argument("--runs", nargs="+", metavar="RUN_DIR", help="trained runs to measure")
+    parser.add_argument(
+        "--checkpoint", choices=("best", "last"), default="best", help="with --runs"
+    )
+    parser.add_argument("--batch", type=int, default=32, help="test sequences per run")
+    parser.add_argument(
+        "--set",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of the analysis function, e.g. --set trials=4 (repeatable)",
+    )
+    parser.set_defaults(handler=_run_figure)
+
+
+def _figure_options(items: Sequence[str]) -> dict[str, Any]:
+    import ast
+
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            options[key.strip()] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            options[key.strip()] = text
+    return options
+
+
+def _run_figure(args: argparse.Namespace) -> int:
+    from .analysis import make_figure
+    from .analysis.trained import trained_figure
+
+    options = _figure_options(args.options)
+    if args.runs:
+        paths = trained_figure(
+            args.name, args.runs, args.out, checkpoint=args.checkpoint, batch=args.batch, **options
+        )
+    else:
+        paths = make_figure(args.name, args.out, **options)
+    for path in paths:
+        print(path)
+    return 0
+
+
 # -- the parser and main ----------------------------------------------------------------
 
-COMMANDS: list[CommandAdder] = [add_train_command, add_compare_command, add_report_command]
+COMMANDS: list[CommandAdder] = [
+    add_train_command,
+    add_compare_command,
+    add_report_command,
+    add_figure_command,
+]
 """The subcommands, in the order ``--help`` lists them."""
 
 

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..config import ExperimentConfig
 from ..data import ADDING_BASELINE_MSE, adding_batch
-from .base import Batch, Carry, Evaluation, check_split
+from .base import Batch, Carry, Evaluation, Probe, check_split
 from .models import LastStepReadout, make_recurrent_stack
 
 __all__ = ["AddingTask"]
@@ -62,6 +62,11 @@ class AddingTask:
             generator = torch.Generator().manual_seed(_SPLIT_SEEDS[split])
             self._fixed[split] = adding_batch(size, self.config.seq_len, generator=generator)
         return self._fixed[split]
+
+    def probe(self, model: nn.Module, size: int) -> Probe:
+        x, y = (t[..., :size] if t.dim() == 1 else t[:, :size] for t in self._split("test"))
+        x, y = x.to(self.device), y.to(self.device)
+        return x, lambda output: F.mse_loss(model.readout(output[-1]).squeeze(-1), y)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str) -> Evaluation:

@@ -11,20 +11,24 @@ start of an epoch and, on resume, restore it and skip the batches already traine
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Batch", "Carry", "Evaluation", "Task", "data_seed"]
+__all__ = ["Batch", "Carry", "Evaluation", "Probe", "Task", "data_seed"]
 
 Batch = tuple[Tensor, ...]
 """One training batch as the task produced it (already on the task's device)."""
 Carry = tuple[Tensor, ...] | None
 """State carried from one training batch to the next within an epoch (LM: the detached
 ``(h, c)``); ``None`` at the start of an epoch and for tasks without carry."""
+
+Probe = tuple[Tensor, Callable[[Tensor], Tensor]]
+"""What the analyses need from a task: the recurrent stack's input ``(T, B, I)`` for a
+test batch, and the loss of the stack's output ``(T, B, H)`` through the task's head."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,11 @@ class Task(Protocol):
 
     def evaluate(self, model: nn.Module, split: str) -> Evaluation:
         """Loss and metric on ``"valid"`` or ``"test"`` (in eval mode, without grad)."""
+        ...
+
+    def probe(self, model: nn.Module, size: int) -> Probe:
+        """``size`` test sequences as the input of ``model.rnn`` and the loss of its output
+        at the last step through the task's head (for the gradient/balance analyses)."""
         ...
 
     def artifacts(self) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..config import ExperimentConfig
 from ..data import Corpus, batchify, bptt_batches, load_corpus, resolve_data_dir
-from .base import Batch, Carry, Evaluation, check_split
+from .base import Batch, Carry, Evaluation, Probe, check_split
 from .models import LanguageModel, make_recurrent_stack
 
 __all__ = ["LanguageModelTask", "cached_corpus"]
@@ -71,6 +71,14 @@ class LanguageModelTask:
             split: batchify(corpus.split(split), config.eval_batch_size).to(device)
             for split in ("valid", "test")
         }
+
+    def probe(self, model: nn.Module, size: int, steps: int = 100) -> Probe:
+        """``size`` test streams of ``steps`` words, embedded; loss: the next word's NLL."""
+        tokens = batchify(self.corpus.test, size)[: steps + 1].to(self.device)  # (T+1, B)
+        with torch.no_grad():
+            x = model.embedding(tokens[:-1])  # (T, B, H)
+        target = tokens[-1]
+        return x, lambda output: F.cross_entropy(model.decoder(output[-1]), target)
 
     def build_model(self) -> nn.Module:
         rnn = make_recurrent_stack(self.config, input_size=self.config.hidden_size)

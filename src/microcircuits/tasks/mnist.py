@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..config import ExperimentConfig
 from ..data import load_mnist
-from .base import Batch, Carry, Evaluation, check_split, data_seed
+from .base import Batch, Carry, Evaluation, Probe, check_split, data_seed
 from .models import LastStepReadout, make_recurrent_stack
 
 __all__ = ["SequentialMNISTTask", "VALIDATION_SIZE"]
@@ -60,6 +60,11 @@ class SequentialMNISTTask:
         if self.permutation is not None:
             pixels = pixels[:, self.permutation.to(pixels.device)]
         return (pixels.t().unsqueeze(-1).float() / 255.0).contiguous()
+
+    def probe(self, model: nn.Module, size: int) -> Probe:
+        pixels, labels = self._splits["test"]
+        x, y = self.sequences(pixels[:size]), labels[:size]
+        return x, lambda output: F.cross_entropy(model.readout(output[-1]), y)
 
     def build_model(self) -> nn.Module:
         rnn = make_recurrent_stack(self.config, input_size=1)

@@ -1,0 +1,102 @@
+"""The gradient and balance figures for trained runs, beside the same networks at
+initialisation.
+
+Each run directory (``microcircuits train``) is loaded with its best checkpoint; its
+task supplies a test batch as the recurrent stack's input and the loss through the
+trained head (:meth:`microcircuits.tasks.Task.probe`). The network at initialisation
+is rebuilt from the run's seed and measured on the same input through the same head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..cells import cell_kind
+from ..runs import load_run
+from .figures import _REGISTRY
+from .style import save_figure
+
+__all__ = ["TRAINED_FIGURES", "trained_figure"]
+
+logger = logging.getLogger(__name__)
+
+TRAINED_FIGURES = ("gradients", "balance")
+
+
+def _measure(
+    name: str,
+    run_dirs: Sequence[str | os.PathLike[str]],
+    checkpoint: str,
+    batch: int,
+    include_init: bool,
+    options: dict[str, Any],
+) -> Any:
+    compute = _REGISTRY[name].compute
+    parts = []
+    for run_dir in run_dirs:
+        run = load_run(run_dir, checkpoint)
+        label = cell_kind(run.config.cell).label
+        if name == "balance" and not cell_kind(run.config.cell).name.endswith("sublstm"):
+            logger.info("balance: skipping %s (%s has no subtractive gates)", run_dir, label)
+            continue
+        inputs, loss = run.task.probe(run.model, batch)
+        models = {}
+        if include_init:
+            torch.manual_seed(run.config.seed)  # the run's own initialisation
+            models[f"{label}, initial"] = run.task.build_model().eval().rnn
+        models[f"{label}, trained"] = run.model.rnn
+        if name == "gradients":
+            parts.append(compute(models, inputs.detach(), loss_fn=loss, **options))
+        else:
+            parts.append(compute(models, inputs.detach(), **options))
+    if not parts:
+        raise ValueError(f"none of the runs {list(map(str, run_dirs))} can be used for {name!r}")
+    field = "curves" if name == "gradients" else "cells"
+    merged = [item for part in parts for item in getattr(part, field)]
+    return dataclasses.replace(parts[0], **{field: merged})
+
+
+def trained_figure(
+    name: str,
+    run_dirs: Sequence[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    *,
+    checkpoint: str = "best",
+    batch: int = 32,
+    include_init: bool = True,
+    stem: str | None = None,
+    **options: Any,
+) -> list[Path]:
+    """Write figure ``name`` (``gradients`` or ``balance``) for trained runs.
+
+    Args:
+        name: one of :data:`TRAINED_FIGURES`.
+        run_dirs: run directories (one per cell, same task, for a comparison).
+        out_dir: where PNG, PDF and CSV go.
+        checkpoint: ``"best"`` or ``"last"``.
+        batch: test sequences measured per run.
+        include_init: also measure each network at its initialisation.
+        stem: file name stem (default ``NAME-trained``).
+        **options: further options of the analysis (e.g. ``threshold`` for balance).
+
+    Returns:
+        The paths written: PNG, PDF, CSV.
+    """
+    if name not in TRAINED_FIGURES:
+        raise ValueError(f"figure {name!r} takes no runs; runs work with {list(TRAINED_FIGURES)}")
+    if not run_dirs:
+        raise ValueError("run_dirs is empty: give at least one run directory")
+    data = _measure(name, run_dirs, checkpoint, batch, include_init, options)
+    figure = _REGISTRY[name]
+    stem = stem or f"{name}-trained"
+    out_dir = Path(out_dir)
+    paths = save_figure(figure.plot(data), out_dir, stem)
+    paths.append(figure.write_csv(data, out_dir / f"{stem}.csv"))
+    return paths
