@@ -213,14 +213,21 @@ def plot_balance(data: BalanceData):
     correlations, memory time constants, and one unit's drives over time."""
     fig, axes = style.new_figure(3, 2, width=7.2, height=2.4)
     (ax_in, ax_out, ax_closed), (ax_corr, ax_tau, ax_trace) = axes
+    # models of one cell share a colour; the repeat (e.g. trained after initial) is dashed
+    repeats = style.repeat_index([c.cell for c in data.cells])
+    dashes = [style.LINE_STYLES[k % len(style.LINE_STYLES)] for k in repeats]
 
     for ax, key, xlabel, title in (
         (ax_in, "input_hist", "net input to memory $z - i$", "input gate"),
         (ax_out, "output_hist", r"net output $\sigma(c) - o$", "output gate"),
     ):
-        for cell in data.cells:
+        for cell, dash in zip(data.cells, dashes):
             ax.stairs(
-                getattr(cell, key), data.bins, color=style.cell_color(cell.cell), label=cell.label
+                getattr(cell, key),
+                data.bins,
+                color=style.cell_color(cell.cell),
+                linestyle=dash,
+                label=cell.label,
             )
         ax.axvline(data.threshold, color=style.COLORS["net"], linewidth=0.6, linestyle=":")
         ax.set_ylim(0, 1.3 * ax.get_ylim()[1])  # room for the legend
@@ -237,6 +244,8 @@ def plot_balance(data: BalanceData):
             [cell.input_closed, cell.output_closed],
             width,
             color=style.cell_color(cell.cell),
+            hatch=style.HATCHES[repeats[k] % len(style.HATCHES)],
+            edgecolor="white",
             label=cell.label,
         )
     ax_closed.set_xticks(positions, ["input gate\n$z - i$", r"output gate" "\n" r"$\sigma(c) - o$"])
@@ -254,7 +263,8 @@ def plot_balance(data: BalanceData):
             if not finite.size:
                 continue
             x = position + offset + jitter.uniform(-0.3, 0.3, finite.size) * width
-            ax_corr.scatter(x, finite, s=4, color=color, alpha=0.7, linewidths=0)
+            marker = "o" if repeats[k] == 0 else "^"
+            ax_corr.scatter(x, finite, s=4, color=color, alpha=0.7, linewidths=0, marker=marker)
             ax_corr.hlines(
                 np.median(finite),
                 position + offset - 0.4 * width,
@@ -272,12 +282,13 @@ def plot_balance(data: BalanceData):
     if finite_tau.size:
         low, high = max(finite_tau.min(), 1e-2), max(finite_tau.max(), 1e-2)
         tau_bins = np.geomspace(low / 1.2, high * 1.2, 21)
-        for cell in data.cells:
+        for cell, dash in zip(data.cells, dashes):
             what = "learned f" if cell.learned_decay else "mean forget gate"
             ax_tau.hist(
                 cell.timescale[np.isfinite(cell.timescale)],
                 bins=tau_bins,
                 histtype="step",
+                linestyle=dash,
                 color=style.cell_color(cell.cell),
                 label=f"{cell.label} ({what})",
             )
@@ -293,7 +304,7 @@ def plot_balance(data: BalanceData):
     ax_tau.legend(loc="upper left")
 
     if data.cells:
-        cell = data.cells[0]
+        cell = data.cells[-1]  # the last model given (the trained one, when both are)
         steps = np.arange(cell.trace["z"].size)
         ax_trace.plot(steps, cell.trace["z"], color=style.COLORS["excitation"], label="E: z")
         ax_trace.plot(steps, cell.trace["i"], color=style.COLORS["inhibition"], label="I: i")
@@ -307,7 +318,7 @@ def plot_balance(data: BalanceData):
         ax_trace.plot(
             steps, cell.trace["o"], color=style.COLORS["inhibition"], linestyle="--", label="I: o"
         )
-        ax_trace.set_title(f"{cell.label}, unit {cell.trace_unit}, sequence 0")
+        ax_trace.set_title(f"{cell.label}: unit {cell.trace_unit}", fontsize="small")
         low, high = ax_trace.get_ylim()
         ax_trace.set_ylim(low, high + 0.45 * (high - low))
         ax_trace.legend(loc="upper center", ncols=4, columnspacing=0.8, handlelength=1.5)

@@ -219,12 +219,10 @@ def gradient_flow(
 
 
 def _line_styles(curves: list[GradientCurve]) -> list[str]:
-    seen: dict[str, int] = {}
-    styles = []
-    for curve in curves:
-        styles.append(("-", "--", ":", "-.")[seen.get(curve.cell, 0) % 4])
-        seen[curve.cell] = seen.get(curve.cell, 0) + 1
-    return styles
+    return [
+        style.LINE_STYLES[k % len(style.LINE_STYLES)]
+        for k in style.repeat_index([c.cell for c in curves])
+    ]
 
 
 @style.styled

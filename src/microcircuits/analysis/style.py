@@ -146,3 +146,21 @@ def _format(value: object) -> object:
     if isinstance(value, (float, np.floating)):
         return f"{float(value):.6g}"
     return value
+
+
+LINE_STYLES = ("-", "--", ":", "-.")
+HATCHES = ("", "///", "...", "xx")
+
+
+def repeat_index(cells: list[str]) -> list[int]:
+    """For each model, how many earlier models share its cell (0 for the first).
+
+    Models of one cell share a colour; this index picks their line style or hatch
+    (e.g. solid for a network at initialisation, dashed for it trained).
+    """
+    seen: dict[str, int] = {}
+    index = []
+    for cell in cells:
+        index.append(seen.get(cell, 0))
+        seen[cell] = seen.get(cell, 0) + 1
+    return index
