@@ -7,6 +7,13 @@
                              [--device cpu|cuda|auto] [--seed N] [--no-progress]
     microcircuits compare TASK [--cells lstm,sublstm,fix_sublstm] [same options]
     microcircuits report RUNS... --out DIR
+    microcircuits search TASK [--cell C] [--size N] --trials N [--workers K]
+                              [--storage URL] [--study-name NAME] [--out DIR]
+                              [--pruner median|halving|none] [--seed N] [--set key=value ...]
+
+``train`` and ``compare`` take ``--preset FILE`` (e.g. the ``best_preset.toml`` of a
+search); under ``torchrun --nproc_per_node K -m microcircuits train ...`` the run is
+data-parallel over K processes (see :mod:`microcircuits.distributed`).
 
 Every subcommand is one ``add_<name>_command(subparsers)`` function that adds its
 parser and sets ``handler``, a function ``(args) -> exit status``. More subcommands
@@ -31,6 +38,7 @@ __all__ = [
     "COMMANDS",
     "add_compare_command",
     "add_report_command",
+    "add_search_command",
     "add_train_command",
     "build_parser",
     "main",
@@ -59,6 +67,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--epochs", type=int, help="number of epochs (overrides the preset)")
     parser.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
+    parser.add_argument(
+        "--preset",
+        metavar="FILE",
+        help="a preset file (e.g. best_preset.toml of `microcircuits search`) applied after "
+        "the task's preset and before --set; it also gives the default --cell and --size",
+    )
     parser.add_argument(
         "--set",
         dest="assignments",
@@ -128,7 +142,9 @@ def add_train_command(subparsers: Any) -> None:
         "directory (config, metrics, TensorBoard events, checkpoints, results.json).",
     )
     _add_run_options(parser)
-    parser.add_argument("--cell", default="lstm", help=f"one of {list(CELL_NAMES)}")
+    parser.add_argument(
+        "--cell", help=f"one of {list(CELL_NAMES)} (default: the --preset file's, else lstm)"
+    )
     parser.add_argument("--out", default="runs", help="parent directory of the run")
     parser.add_argument("--name", help="run directory name (default: TASK-CELL-SIZE-seedSEED)")
     parser.set_defaults(handler=_run_train)
@@ -140,7 +156,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from .train import train
 
     overrides = _overrides(args, out_dir=args.out, run_name=args.name)
-    config = load_config(args.task, args.cell, args.size, overrides)
+    config = load_config(args.task, args.cell, args.size, overrides, preset=args.preset)
     result = train(config, resume=args.resume, overwrite=args.overwrite)
     print(format_table([summarize_run(result.run_dir)]))
     print(f"run directory: {result.run_dir}")
@@ -189,6 +205,7 @@ def _run_compare(args: argparse.Namespace) -> int:
         overrides=overrides,
         resume=args.resume,
         overwrite=args.overwrite,
+        preset=args.preset,
     )
     files = write_report([r.run_dir for r in results], args.out)
     print(files.text)
@@ -283,6 +300,134 @@ def _run_figure(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- search -----------------------------------------------------------------------------
+
+
+def add_search_command(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "search",
+        help="tune dropouts, learning rate and weight decay with Optuna",
+        description="Search the paper's hyperparameters (input, output and update dropout, "
+        "learning rate, weight decay) for one task, cell and size on the validation set, "
+        "with Optuna: one training run per trial, hopeless trials pruned. The study is "
+        "stored in --storage (default: OUT/study.db, SQLite); rerun the command to continue "
+        "it, or start more commands with the same --storage and --study-name (on other "
+        "machines: a PostgreSQL URL) to work on it together. Writes OUT/best_preset.toml "
+        "(for train --preset) and the plots optimization_history.png, param_importances.png.",
+    )
+    parser.add_argument("task", choices=TASKS, help="the experiment")
+    parser.add_argument("--cell", default="lstm", help=f"one of {list(CELL_NAMES)}")
+    parser.add_argument("--size", type=int, help="the paper's size (as for train)")
+    parser.add_argument(
+        "--trials",
+        type=int,
+        required=True,
+        help="trials the study holds when done (complete, pruned or failed, all workers and "
+        "earlier commands counted)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="processes on this machine (default: 1)"
+    )
+    parser.add_argument(
+        "--storage",
+        help="Optuna storage URL, e.g. postgresql+psycopg://user:pass@host/db "
+        "(default: sqlite:///OUT/study.db)",
+    )
+    parser.add_argument("--study-name", help="default: TASK-CELL-SIZE")
+    parser.add_argument(
+        "--out", help="folder of the outputs and trial runs (default: runs/search-STUDY)"
+    )
+    parser.add_argument(
+        "--pruner",
+        choices=("median", "halving", "none"),
+        default="median",
+        help="stop hopeless trials at a validation: median rule or successive halving "
+        "(default: median)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="trial n trains with seed SEED + n (default: 0)"
+    )
+    parser.add_argument(
+        "--sampler-seed", type=int, help="seed of the TPE sampler (default: fresh randomness)"
+    )
+    parser.add_argument("--space", help="search space TOML (default: configs/search_space.toml)")
+    parser.add_argument(
+        "--heartbeat",
+        type=int,
+        default=60,
+        help="seconds between a running trial's heartbeats; a trial silent for twice as "
+        "long is failed and retried from its checkpoint (default: 60)",
+    )
+    parser.add_argument("--epochs", type=int, help="training budget of every trial")
+    parser.add_argument("--max-steps", type=int, help="stop every trial after this many steps")
+    parser.add_argument(
+        "--set",
+        dest="assignments",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config values shared by every trial (repeatable)",
+    )
+    parser.add_argument("--data-dir", help="dataset directory")
+    parser.add_argument("--device", choices=DEVICES, help="where trials train (default: auto)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads per worker")
+    parser.set_defaults(handler=_run_search)
+
+
+def _run_search(args: argparse.Namespace) -> int:
+    import optuna
+
+    from .config import parse_assignments
+    from .search import SearchSpec, run_search
+
+    if args.quiet:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    overrides: dict[str, Any] = dict(parse_assignments(args.assignments))
+    flags = {
+        "epochs": args.epochs,
+        "max_steps": args.max_steps,
+        "data_dir": args.data_dir,
+        "device": args.device,
+        "num_threads": args.threads,
+    }
+    overrides.update({key: value for key, value in flags.items() if value is not None})
+    spec = SearchSpec(
+        task=args.task,
+        cell=args.cell,
+        size=args.size,
+        n_trials=args.trials,
+        out_dir=args.out,
+        storage=args.storage,
+        study_name=args.study_name,
+        workers=args.workers,
+        pruner=args.pruner,
+        seed=args.seed,
+        sampler_seed=args.sampler_seed,
+        overrides=overrides,
+        space_file=args.space,
+        heartbeat_interval=args.heartbeat,
+    )
+    result = run_search(spec)
+    states = ", ".join(f"{count} {state.lower()}" for state, count in sorted(result.states.items()))
+    print(f"study {result.study_name!r} ({result.storage}): {states}")
+    if result.best_trial is None:
+        print("no trial has completed yet")
+    else:
+        print(
+            f"best: trial {result.best_trial}, validation {result.metric} "
+            f"{result.best_value:.6g} ({result.best_run_dir})"
+        )
+        for name, value in result.best_params.items():
+            print(f"  {name} = {value:.6g}")
+    if result.preset is not None:
+        print(
+            f"preset: {result.preset}  (microcircuits train {args.task} --preset {result.preset})"
+        )
+    for figure in result.figures:
+        print(f"figure: {figure}")
+    return 0
+
+
 # -- the parser and main ----------------------------------------------------------------
 
 COMMANDS: list[CommandAdder] = [
@@ -290,6 +435,7 @@ COMMANDS: list[CommandAdder] = [
     add_compare_command,
     add_report_command,
     add_figure_command,
+    add_search_command,
 ]
 """The subcommands, in the order ``--help`` lists them."""
 

@@ -8,7 +8,12 @@ rows of the paper's Tables 2 (PTB) and 3 (WikiText-2), keyed by cell and size, s
 Values are layered, later ones winning::
 
     dataclass defaults  <  [defaults] of the task's TOML  <  the (cell, size) row
+                        <  a preset file (``--preset FILE``, e.g. written by a search)
                         <  overrides (e.g. ``--set lr=0.001`` on the command line)
+
+A preset file is a small TOML file (see :func:`read_preset_file`): a ``[preset]`` table
+naming the task (and the cell and size it was made for) and a ``[config]`` table of
+config fields. ``microcircuits search`` writes the best hyperparameters it finds as one.
 
 The fully resolved config is saved as ``config.json`` with every run, and
 :meth:`ExperimentConfig.validate` checks all values in one place.
@@ -17,14 +22,17 @@ The fully resolved config is saved as ``config.json`` with every run, and
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import numbers
+import os
 import sys
 import types
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from .cells import cell_kind
@@ -39,11 +47,14 @@ __all__ = [
     "OPTIMIZERS",
     "TASKS",
     "ExperimentConfig",
+    "PresetFile",
     "available_sizes",
     "config_fields",
     "load_config",
     "parse_assignments",
     "preset_table",
+    "read_preset_file",
+    "write_preset_file",
 ]
 
 TASKS = ("adding", "smnist", "psmnist", "ptb", "wikitext2")
@@ -387,34 +398,182 @@ def available_sizes(task: str, cell: str) -> list[int]:
     return sorted(int(size) for size in rows)
 
 
+# -- preset files -----------------------------------------------------------------------
+
+_PRESET_FILE_KEYS = ("task", "cell", "size", "source")
+
+
+@dataclass(frozen=True)
+class PresetFile:
+    """A preset file's contents (see :func:`read_preset_file`).
+
+    Attributes:
+        task: the task it is for.
+        cell: the cell it was made for (``None``: any).
+        size: the nominal size it was made for (``None``: any).
+        config: config field -> value (TOML-typed), layered after the task's preset row.
+        source: where the values come from, as the file says.
+    """
+
+    task: str
+    cell: str | None
+    size: int | None
+    config: dict[str, Any]
+    source: str | None = None
+
+
+def read_preset_file(path: str | os.PathLike[str]) -> PresetFile:
+    """Read a preset file::
+
+        [preset]
+        task = "ptb"          # required
+        cell = "sublstm"      # optional: the default cell of runs that use the file
+        size = 100            # optional: their default size
+        source = "..."        # optional: a note on where the values come from
+
+        [config]              # any ExperimentConfig fields but task, cell and size
+        lr = 0.0118
+        input_dropout = 0.39
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not TOML, or missing/unknown tables or keys (named).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"preset file {path} does not exist")
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"preset file {path} is not valid TOML: {error}") from None
+    unknown = sorted(set(table) - {"preset", "config"})
+    if unknown or not isinstance(table.get("preset"), dict):
+        raise ValueError(
+            f"preset file {path} must hold a [preset] table (task, cell, size, source) and "
+            f"a [config] table of config fields; found tables {sorted(table)}"
+        )
+    header = table["preset"]
+    bad = sorted(set(header) - set(_PRESET_FILE_KEYS))
+    if bad:
+        raise ValueError(
+            f"unknown key(s) {bad} in [preset] of {path}; allowed: {_PRESET_FILE_KEYS}"
+        )
+    task = _canonical_task(header.get("task"))
+    if task not in TASKS:
+        raise ValueError(f"[preset] task of {path} must be one of {list(TASKS)}, got {task!r}")
+    cell = header.get("cell")
+    if cell is not None:
+        cell = cell_kind(cell).name
+    size = header.get("size")
+    if size is not None:
+        _positive_int(f"[preset] size of {path}", size)
+    values = dict(table.get("config", {}))
+    _check_known_keys(values, f"[config] of {path}")
+    fixed = sorted(set(values) & {"task", "cell", "size"})
+    if fixed:
+        raise ValueError(f"{fixed} belong in [preset] of {path}, not in [config]")
+    return PresetFile(task, cell, size, values, header.get("source"))
+
+
+def _toml_value(name: str, value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return repr(value) if math.isfinite(value) else ("inf" if value > 0 else "-inf")
+    if value is None:
+        return '"none"'  # read back as None by the Optional fields
+    if isinstance(value, str):
+        return json.dumps(value)
+    raise TypeError(f"{name}: cannot write a {type(value).__name__} into a preset file")
+
+
+def write_preset_file(
+    path: str | os.PathLike[str],
+    *,
+    task: str,
+    config: Mapping[str, Any],
+    cell: str | None = None,
+    size: int | None = None,
+    source: str | None = None,
+    comment: str = "",
+) -> Path:
+    """Write a preset file that :func:`read_preset_file` and ``--preset`` read.
+
+    Args:
+        path: the file to write (its folder is created).
+        task, cell, size, source: the ``[preset]`` table.
+        config: config field -> value (bool, int, float, str or None).
+        comment: text written at the top as ``#`` comment lines.
+
+    Returns:
+        The path written.
+    """
+    task = _canonical_task(task)
+    _choice("task", task, TASKS)
+    values = dict(config)
+    _check_known_keys(values, "config")
+    lines = [f"# {line}".rstrip() for line in comment.splitlines()]
+    header = {"task": task, "cell": cell, "size": size, "source": source}
+    lines.append("[preset]")
+    lines += [f"{k} = {_toml_value(k, v)}" for k, v in header.items() if v is not None]
+    lines += ["", "[config]"]
+    lines += [f"{k} = {_toml_value(k, v)}" for k, v in values.items()]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(temp, path)
+    read_preset_file(path)  # what is written must read back
+    return path
+
+
 def load_config(
     task: str,
-    cell: str = "lstm",
+    cell: str | None = None,
     size: int | None = None,
     overrides: Mapping[str, Any] | None = None,
+    *,
+    preset: str | os.PathLike[str] | PresetFile | None = None,
 ) -> ExperimentConfig:
     """Resolve the config of one run from the task's preset, its table row and overrides.
 
     Args:
         task: one of :data:`TASKS` (aliases ``wikitext-2``, ``wt2``, ``mnist``).
         cell: ``"lstm"``, ``"sublstm"`` or ``"fix_sublstm"`` (``fix-sublstm`` too).
+            ``None``: the preset file's cell, else ``"lstm"``.
         size: the paper's nominal size. For PTB and WikiText-2 it selects the row of
             Table 2/3 (10, 100, 200 or 650; fix-subLSTM then gets the parameter-matched
             11/115/230/750 units); elsewhere it sets ``hidden_size``. ``None``: the
-            preset's default size.
+            preset file's size, else the task preset's default size.
         overrides: field -> value, applied last; text values (from ``--set``) are
             converted to the field's type.
+        preset: a preset file (path, or as read by :func:`read_preset_file`) whose
+            ``[config]`` values are applied after the task's row, before ``overrides``.
 
     Returns:
         The validated config.
 
     Raises:
-        ValueError: unknown task, cell or override key, a size the table lacks, or an
-            invalid value (naming field, value and allowed range).
+        ValueError: unknown task, cell or override key, a size the table lacks, a
+            preset file for another task, or an invalid value (naming field, value and
+            allowed range).
     """
     task = _canonical_task(task)
     _choice("task", task, TASKS)
-    kind = cell_kind(cell)
+    user_preset, preset_path = None, None
+    if preset is not None:
+        if not isinstance(preset, PresetFile):
+            preset_path = str(preset)
+        user_preset = preset if isinstance(preset, PresetFile) else read_preset_file(preset)
+        if user_preset.task != task:
+            raise ValueError(f"preset file {preset} is for task {user_preset.task!r}, not {task!r}")
+        cell = cell if cell is not None else user_preset.cell
+        size = size if size is not None else user_preset.size
+    kind = cell_kind(cell if cell is not None else "lstm")
     if size is not None:
         _positive_int("size", size)
     overrides = dict(overrides or {})
@@ -448,6 +607,12 @@ def load_config(
         values["size"] = size
         values["hidden_size"] = size
     _check_known_keys(values, f"preset {task}.toml")
+    if user_preset is not None:
+        values.update(user_preset.config)
+        if preset_path is not None:
+            extra["preset_file"] = preset_path
+        if user_preset.source:
+            extra["preset_source"] = user_preset.source
     for name, value in list(values.items()):
         if name != "extra":
             values[name] = _coerce(name, fields[name], value)

@@ -26,6 +26,20 @@ with the same numbers as an uninterrupted one. ``last.pt`` is written every
 A non-finite training loss stops the run with :class:`NonFiniteLossError`, naming the
 step and the loss; no checkpoint is written after it, so ``last.pt`` stays the last
 good one.
+
+Observers: ``train(config, on_validation=callback)`` calls ``callback(step, epoch,
+metric)`` after every validation (the hyperparameter search reports to its pruner this
+way). An exception raised by the callback stops the run where it is (recorded as a
+``"stopped"`` record in ``metrics.jsonl``) and propagates to the caller of ``train``.
+Under torchrun the callback runs on every rank, with the same arguments; it must take
+the same decision on all of them.
+
+Several processes: under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the run
+is data-parallel, each rank training on its shard of every global batch, and only
+rank 0 writes the run directory; see :mod:`microcircuits.distributed`. Checkpoints have
+the same contents as a single process's (the whole batch's carried state, plus every
+rank's random-number state), so a run resumes the same way, with any number of
+processes that divides the batch.
 """
 
 from __future__ import annotations
@@ -42,7 +56,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,12 +67,23 @@ from torch import Tensor, nn
 from . import __version__
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ExperimentConfig
+from .distributed import (
+    DistributedContext,
+    all_gather,
+    gather_batch,
+    join_process_group,
+    mean_over_ranks,
+    run_on_main,
+    shard_batch,
+    wrap_model,
+)
 from .tasks import Evaluation, Task, data_seed, make_task
 
 __all__ = [
     "NonFiniteLossError",
     "RESUMABLE_CHANGES",
     "RunResult",
+    "ValidationCallback",
     "hardware_description",
     "make_optimizer",
     "resolve_device",
@@ -80,6 +105,11 @@ the run stops or how it is observed, not what it computes)."""
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the run stopped."""
+
+
+ValidationCallback = Callable[[int, float, float], None]
+"""``callback(step, epoch, metric)``, called after every validation: the global step,
+the (fractional) epoch and the task's validation metric. Raising stops the run."""
 
 
 @dataclass
@@ -320,6 +350,16 @@ class _MetricsLog:
             self._writer.close()
 
 
+class _NoMetricsLog:
+    """What ranks other than 0 log to: nothing (rank 0 writes the run's metrics)."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _write_json(path: Path, payload: Any) -> None:
     temp = path.with_name(f".{path.name}.tmp")
     temp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n", encoding="utf-8")
@@ -342,6 +382,18 @@ def _run_log(run_dir: Path) -> Iterator[None]:
         package_logger.removeHandler(handler)
         package_logger.setLevel(previous_level)
         handler.close()
+
+
+@contextlib.contextmanager
+def _warnings_only() -> Iterator[None]:
+    """Ranks other than 0: keep their (duplicate) progress messages out of the console."""
+    package_logger = logging.getLogger("microcircuits")
+    previous_level = package_logger.level
+    package_logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        package_logger.setLevel(previous_level)
 
 
 def _prepare_run_dir(
@@ -388,8 +440,12 @@ def train(
     resume: bool = False,
     overwrite: bool = False,
     task: Task | None = None,
+    on_validation: ValidationCallback | None = None,
 ) -> RunResult:
     """Train and evaluate one experiment; write its run directory (see module docstring).
+
+    Under torchrun (``WORLD_SIZE`` > 1) every process calls ``train`` with the same
+    config; they train one model together and all return the same result.
 
     Args:
         config: the experiment (validated here).
@@ -397,6 +453,9 @@ def train(
             (else start afresh); the config may differ only in :data:`RESUMABLE_CHANGES`.
         overwrite: replace an existing run directory instead of refusing.
         task: use this task instead of ``make_task(config, device)`` (e.g. a tiny corpus).
+        on_validation: called as ``on_validation(step, epoch, metric)`` after every
+            validation (see :data:`ValidationCallback`); an exception it raises stops
+            the run and propagates.
 
     Returns:
         The :class:`RunResult` (also written as ``results.json``).
@@ -410,33 +469,63 @@ def train(
         microcircuits.checkpoint.CheckpointError: the checkpoint cannot be read.
     """
     config.validate()
+    context, device = join_process_group(resolve_device(config.device))
+    if config.batch_size % context.world_size:
+        raise ValueError(
+            f"batch_size {config.batch_size} cannot be split evenly over "
+            f"{context.world_size} processes; use a multiple of {context.world_size}"
+        )
     run_dir = run_directory(config)
-    resuming = _prepare_run_dir(config, run_dir, resume=resume, overwrite=overwrite)
-    with _run_log(run_dir):
-        return _Trainer(config, run_dir, resuming, task).run()
+    resuming = run_on_main(
+        lambda: _prepare_run_dir(config, run_dir, resume=resume, overwrite=overwrite),
+        context,
+    )
+    with _run_log(run_dir) if context.is_main else _warnings_only():
+        trainer = _Trainer(
+            config, run_dir, resuming, task,
+            device=device, context=context, on_validation=on_validation,
+        )  # fmt: skip
+        return trainer.run()
 
 
 class _Trainer:
     """State and steps of one run; :func:`train` is its public face."""
 
     def __init__(
-        self, config: ExperimentConfig, run_dir: Path, resuming: bool, task: Task | None
+        self,
+        config: ExperimentConfig,
+        run_dir: Path,
+        resuming: bool,
+        task: Task | None,
+        *,
+        device: torch.device,
+        context: DistributedContext,
+        on_validation: ValidationCallback | None,
     ) -> None:
         self.config = config
         self.run_dir = run_dir
+        self.context = context
+        self.on_validation = on_validation
         self.checkpoints = run_dir / "checkpoints"
         self.last_path = self.checkpoints / "last.pt"
         self.best_path = self.checkpoints / "best.pt"
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
-        self.device = resolve_device(config.device)
+        self.device = device
         self.amp = config.amp and self.device.type == "cuda"
         if config.amp and not self.amp:
             logger.warning("amp=True ignored: the run is on %s, autocast is CUDA-only", self.device)
 
-        torch.manual_seed(config.seed)
+        torch.manual_seed(config.seed)  # the same initial weights on every rank
         self.task = task if task is not None else make_task(config, self.device)
         self.model = self.task.build_model()
+        # Forward/backward passes of training go through the wrapper (which averages the
+        # gradients over the ranks); evaluation and state dicts use the bare model.
+        self.train_model = wrap_model(self.model, context, self.device)
+        if context.rank > 0:
+            # Dropout masks of different shards must differ; rank 0 keeps the stream a
+            # single process would use.
+            torch.manual_seed(data_seed(config.seed, stream=1000 + context.rank))
         self.optimizer = make_optimizer(config, self.model)
         self.data_generator = torch.Generator().manual_seed(data_seed(config.seed))
         self.steps_per_epoch = self.task.steps_per_epoch()
@@ -451,8 +540,13 @@ class _Trainer:
         self.last_valid: Evaluation | None = None
         self.resume_step: int | None = None
         if resuming:
-            self._restore(load_checkpoint(self.last_path, map_location=self.device))
-        self._write_run_files(resuming)
+            # Rank 0 reads the checkpoint and sends it to the others: the run directory
+            # need not be on a file system that every machine sees.
+            location = "cpu" if context.is_distributed else self.device
+            payload = run_on_main(lambda: load_checkpoint(self.last_path, location), context)
+            self._restore(payload)
+        if context.is_main:
+            self._write_run_files(resuming)
 
     # -- files --------------------------------------------------------------------------
 
@@ -472,6 +566,7 @@ class _Trainer:
                 "device": str(self.device),
                 "amp": self.amp,
                 "hardware": hardware_description(self.device),
+                "processes": self.context.world_size,
                 "parameters": sum(p.numel() for p in self.model.parameters()),
                 "resumes": [],
             }
@@ -484,15 +579,32 @@ class _Trainer:
                     "git": _git_commit(),
                     "device": str(self.device),
                     "hardware": hardware_description(self.device),
+                    "processes": self.context.world_size,
                 }
             )
         _write_json(meta_path, meta)
         _write_json(self.run_dir / "task.json", self.task.artifacts())
 
-    def _checkpoint_payload(self) -> dict[str, Any]:
-        pos = self.position
+    def _checkpoint_payload(self) -> dict[str, Any] | None:
+        """What ``last.pt`` holds; collective under torchrun, ``None`` on ranks other than 0."""
+        pos, context = self.position, self.context
+        carry = None if pos.carry is None else list(pos.carry)
+        extra: dict[str, Any] = {"world_size": context.world_size}
+        if context.is_distributed:
+            # The carried state of the whole batch (as one process would hold it), and
+            # every rank's generators, so that dropout continues exactly on resume.
+            if carry is not None:
+                carry = list(gather_batch(carry, context))
+            cuda = self.device.type == "cuda"
+            cuda_state = torch.cuda.get_rng_state(self.device) if cuda else None
+            extra["rank_rng_states"] = all_gather(
+                {"torch": torch.get_rng_state(), "cuda": cuda_state}, context
+            )
+            if not context.is_main:
+                return None
         cuda_rng = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None
         return {
+            **extra,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "config": self.config.to_dict(),
@@ -501,7 +613,7 @@ class _Trainer:
             "global_step": pos.global_step,
             "epoch_generator_state": pos.epoch_generator_state,
             "data_generator_state": self.data_generator.get_state(),
-            "carry": None if pos.carry is None else list(pos.carry),
+            "carry": carry,
             "epoch_loss": [pos.epoch_loss_sum, pos.epoch_loss_count],
             "wall_time": pos.wall_time + (time.perf_counter() - self.started),
             "torch_rng_state": torch.get_rng_state(),
@@ -511,7 +623,9 @@ class _Trainer:
 
     def _save_last(self) -> None:
         self._flush_losses()
-        save_checkpoint(self.last_path, self._checkpoint_payload())
+        payload = self._checkpoint_payload()
+        if payload is not None:
+            save_checkpoint(self.last_path, payload)
 
     def _restore(self, payload: dict[str, Any]) -> None:
         self.model.load_state_dict(payload["model"])
@@ -523,18 +637,43 @@ class _Trainer:
         pos.epoch_generator_state = payload["epoch_generator_state"]
         self.data_generator.set_state(payload["data_generator_state"])
         carry = payload["carry"]
-        pos.carry = None if carry is None else tuple(t.to(self.device) for t in carry)
+        if carry is not None:
+            pos.carry = shard_batch([t.to(self.device) for t in carry], self.context)
         pos.epoch_loss_sum, pos.epoch_loss_count = payload["epoch_loss"]
         pos.wall_time = payload["wall_time"]
         self.plateau = _Plateau(**payload["plateau"])
-        torch.set_rng_state(payload["torch_rng_state"].cpu())
-        if payload["cuda_rng_state"] is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state_all([s.cpu() for s in payload["cuda_rng_state"]])
+        self._restore_rng(payload)
         self.resume_step = pos.global_step
         logger.info(
             "resuming %s at step %d (epoch %d, step %d of %d)",
             self.run_dir, pos.global_step, pos.epoch + 1, pos.step_in_epoch, self.steps_per_epoch,
         )  # fmt: skip
+
+    def _restore_rng(self, payload: dict[str, Any]) -> None:
+        context, cuda = self.context, self.device.type == "cuda"
+        saved_world = payload.get("world_size", 1)
+        if context.is_distributed and saved_world == context.world_size:
+            state = payload["rank_rng_states"][context.rank]
+            torch.set_rng_state(state["torch"].cpu())
+            if cuda and state["cuda"] is not None:
+                torch.cuda.set_rng_state(state["cuda"].cpu(), self.device)
+            return
+        if saved_world != context.world_size and context.is_main:
+            logger.warning(
+                "the checkpoint was written by %d process(es), this run has %d: training "
+                "goes on with the same global batch, but dropout masks differ from those "
+                "of an uninterrupted run", saved_world, context.world_size,
+            )  # fmt: skip
+        if context.rank > 0:
+            seed = data_seed(self.config.seed, stream=1000 + context.rank) + payload["global_step"]
+            torch.manual_seed(seed)
+            return
+        torch.set_rng_state(payload["torch_rng_state"].cpu())
+        if payload["cuda_rng_state"] is not None and cuda:
+            if context.is_distributed:
+                torch.cuda.set_rng_state(payload["cuda_rng_state"][0].cpu(), self.device)
+            else:
+                torch.cuda.set_rng_state_all([s.cpu() for s in payload["cuda_rng_state"]])
 
     # -- steps --------------------------------------------------------------------------
 
@@ -552,8 +691,9 @@ class _Trainer:
     def _train_step(self, batch: tuple[Tensor, ...]) -> None:
         pos = self.position
         self.optimizer.zero_grad(set_to_none=True)
+        batch = shard_batch(batch, self.context)
         with self._autocast():
-            loss, pos.carry = self.task.train_loss(self.model, batch, pos.carry)
+            loss, pos.carry = self.task.train_loss(self.train_model, batch, pos.carry)
         loss.backward()
         if self.config.clip_norm is not None:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_norm)
@@ -571,7 +711,10 @@ class _Trainer:
         if not self.pending:
             return
         steps = [step for step, _ in self.pending]
-        values = torch.stack([loss.float() for _, loss in self.pending]).tolist()
+        # Under torchrun: the mean over the ranks, i.e. the loss of the global batch,
+        # the same on every rank (so a non-finite loss stops all of them together).
+        losses = torch.stack([loss.float() for _, loss in self.pending])
+        values = mean_over_ranks(losses, self.context).tolist()
         self.pending.clear()
         for step, value in zip(steps, values):
             if not math.isfinite(value):
@@ -607,7 +750,8 @@ class _Trainer:
             f"stopping. {kept}. Try a lower lr or a clip_norm."
         )
         self.metrics.write({"kind": "error", "step": step, "loss": str(value), "message": message})
-        logger.error(message)
+        if self.context.is_main:
+            logger.error(message)
         raise NonFiniteLossError(message)
 
     def _elapsed(self) -> float:
@@ -617,25 +761,24 @@ class _Trainer:
         """Evaluate on the validation split; update best/plateau; return True to stop early."""
         self._flush_losses()
         config, plateau, pos = self.config, self.plateau, self.position
-        with self._autocast():
-            evaluation = self.task.evaluate(self.model, "valid")
-        self.model.train()
+        evaluation = self._evaluate("valid")
         self.last_valid = evaluation
         if plateau.improved_by(evaluation.metric, self.task.higher_is_better):
             plateau.best, plateau.best_loss = evaluation.metric, evaluation.loss
             plateau.best_step, plateau.best_epoch = pos.global_step, self._epoch_float()
             plateau.since_best = plateau.since_decay = 0
-            save_checkpoint(
-                self.best_path,
-                {
-                    "model": self.model.state_dict(),
-                    "config": config.to_dict(),
-                    "global_step": pos.global_step,
-                    "epoch": self._epoch_float(),
-                    "valid_metric": evaluation.metric,
-                    "valid_loss": evaluation.loss,
-                },
-            )
+            if self.context.is_main:
+                save_checkpoint(
+                    self.best_path,
+                    {
+                        "model": self.model.state_dict(),
+                        "config": config.to_dict(),
+                        "global_step": pos.global_step,
+                        "epoch": self._epoch_float(),
+                        "valid_metric": evaluation.metric,
+                        "valid_loss": evaluation.loss,
+                    },
+                )
         else:
             plateau.since_best += 1
             plateau.since_decay += 1
@@ -664,11 +807,47 @@ class _Trainer:
             pos.global_step, self._epoch_float(), evaluation.loss, self.task.metric,
             evaluation.metric, plateau.best if plateau.best is not None else math.nan,
         )  # fmt: skip
+        if self.on_validation is not None:
+            self._notify(evaluation)
         patience = config.early_stop_patience
         if patience is not None and plateau.since_best >= patience:
             logger.info("early stop: %d validations without improvement", plateau.since_best)
             return True
         return False
+
+    def _evaluate(self, split: str) -> Evaluation:
+        """The model's loss and metric on ``split``; under torchrun, rank 0's on every rank.
+
+        Rank 0 evaluates the whole split while the others wait: every rank then takes
+        the same decisions from the same numbers.
+        """
+
+        def evaluate() -> Evaluation:
+            with self._autocast():
+                evaluation = self.task.evaluate(self.model, split)
+            self.model.train()
+            return evaluation
+
+        return run_on_main(evaluate, self.context)
+
+    def _notify(self, evaluation: Evaluation) -> None:
+        """Call the validation callback; record it if it stops the run, and re-raise."""
+        pos = self.position
+        try:
+            self.on_validation(pos.global_step, self._epoch_float(), evaluation.metric)
+        except BaseException as stop:
+            self._flush_losses()
+            self.metrics.write(
+                {
+                    "kind": "stopped",
+                    "step": pos.global_step,
+                    "epoch": self._epoch_float(),
+                    "by": type(stop).__name__,
+                    "message": str(stop),
+                }
+            )
+            logger.info("stopped at step %d by the validation callback: %r", pos.global_step, stop)
+            raise
 
     def _end_epoch(self) -> bool:
         """Validate, log the epoch, move to the next one, checkpoint; True to stop early."""
@@ -743,9 +922,11 @@ class _Trainer:
     def run(self) -> RunResult:
         config, pos = self.config, self.position
         self.started = time.perf_counter()
-        self.metrics = _MetricsLog(
-            self.run_dir, resume_step=self.resume_step, tensorboard=config.tensorboard
-        )
+        self.metrics: _MetricsLog | _NoMetricsLog = _NoMetricsLog()
+        if self.context.is_main:
+            self.metrics = _MetricsLog(
+                self.run_dir, resume_step=self.resume_step, tensorboard=config.tensorboard
+            )
         total = self.steps_per_epoch * config.epochs
         if config.max_steps is not None:
             total = min(total, config.max_steps)
@@ -754,7 +935,7 @@ class _Trainer:
         self.bar = tqdm(
             total=total,
             initial=min(pos.global_step, total),
-            disable=not config.progress,
+            disable=not (config.progress and self.context.is_main),
             desc=f"{config.task} {config.cell} {config.hidden_size}",
             unit="step",
             dynamic_ncols=True,
@@ -782,18 +963,23 @@ class _Trainer:
         """Evaluate the best-validation checkpoint on validation and test; write results."""
         config, pos, plateau = self.config, self.position, self.plateau
         wall_time = self._elapsed()
-        if self.best_path.exists() and plateau.best is not None:
-            best = load_checkpoint(self.best_path, self.device)
-            self.model.load_state_dict(best["model"])
-            # Its validation numbers were measured when it was saved: no second pass.
-            valid = Evaluation(best["valid_loss"], best["valid_metric"], count=0)
-            evaluated = "best"
-        else:
+
+        def evaluate() -> tuple[Evaluation, Evaluation, str]:
+            if self.best_path.exists() and plateau.best is not None:
+                best = load_checkpoint(self.best_path, self.device)
+                self.model.load_state_dict(best["model"])
+                # Its validation numbers were measured when it was saved: no second pass.
+                valid = Evaluation(best["valid_loss"], best["valid_metric"], count=0)
+                evaluated = "best"
+            else:
+                with self._autocast():
+                    valid = self.task.evaluate(self.model, "valid")
+                evaluated = "last"
             with self._autocast():
-                valid = self.task.evaluate(self.model, "valid")
-            evaluated = "last"
-        with self._autocast():
-            test = self.task.evaluate(self.model, "test")
+                test = self.task.evaluate(self.model, "test")
+            return valid, test, evaluated
+
+        valid, test, evaluated = run_on_main(evaluate, self.context)  # rank 0's on every rank
         result = RunResult(
             run_dir=self.run_dir,
             task=config.task,
@@ -815,7 +1001,8 @@ class _Trainer:
             parameters=sum(p.numel() for p in self.model.parameters()),
             evaluated=evaluated,
         )
-        _write_json(self.run_dir / "results.json", result.to_dict())
+        if self.context.is_main:
+            _write_json(self.run_dir / "results.json", result.to_dict())
         logger.info(
             "%s %s: best valid %s %.4f, test %.4f (%s after %d steps, %.0f s)",
             config.task, config.cell, self.task.metric, valid.metric, test.metric,
@@ -832,13 +1019,16 @@ def compare_cells(
     overrides: dict[str, Any] | None = None,
     resume: bool = False,
     overwrite: bool = False,
+    preset: str | os.PathLike[str] | None = None,
 ) -> list[RunResult]:
     """Train one run per cell with the same seed and settings; return their results.
 
     Each cell gets its own preset row (LM tasks) and its run directory under
-    ``overrides["out_dir"]``.
+    ``overrides["out_dir"]``. A ``preset`` file's values apply to every cell.
     """
     from .config import load_config
 
-    configs = [load_config(task, cell, size, overrides) for cell in cells]  # all checked first
+    configs = [  # all checked first
+        load_config(task, cell, size, overrides, preset=preset) for cell in cells
+    ]
     return [train(config, resume=resume, overwrite=overwrite) for config in configs]
