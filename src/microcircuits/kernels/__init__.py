@@ -5,9 +5,26 @@ fastest kernel that applies to the inputs and falls back to the reference path o
 :mod:`microcircuits.kernels.reference` (the step functions of ``cells.py``), which is
 also the oracle the fast kernels are tested against.
 
+Kernels (:data:`KERNELS`):
+
+``"auto"`` (default)
+    the first of ``aten_lstm``, ``cpu_fused`` that applies, else ``reference``.
+``"reference"``
+    the step functions of ``cells.py``, differentiated by autograd.
+``"cpu_fused"``
+    :mod:`~microcircuits.kernels.cpu_fused`: one hand-differentiated
+    ``torch.autograd.Function`` per layer and direction, all three cells (CPU, float32
+    and float64).
+``"aten_lstm"``
+    :mod:`~microcircuits.kernels.aten_lstm`: ATen's LSTM (oneDNN's RNN primitive, what
+    ``torch.nn.LSTM`` runs), for the LSTM cell where its math is exactly ``torch.nn.LSTM``'s
+    (no update mask, no variable lengths; CPU).
+
 One switch forces the reference path everywhere: ``set_kernel("reference")``, the
 context manager ``use_kernel("reference")``, or the environment variable
-``MICROCIRCUITS_KERNEL=reference``.
+``MICROCIRCUITS_KERNEL=reference``. Naming a fast kernel the same way forces it, and a
+call it cannot run then raises ``ValueError`` saying why (``"auto"`` falls back
+silently instead). :func:`choose_kernel` tells which kernel a call would take.
 """
 
 from __future__ import annotations
@@ -19,11 +36,14 @@ from contextlib import contextmanager
 from torch import Tensor
 
 from ..cells import CellKind, CellWeights, LSTMState
+from . import aten_lstm, cpu_fused
 from .reference import reverse_within_lengths, run_layer_reference
 
-__all__ = ["KERNELS", "get_kernel", "run_layer", "set_kernel", "use_kernel"]
+__all__ = ["KERNELS", "choose_kernel", "get_kernel", "run_layer", "set_kernel", "use_kernel"]
 
-KERNELS = ("auto", "reference")
+KERNELS = ("auto", "reference", "cpu_fused", "aten_lstm")
+# Fast kernels in the order "auto" tries them.
+_AUTO_ORDER = ("aten_lstm", "cpu_fused")
 _selected: str | None = None  # None: read MICROCIRCUITS_KERNEL, default "auto"
 
 
@@ -41,7 +61,8 @@ def get_kernel() -> str:
 
 
 def set_kernel(name: str) -> None:
-    """Select the kernel for all later calls: ``"auto"`` (fastest that applies) or ``"reference"``."""
+    """Select the kernel for all later calls: ``"auto"`` (fastest that applies),
+    ``"reference"``, or one fast kernel by name (see :data:`KERNELS`)."""
     global _selected
     _selected = _check_kernel_name(name)
 
@@ -85,9 +106,63 @@ def run_layer(
         ``output`` ``(T, B, H)`` (zero at padding steps), and the final state, taken
         at each sequence's last processed step.
     """
+    name = choose_kernel(kind, x, state, weights, lengths=lengths, update_mask=update_mask)
+    if name == "cpu_fused":
+        return cpu_fused.run_layer_cpu_fused(
+            kind, x, state, weights, lengths, update_mask, reverse=reverse
+        )
+    if name == "aten_lstm":
+        return aten_lstm.run_layer_aten_lstm(kind, x, state, weights, reverse=reverse)
     if reverse:
         x = reverse_within_lengths(x, lengths)
     output, final = run_layer_reference(kind, x, state, weights, lengths, update_mask)
     if reverse:
         output = reverse_within_lengths(output, lengths)
     return output, final
+
+
+def _unsupported_reason(
+    name: str,
+    kind: CellKind,
+    x: Tensor,
+    state: LSTMState,
+    weights: CellWeights,
+    lengths: Tensor | None,
+    update_mask: Tensor | None,
+) -> str | None:
+    if name == "cpu_fused":
+        return cpu_fused.unsupported_reason(x, state, weights, lengths, update_mask)
+    if name == "aten_lstm":
+        return aten_lstm.unsupported_reason(kind, x, state, weights, lengths, update_mask)
+    return None
+
+
+def choose_kernel(
+    kind: CellKind,
+    x: Tensor,
+    state: LSTMState,
+    weights: CellWeights,
+    *,
+    lengths: Tensor | None = None,
+    update_mask: Tensor | None = None,
+) -> str:
+    """The kernel :func:`run_layer` takes for these arguments under the current selection.
+
+    Raises:
+        ValueError: a fast kernel was forced by name and cannot run this call.
+    """
+    selected = get_kernel()
+    if selected == "reference":
+        return "reference"
+    if selected == "auto":
+        for name in _AUTO_ORDER:
+            if _unsupported_reason(name, kind, x, state, weights, lengths, update_mask) is None:
+                return name
+        return "reference"
+    reason = _unsupported_reason(selected, kind, x, state, weights, lengths, update_mask)
+    if reason is not None:
+        raise ValueError(
+            f"kernel {selected!r} cannot run this call: {reason} "
+            "(select 'auto' to fall back to the reference path)"
+        )
+    return selected

@@ -1,0 +1,80 @@
+"""LSTM layers on ATen's own LSTM (``torch.lstm``), where the math is exactly ``torch.nn.LSTM``'s.
+
+:class:`microcircuits.LSTM` has ``torch.nn.LSTM``'s equations and gate order (i, f, z, o),
+so without update dropout and variable lengths a layer is what ``torch.nn.LSTM`` computes,
+and ATen's kernel (oneDNN's RNN primitive on CPU for float32) runs it as fast as
+``torch.nn.LSTM`` itself. The subLSTM and fix-subLSTM equations are not among oneDNN's
+RNN cells, so they always take :mod:`microcircuits.kernels.cpu_fused`.
+
+Only CPU tensors qualify: on CUDA, ``torch.lstm`` runs cuDNN, which wants the
+parameters of all gates in one flat buffer (``flatten_parameters``) and otherwise copies
+them on every call with a warning; the GPU path is the GPU kernel's business.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..cells import CellKind, CellWeights, LSTMState
+
+__all__ = ["run_layer_aten_lstm", "unsupported_reason"]
+
+_LSTM = getattr(torch, "lstm", None)
+
+
+def unsupported_reason(
+    kind: CellKind,
+    x: Tensor,
+    state: LSTMState,
+    weights: CellWeights,
+    lengths: Tensor | None,
+    update_mask: Tensor | None,
+) -> str | None:
+    """Why ATen's LSTM cannot run the call, or ``None`` when it can."""
+    if _LSTM is None:  # pragma: no cover - every torch we support has it
+        return "torch.lstm is missing"
+    if kind.name != "lstm":
+        return f"ATen's LSTM does not compute {kind.label}"
+    if update_mask is not None:
+        return "update dropout is not an ATen LSTM feature"
+    if lengths is not None:
+        return "variable lengths go to the fused kernel"
+    if (weights.bias_ih is None) != (weights.bias_hh is None):
+        return "only one of the two biases is given"
+    tensors = [x, state.h, state.c, *[w for w in weights if w is not None]]
+    for t in tensors:
+        if t.device.type != "cpu":
+            return f"a tensor is on {t.device}, not the CPU"
+        if t.dtype != x.dtype:
+            return f"mixed dtypes ({t.dtype} and {x.dtype})"
+        if t.layout != torch.strided:
+            return f"layout {t.layout} is not strided"
+    if x.dtype not in (torch.float32, torch.float64):
+        return f"dtype {x.dtype} is not float32/float64"
+    if x.dim() != 3 or x.shape[0] == 0 or x.shape[1] == 0:
+        return f"input shape {tuple(x.shape)} is not (T>0, B>0, I)"
+    compiling = getattr(torch, "compiler", None) is not None and torch.compiler.is_compiling()
+    check = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    if not compiling and check is not None and any(check(t) for t in tensors):
+        return "functorch-transformed tensors (vmap/grad/jvp)"
+    return None
+
+
+def run_layer_aten_lstm(
+    kind: CellKind, x: Tensor, state: LSTMState, weights: CellWeights, reverse: bool = False
+) -> tuple[Tensor, LSTMState]:
+    """One LSTM layer and direction through ``torch.lstm`` (check :func:`unsupported_reason`)."""
+    del kind
+    has_bias = weights.bias_ih is not None
+    params = [weights.weight_ih, weights.weight_hh]
+    if has_bias:
+        params += [weights.bias_ih, weights.bias_hh]
+    train = torch.is_grad_enabled() and any(t.requires_grad for t in (x, state.h, state.c, *params))
+    if reverse:
+        x = x.flip(0)
+    hx = (state.h.unsqueeze(0), state.c.unsqueeze(0))
+    out, h_n, c_n = _LSTM(x, hx, params, has_bias, 1, 0.0, train, False, False)
+    if reverse:
+        out = out.flip(0)
+    return out, LSTMState(h_n[0], c_n[0])

@@ -1,0 +1,791 @@
+r"""Fused whole-sequence CPU kernel: one ``torch.autograd.Function`` per layer and direction.
+
+What it does
+------------
+For one layer and direction of any of the three cells (:data:`microcircuits.cells.CELLS`)
+
+* **forward**: the input projection of the whole sequence is one GEMM
+  (``gates = x W^T + b_ih + b_hh``, ``(T*B, G*H)``); each step then adds ``h R^T`` to
+  its slice of ``gates`` (one GEMM per step) and applies the cell's own equations from
+  :mod:`microcircuits.cells`, so they live in one place: under ``torch.no_grad()`` (or
+  when nothing needs a gradient) the cell's ``pointwise`` function, and the Function is
+  not used at all (only ``(h, c)`` and the output are kept; the input is projected in
+  chunks of at most ``_INFERENCE_CHUNK_BYTES`` into one reused buffer). In training the
+  two halves of ``pointwise`` are called separately -- ``kind.activate`` (the gate
+  nonlinearities) and the cell's memory/output update
+  (``pointwise == update(activate(pre))``) -- so that the gate activations can be
+  written over the step's pre-activations and saved without computing the
+  nonlinearities twice. Saved: the activations ``(T, B, G*H)``, the memory
+  ``(T+1, B, H)``, the output, and the inputs; no per-step autograd graph.
+* **backward**: written by hand from the paper's delta equations (Costa et al. 2017,
+  section 3.1; the LSTM lines are the chain rule; the same equations are spelled out in
+  :mod:`microcircuits.kernels.triton_pointwise`). What does not depend on the
+  recurrence is vectorised over the whole sequence before the sweep, one pass per gate
+  block with ``aten::sigmoid_backward``/``tanh_backward``: the gate coefficients ``K``
+  (subLSTM: ``-i(1-i)``, ``c_prev f(1-f)``, ``m z(1-z)``, ``-o(1-o)``) and the read-out
+  derivative ``S`` (``sigma(c)(1-sigma(c))``; LSTM ``o(1-tanh(c)^2)``). The reverse sweep
+  then costs one GEMM (``dh_{t-1} = dy_{t-1} + dpre_t R``) and four small pointwise ops
+  per step: ``dc = dc_next + dh S_t``, ``dpre[i,f,z] = K dc``, ``dpre[o] = K dh``,
+  ``dc_next = dc f``. ``dpre`` of every step is written in place into ``K``. After the
+  sweep: ``dx = dpre W``, ``dW = dpre^T x``, ``dR = dpre^T h_prev`` as whole-sequence
+  GEMMs, ``db = sum dpre`` (folded into the ``dW`` GEMM as a column of ones when the
+  input is small), fix-subLSTM's ``d phi = f(1-f) sum_t,b dc_t c_{t-1}`` one reduction.
+  Output gradients that are expanded (e.g. from ``y.sum()``) are never materialised.
+  When the graph is not kept (no ``retain_graph``/``create_graph``, asked of the
+  autograd engine) ``K`` and ``S`` are written over the saved activations and memory
+  instead of into new buffers; otherwise new buffers, so backward can run again.
+
+Variable lengths: sequences are sorted by length (outside the Function, by
+``index_select``, differentiable) so that step ``t`` runs on the first ``bs_t`` rows only
+(as cuDNN/oneDNN do for packed sequences). A finished sequence's state is frozen and
+its output is zero, as in :mod:`microcircuits.kernels.reference`.
+
+Supported: float32 and float64 on CPU; gradients for the input, the initial state, both
+weights, both biases (or none) and phi; ``update_mask`` ``(B, H)`` without gradient;
+``lengths``; ``reverse`` (via :func:`~microcircuits.kernels.reference.reverse_within_lengths`).
+:func:`unsupported_reason` says why a call does not qualify (e.g. another dtype or
+device, a mask that requires grad, functorch transforms, ``torch.compile`` tracing);
+the dispatcher then falls back to the reference path. Backward is
+``once_differentiable`` (no double backward).
+
+Measurements behind the choices below: 2-vCPU AMD EPYC (Zen 3, AVX2, 1 MiB L2 per core,
+32 MiB L3), torch 2.13 CPU (MKL 2024.2, oneDNN 3.12), shared with other jobs, so
+numbers vary by +-30% from run to run; see also ``benchmarks/NOTES.md``.
+
+GEMMs
+-----
+``torch.mm``/``addmm`` run MKL's sgemm, which packs its weight operand on every call.
+For the per-step products with a small batch and a weight larger than L2 that packing
+dominates (workload A, per step, 2 threads)::
+
+    (20 x 650) @ (650 x 2600)         MKL addmm 760-1090 us   oneDNN, packed W 500-730 us
+                                      ... + fused "add" of gates_t: 540 us
+                                      MKL packed (torch.ops.mkl._mkl_linear): 1150 us
+    (20 x 2600) @ (2600 x 650) (bwd)  MKL addmm 770-1040 us   oneDNN, packed R^T 590-800 us
+    B (128x100 @ 100x400), C (20x200 @ 200x800): MKL 70-100 us, oneDNN 76-134 us
+
+So the per-step products use oneDNN's matmul with the weight packed once per call
+(``torch.ops.mkldnn._reorder_linear_weight`` + ``torch.ops.mkldnn._linear_pointwise``,
+the ops Inductor's CPU backend uses; the ``.binary(..., "add")`` variant fuses the
+``+ gates_t``/``+ dy_t``) when the recurrent weight has at least
+``_ONEDNN_MIN_WEIGHT_BYTES`` (1.5 MiB, env ``MICROCIRCUITS_ONEDNN_MIN_BYTES``) and the
+dtype is float32; below that MKL's ``addmm`` (in place) is as fast or faster. The ops
+are probed once, on first use (:func:`onednn_available`); without them everything uses
+``addmm``. The whole-sequence GEMMs (M = T*B >= 700) reach 115-150 GFLOP/s with MKL
+(peak here ~155 for both libraries on 1536^3); oneDNN including the weight reorder is no
+faster, so they stay on MKL, with one layout choice: ``dW^T = x^T dpre`` runs up to
+~1.4x faster than ``dW = dpre^T x`` for A's shapes (29-32 vs 41-47 ms on one thread),
+more than the transposing copy autograd makes of the ``.t()`` view (3-4 ms).
+No ``torch.backends.mkldnn`` setting routes float32 ``torch.mm`` to oneDNN at full
+precision (``matmul.fp32_precision`` ``"bf16"``/``"tf32"`` reduce precision, and changed
+nothing on this AVX2 CPU). oneDNN's RNN primitive (what ``torch.nn.LSTM`` runs) only
+implements the LSTM equations: the dispatcher uses it, through ``torch.lstm``, for
+:class:`~microcircuits.LSTM` where the math is the same (see :mod:`.aten_lstm`).
+
+Threads
+-------
+With 2 threads every OpenMP parallel region risks a stall when another process holds
+the second core: here ~10% of 2-thread ``sigmoid`` calls on 51k elements took ~8 ms (a
+scheduler slice) instead of 35 us. Per-step pointwise ops on up to
+``_SERIAL_POINTWISE_MAX`` elements gain little from a second thread (51k-element
+``sigmoid``: 35 vs 51 us), so inside the step loops they run on one thread
+(``torch.set_num_threads(1)``, 0.4 us per switch) and only the GEMMs use all threads:
+one parallel region per step, as few as oneDNN's RNN. Whole-sequence ops keep all
+threads.
+
+Memory and page faults
+----------------------
+Fresh buffers cost page faults: first touch of 160 MB took ~105 ms against ~24 ms to
+write it again (~0.5 ms per MB). Hence the reuse of saved buffers in backward, the one
+inference projection buffer, and no materialised ``grad_y``.
+
+Elementwise costs
+-----------------
+``torch.sigmoid`` costs ~1.2 ns/element and ``torch.tanh`` ~3.4 ns/element on one
+thread (``mul`` ~0.15): on workload B the per-step pointwise work (~8 torch ops, each
+~3-5 us of dispatch plus the transcendentals) is as large as the per-step GEMM. This,
+not the GEMMs, is what remains between this kernel and oneDNN's RNN (which fuses the
+pointwise work of a step into one JIT kernel) on small layers.
+
+Denormals
+---------
+With a loss on few steps (sequential MNIST: the last step only) the gradient carried
+back through the memory decays like ``f^t`` and spends tens of steps in the float32
+denormal range; on many x86 CPUs (Intel: microcode assists) every op on denormals is
+orders of magnitude slower. (The Zen 3 here showed no slowdown with 42% of ``dc``
+entries denormal.) Forward and backward run under ``torch.set_flush_denormal(True)``,
+restored after (the previous mode is probed, torch has no getter). That sets the flags
+of the calling thread only, and OpenMP workers keep theirs, so for float32 the backward
+also zeroes the carried ``dh`` and ``dc`` below ``_TINY`` (``1e-30``, far below anything
+that matters next to O(1) gradients) with ``hardshrink``: denormals then never chain.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .. import cells
+from ..cells import CellKind, CellWeights, Gates, LSTMState
+from .reference import reverse_within_lengths
+
+__all__ = [
+    "gemm_backend",
+    "onednn_available",
+    "run_layer_cpu_fused",
+    "unsupported_reason",
+]
+
+_ONEDNN_MIN_WEIGHT_BYTES = int(os.environ.get("MICROCIRCUITS_ONEDNN_MIN_BYTES", 3 << 19))
+_INFERENCE_CHUNK_BYTES = 16 << 20
+_TINY = 1e-30  # float32 gradients below this are flushed to zero in backward
+_SERIAL_POINTWISE_MAX = 1 << 18  # per-step pointwise ops on up to this many elements: 1 thread
+_SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+
+# --------------------------------------------------------------------------- GEMMs
+
+
+@functools.lru_cache(maxsize=1)
+def onednn_available() -> bool:
+    """Whether oneDNN's packed-weight linear ops exist and agree with ``torch.mm`` (probed once)."""
+    try:
+        ops = torch.ops.mkldnn
+        if not torch.backends.mkldnn.is_available():
+            return False
+        gen = torch.Generator().manual_seed(0)
+        w = torch.randn(12, 5, generator=gen)
+        x = torch.randn(3, 5, generator=gen)
+        other = torch.randn(3, 12, generator=gen)
+        packed = ops._reorder_linear_weight(w, 3)
+        got = ops._linear_pointwise.binary(x, other, packed, None, "add")
+        got_rows = ops._linear_pointwise.binary(x[:2], other[:2], packed, None, "add")
+        want = torch.addmm(other, x, w.t())
+        return bool(
+            torch.allclose(got, want, atol=1e-5) and torch.allclose(got_rows, want[:2], atol=1e-5)
+        )
+    except Exception:  # pragma: no cover - depends on the torch build
+        return False
+
+
+def gemm_backend(dtype: torch.dtype, batch: int, hidden: int, gate_rows: int) -> str:
+    """Which library runs the per-step products of a layer: ``"onednn"`` or ``"blas"``."""
+    del batch  # the crossover measured here depends on the weight size only
+    weight_bytes = gate_rows * hidden * 4
+    if dtype == torch.float32 and weight_bytes >= _ONEDNN_MIN_WEIGHT_BYTES and onednn_available():
+        return "onednn"
+    return "blas"
+
+
+class _Recurrent:
+    """The per-step products with ``R`` (``weight_hh``, ``(G*H, H)``) of one layer call.
+
+    ``forward(h, gates_t)`` returns ``gates_t + h R^T`` (``gates_t`` itself, updated in
+    place, on the BLAS path; a new tensor on the oneDNN path). ``backward(dpre, add,
+    out)`` returns ``add + dpre R`` (``add`` may be ``None``), in ``out`` on the BLAS path.
+
+    Inside ``with rec.loop():`` the small pointwise ops between the products run on one
+    thread and only the products use all of torch's threads (see "Threads" in the
+    module docstring).
+    """
+
+    def __init__(self, weight_hh: Tensor, batch: int, *, forward: bool, backward: bool):
+        gate_rows, hidden = weight_hh.shape
+        self.backend = gemm_backend(weight_hh.dtype, batch, hidden, gate_rows)
+        self._threads = torch.get_num_threads()
+        self._serial = self._threads > 1 and batch * gate_rows <= _SERIAL_POINTWISE_MAX
+        self._in_loop = False
+        w = weight_hh.detach()
+        if self.backend == "onednn":
+            ops = torch.ops.mkldnn
+            self._linear = ops._linear_pointwise.default
+            self._linear_add = ops._linear_pointwise.binary
+            pack = ops._reorder_linear_weight
+            self._w_fwd = pack(w.contiguous(), batch) if forward else None  # W = R
+            self._w_bwd = pack(w.t().contiguous(), batch) if backward else None  # W = R^T
+        else:
+            self._w_fwd = w.t().contiguous() if forward else None  # (H, G*H)
+            self._w_bwd = w.contiguous() if backward else None  # (G*H, H)
+
+    @contextmanager
+    def loop(self) -> Iterator[None]:
+        if not self._serial:
+            yield
+            return
+        torch.set_num_threads(1)
+        self._in_loop = True
+        try:
+            yield
+        finally:
+            self._in_loop = False
+            torch.set_num_threads(self._threads)
+
+    def forward(self, h: Tensor, gates_t: Tensor) -> Tensor:
+        if self._in_loop:
+            torch.set_num_threads(self._threads)
+        if self.backend == "onednn":
+            out = self._linear_add(h, gates_t, self._w_fwd, None, "add")
+        else:
+            out = gates_t.addmm_(h, self._w_fwd)
+        if self._in_loop:
+            torch.set_num_threads(1)
+        return out
+
+    def backward(self, dpre: Tensor, add: Tensor | None, out: Tensor) -> Tensor:
+        if self._in_loop:
+            torch.set_num_threads(self._threads)
+        if self.backend == "onednn":
+            if add is None:
+                out = self._linear(dpre, self._w_bwd, None, "none", [], "")
+            else:
+                out = self._linear_add(dpre, add.contiguous(), self._w_bwd, None, "add")
+        elif add is None:
+            out = torch.mm(dpre, self._w_bwd, out=out)
+        else:
+            out = torch.addmm(add, dpre, self._w_bwd, out=out)
+        if self._in_loop:
+            torch.set_num_threads(1)
+        return out
+
+
+def _input_projection(
+    x2d: Tensor, weight_ih: Tensor, bias: Tensor | None, out: Tensor | None = None
+) -> Tensor:
+    """``x W^T + b`` as one GEMM, ``(N, G*H)``."""
+    if bias is None:
+        return torch.mm(x2d, weight_ih.t(), out=out)
+    return torch.addmm(bias, x2d, weight_ih.t(), out=out)
+
+
+def _combined_bias(weights: CellWeights) -> Tensor | None:
+    b_ih, b_hh = weights.bias_ih, weights.bias_hh
+    if b_ih is None:
+        return None if b_hh is None else b_hh.detach()
+    return b_ih.detach() if b_hh is None else (b_ih.detach() + b_hh.detach())
+
+
+# ----------------------------------------------------------------------- denormals
+
+_PROBE = torch.tensor([1e-30], dtype=torch.float32)
+
+
+def _flushing_denormals() -> bool:
+    """Whether this thread flushes denormals now (1e-30 * 1e-10 is a float32 denormal)."""
+    return bool((_PROBE * 1e-10).item() == 0.0)
+
+
+@contextmanager
+def _flush_denormals() -> Iterator[None]:
+    """``torch.set_flush_denormal(True)`` inside the block; the previous mode after."""
+    was_on = _flushing_denormals()
+    changed = False if was_on else torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if changed:
+            torch.set_flush_denormal(False)
+
+
+_sigmoid_bwd = torch.ops.aten.sigmoid_backward.grad_input
+_tanh_bwd = torch.ops.aten.tanh_backward.grad_input
+_KEEP_GRAPH = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+
+
+def _graph_kept() -> bool:
+    """Whether this backward keeps the graph (``retain_graph``/``create_graph``): then the
+    saved tensors must survive it. Unknown (older torch): assume kept."""
+    return True if _KEEP_GRAPH is None else bool(_KEEP_GRAPH())
+
+
+# ----------------------------------------------------------------- applicability
+
+
+def unsupported_reason(
+    x: Tensor,
+    state: LSTMState,
+    weights: CellWeights,
+    lengths: Tensor | None,
+    update_mask: Tensor | None,
+) -> str | None:
+    """Why this kernel cannot run the call, or ``None`` when it can."""
+    tensors = [x, state.h, state.c, *[w for w in weights if w is not None]]
+    if update_mask is not None:
+        tensors.append(update_mask)
+        if update_mask.requires_grad:
+            return "update_mask requires grad"
+    for t in tensors:
+        if t.device.type != "cpu":
+            return f"a tensor is on {t.device}, not the CPU"
+        if t.dtype != x.dtype:
+            return f"mixed dtypes ({t.dtype} and {x.dtype})"
+        if t.layout != torch.strided:
+            return f"layout {t.layout} is not strided"
+        if t.is_complex() or t.is_quantized:
+            return "complex or quantized tensor"
+    if x.dtype not in _SUPPORTED_DTYPES:
+        return f"dtype {x.dtype} is not float32/float64"
+    if x.dim() != 3 or x.shape[0] == 0 or x.shape[1] == 0:
+        return f"input shape {tuple(x.shape)} is not (T>0, B>0, I)"
+    if lengths is not None and lengths.dtype.is_floating_point:
+        return "lengths must be integers"
+    if lengths is not None and tuple(lengths.shape) != (x.shape[1],):
+        return f"lengths of shape {tuple(lengths.shape)} for a batch of {x.shape[1]}"
+    if _compiling():
+        return "torch.compile is tracing (the reference path traces into a graph)"
+    if _is_wrapped(tensors):
+        return "functorch-transformed tensors (vmap/grad/jvp)"
+    return None
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and compiler.is_compiling())
+
+
+def _is_wrapped(tensors: Sequence[Tensor]) -> bool:
+    check = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    if check is None:  # pragma: no cover - older torch
+        return False
+    return any(check(t) for t in tensors)
+
+
+# ------------------------------------------------------------------ entry point
+
+
+def run_layer_cpu_fused(
+    kind: CellKind,
+    x: Tensor,
+    state: LSTMState,
+    weights: CellWeights,
+    lengths: Tensor | None = None,
+    update_mask: Tensor | None = None,
+    reverse: bool = False,
+) -> tuple[Tensor, LSTMState]:
+    """Same contract as :func:`microcircuits.kernels.run_layer` (check
+    :func:`unsupported_reason` first)."""
+    steps, batch = x.shape[0], x.shape[1]
+    batch_sizes: list[int] | None = None
+    order = inverse = None
+    if lengths is not None:
+        lens = lengths.detach().to("cpu", torch.int64).clamp(0, steps)
+        if bool((lens == steps).all()):
+            lengths = None  # every sequence runs all steps
+        else:
+            if reverse:
+                x = reverse_within_lengths(x, lens)
+            sorted_lens, order = torch.sort(lens, descending=True, stable=True)
+            if bool((order == torch.arange(batch)).all()):
+                order = None
+            else:
+                inverse = torch.empty_like(order)
+                inverse[order] = torch.arange(batch)
+                x = x.index_select(1, order)
+                state = LSTMState(state.h.index_select(0, order), state.c.index_select(0, order))
+                if update_mask is not None:
+                    update_mask = update_mask.index_select(0, order)
+            counts = torch.bincount(sorted_lens, minlength=steps + 1)  # sequences per length
+            alive = batch - torch.cumsum(counts, 0)  # alive[t] = #(len > t)
+            batch_sizes = alive[:steps].tolist()
+    if lengths is None and reverse:
+        x = x.flip(0)
+
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, state.h, state.c, *weights)
+    )
+    if needs_grad:
+        out, h_n, c_n = _FusedLayer.apply(
+            kind,
+            batch_sizes,
+            x,
+            state.h,
+            state.c,
+            weights.weight_ih,
+            weights.weight_hh,
+            weights.bias_ih,
+            weights.bias_hh,
+            weights.forget,
+            update_mask,
+        )
+    else:
+        with torch.no_grad():
+            out, h_n, c_n = _forward_inference(kind, batch_sizes, x, state, weights, update_mask)
+
+    if lengths is None:
+        if reverse:
+            out = out.flip(0)
+    else:
+        if inverse is not None:
+            out = out.index_select(1, inverse)
+            h_n, c_n = h_n.index_select(0, inverse), c_n.index_select(0, inverse)
+        if reverse:
+            out = reverse_within_lengths(out, lengths.detach().to("cpu").clamp(0, steps))
+    return out, LSTMState(h_n, c_n)
+
+
+# ------------------------------------------------------------------- inference
+
+
+def _forward_inference(
+    kind: CellKind,
+    batch_sizes: list[int] | None,
+    x: Tensor,
+    state: LSTMState,
+    weights: CellWeights,
+    mask: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """No-grad forward: keeps ``(h, c)`` and the output only."""
+    steps, batch, in_size = x.shape
+    hidden = state.h.shape[-1]
+    gate_rows = weights.weight_hh.shape[0]
+    phi = None if weights.forget is None else weights.forget.detach()
+    bias = _combined_bias(weights)
+    rec = _Recurrent(weights.weight_hh, batch, forward=True, backward=False)
+    pointwise = kind.pointwise
+    chunk = max(1, _INFERENCE_CHUNK_BYTES // max(1, batch * gate_rows * x.element_size()))
+    h, c = state.h.detach(), state.c.detach()
+    if batch_sizes is None:
+        y = x.new_empty(steps, batch, hidden)
+    else:
+        y = x.new_zeros(steps, batch, hidden)
+        h, c = h.clone(), c.clone()
+    chunk = min(chunk, steps)
+    buffer = x.new_empty(chunk * batch, gate_rows)  # reused: fresh pages cost page faults
+    with _flush_denormals():
+        for start in range(0, steps, chunk):
+            stop = min(steps, start + chunk)
+            n = stop - start
+            gates = _input_projection(
+                x[start:stop].reshape(n * batch, in_size),
+                weights.weight_ih.detach(),
+                bias,
+                out=buffer[: n * batch],
+            ).view(n, batch, gate_rows)
+            with rec.loop():
+                for t in range(start, stop):
+                    if batch_sizes is None:
+                        pre = rec.forward(h, gates[t - start])
+                        h, c = pointwise(pre, c, phi, mask)
+                        y[t].copy_(h)
+                        continue
+                    bs = batch_sizes[t]
+                    if bs == 0:
+                        break
+                    pre = rec.forward(h[:bs], gates[t - start, :bs])
+                    m = None if mask is None else mask[:bs]
+                    new_h, new_c = pointwise(pre, c[:bs], phi, m)
+                    h[:bs] = new_h
+                    c[:bs] = new_c
+                    y[t, :bs] = new_h
+    return y, h, c
+
+
+# --------------------------------------------------------------------- training
+
+
+# The second half of each cell's ``pointwise``: ``pointwise(pre, c, phi, m) ==
+# update(kind.activate(pre, phi), c, m)`` (cells.py). Training calls the two halves
+# separately so that the gate activations can be kept for backward without computing
+# the nonlinearities twice.
+_UPDATES: dict[str, Callable[[Gates, Tensor, Tensor | None], LSTMState]] = {
+    "lstm": cells.multiplicative_update,
+    "sublstm": cells.subtractive_update,
+    "fix_sublstm": cells.subtractive_update,
+}
+
+
+def _gate_blocks(kind: CellKind, g: Gates) -> list[Tensor]:
+    """The activations kept for backward, in the block order of the weights."""
+    return [g.i, g.z, g.o] if kind.learned_decay else [g.i, g.f, g.z, g.o]
+
+
+class _FusedLayer(torch.autograd.Function):
+    """One layer and direction over a whole (left-aligned, length-sorted) sequence."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        kind: CellKind,
+        batch_sizes: list[int] | None,
+        x: Tensor,
+        h0: Tensor,
+        c0: Tensor,
+        weight_ih: Tensor,
+        weight_hh: Tensor,
+        bias_ih: Tensor | None,
+        bias_hh: Tensor | None,
+        phi: Tensor | None,
+        mask: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        steps, batch, in_size = x.shape
+        hidden = h0.shape[-1]
+        gate_rows = weight_hh.shape[0]
+        weights = CellWeights(weight_ih, weight_hh, bias_ih, bias_hh, phi)
+        x2d = x.reshape(steps * batch, in_size)
+        rec = _Recurrent(weight_hh, batch, forward=True, backward=False)
+        activate, update = kind.activate, _UPDATES[kind.name]
+        c_all = x.new_empty(steps + 1, batch, hidden)
+        c_all[0] = c0
+        with _flush_denormals():
+            gates = _input_projection(x2d, weight_ih, _combined_bias(weights))
+            gates = gates.view(steps, batch, gate_rows)
+            act = gates.view(steps, batch, -1, hidden)  # pre-activations become activations
+            with rec.loop():
+                if batch_sizes is None:
+                    y = x.new_empty(steps, batch, hidden)
+                    h, c = h0, c0
+                    for t in range(steps):
+                        g = activate(rec.forward(h, gates[t]), phi)
+                        h, c = update(g, c, mask)
+                        torch.stack(_gate_blocks(kind, g), dim=1, out=act[t])
+                        y[t].copy_(h)
+                        c_all[t + 1].copy_(c)
+                    h_n, c_n = h, c
+                else:
+                    y = x.new_zeros(steps, batch, hidden)
+                    h = h0.clone()
+                    for t in range(steps):
+                        bs = batch_sizes[t]
+                        if bs == 0:
+                            c_all[t + 1 :] = c_all[t]
+                            break
+                        g = activate(rec.forward(h[:bs], gates[t, :bs]), phi)
+                        new_h, new_c = update(g, c_all[t, :bs], None if mask is None else mask[:bs])
+                        torch.stack(_gate_blocks(kind, g), dim=1, out=act[t, :bs])
+                        h[:bs] = new_h
+                        y[t, :bs] = new_h
+                        c_all[t + 1, :bs] = new_c
+                        if bs < batch:
+                            c_all[t + 1, bs:] = c_all[t, bs:]
+                    h_n, c_n = h, c_all[steps].clone()
+        ctx.kind = kind
+        ctx.batch_sizes = batch_sizes
+        ctx.save_for_backward(x2d, h0, weight_ih, weight_hh, phi, mask, gates, c_all, y)
+        ctx.has_bias = (bias_ih is not None, bias_hh is not None)
+        return y, h_n, c_n
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: Tensor, grad_hn: Tensor, grad_cn: Tensor):  # type: ignore[override]
+        x2d, h0, weight_ih, weight_hh, phi, mask, act, c_all, y = ctx.saved_tensors
+        kind: CellKind = ctx.kind
+        batch_sizes: list[int] | None = ctx.batch_sizes
+        steps, batch, gate_rows = act.shape
+        hidden, in_size = h0.shape[-1], x2d.shape[-1]
+        num_gates = gate_rows // hidden
+        needs = ctx.needs_input_grad
+        with _flush_denormals():
+            in_place = not _graph_kept()
+            coef, readout, forget = _backward_coefficients(kind, act, c_all, mask, phi, in_place)
+            dpre, dh0, dc0, dc_all = _reverse_sweep(
+                kind,
+                batch_sizes,
+                coef,
+                readout,
+                forget,
+                weight_hh,
+                grad_y,  # often expanded (e.g. from .sum()): not materialised
+                grad_hn,
+                grad_cn,
+                need_dh0=needs[3],
+                flush=act.dtype == torch.float32,
+            )
+            del coef
+            if batch_sizes is not None:  # steps past a sequence's end: no gradient
+                inactive = _inactive_mask(batch_sizes, batch, act.device)
+                dpre.view(steps, batch, num_gates, hidden).masked_fill_(inactive[..., None], 0.0)
+                if dc_all is not None:
+                    dc_all.masked_fill_(inactive, 0.0)
+            d2 = dpre.view(steps * batch, gate_rows)
+            grad_x = torch.mm(d2, weight_ih).view(steps, batch, -1) if needs[2] else None
+            need_b = needs[7] or needs[8]
+            grad_w_ih = grad_b = None
+            if needs[5] and need_b and in_size <= _FUSED_BIAS_MAX_INPUT:
+                # db = dpre^T 1 rides along in the dW_ih product (one pass over dpre)
+                ones = x2d.new_ones(steps * batch, 1)
+                both = _weight_grad(d2, torch.cat([x2d, ones], dim=1))
+                grad_w_ih, grad_b = both[:, :in_size], both[:, in_size]
+            elif needs[5]:
+                grad_w_ih = _weight_grad(d2, x2d)
+            if need_b and grad_b is None:
+                grad_b = d2.sum(0)
+            grad_w_hh = None
+            if needs[6]:  # h_{t-1} of every step: h0, then the outputs (see _inactive_mask)
+                prev = y[:-1].reshape((steps - 1) * batch, hidden)
+                grad_w_hh = _weight_grad(dpre[0], h0, d2[batch:], prev)
+            grad_phi = None
+            if needs[9]:
+                f = torch.sigmoid(phi)
+                total = (dc_all * c_all[:-1]).sum((0, 1))
+                grad_phi = total * f * (1 - f)
+        return (
+            None,
+            None,
+            grad_x,
+            dh0 if needs[3] else None,
+            dc0 if needs[4] else None,
+            grad_w_ih,
+            grad_w_hh,
+            grad_b if needs[7] else None,
+            grad_b if needs[8] else None,
+            grad_phi,
+            None,
+        )
+
+
+_TRANSPOSED_WEIGHT_GRAD = True
+_FUSED_BIAS_MAX_INPUT = 64  # up to this input size db joins the dW_ih product
+
+
+def _weight_grad(
+    dpre: Tensor, inp: Tensor, dpre2: Tensor | None = None, inp2: Tensor | None = None
+) -> Tensor:
+    """``dpre^T inp (+ dpre2^T inp2)``, ``(G*H, K)``, for ``dpre`` ``(N, G*H)``, ``inp`` ``(N, K)``.
+
+    Computed as ``(inp^T dpre)^T`` (a transposed view): MKL runs that product up to
+    ~1.4x faster here than ``dpre^T inp``, more than the transposing copy autograd makes
+    when it stores the gradient (see the module docstring).
+    """
+    if _TRANSPOSED_WEIGHT_GRAD:
+        out = torch.mm(inp.t(), dpre)
+        if dpre2 is not None and dpre2.shape[0] > 0:
+            out.addmm_(inp2.t(), dpre2)
+        return out.t()
+    out = torch.mm(dpre.t(), inp)
+    if dpre2 is not None and dpre2.shape[0] > 0:
+        out.addmm_(dpre2.t(), inp2)
+    return out
+
+
+def _inactive_mask(batch_sizes: list[int], batch: int, device: torch.device) -> Tensor:
+    """``(T, B, 1)`` bool: step ``t`` is past the end of (sorted) sequence ``b``."""
+    sizes = torch.tensor(batch_sizes, device=device)
+    return (torch.arange(batch, device=device)[None, :] >= sizes[:, None]).unsqueeze(-1)
+
+
+def _backward_coefficients(
+    kind: CellKind,
+    act: Tensor,
+    c_all: Tensor,
+    mask: Tensor | None,
+    phi: Tensor | None,
+    in_place: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Whole-sequence parts of backward.
+
+    Returns ``K`` ``(T, B, G*H)`` with ``dpre = K * [dc, .., dc, dh]`` per gate block (the
+    last block, o, takes ``dh``; the others ``dc``), ``S`` ``(T, B, H)`` with ``dc = dc_next
+    + dh * S``, and the decay ``f`` (``(T, B, H)``, or ``(H,)`` for fix-subLSTM).
+
+    With ``in_place`` (the graph is not kept after this backward) ``K`` is written over
+    the saved activations and, for subLSTM, ``S`` over the saved memory, instead of into
+    new buffers: fresh memory costs page faults (~0.5 ms per MB here), as much as the
+    arithmetic on it.
+    """
+    steps, batch, gate_rows = act.shape
+    hidden = c_all.shape[-1]
+    a4 = act.view(steps, batch, -1, hidden)
+    c_new, c_prev = c_all[1:], c_all[:-1]
+    coef = act if in_place else torch.empty_like(act)
+    k4 = coef.view(steps, batch, -1, hidden)
+    one, minus_one = act.new_tensor(1.0), act.new_tensor(-1.0)
+    # sigmoid_backward(g, y) = g y (1 - y), tanh_backward(g, y) = g (1 - y^2): one pass each
+    if kind.name == "lstm":
+        i, f, g, o = a4.unbind(2)
+        k_i, k_f, k_z, k_o = k4.unbind(2)
+        forget = f.clone() if in_place else f
+        tanh_c = torch.tanh(c_new)
+        readout = torch.ops.aten.tanh_backward(o, tanh_c)  # o (1 - tanh(c)^2)
+        g_m = g * mask if mask is not None else (g.clone() if in_place else g)
+        _tanh_bwd(i if mask is None else i * mask, g, grad_input=k_z)  # i m (1 - g^2)
+        _sigmoid_bwd(g_m, i, grad_input=k_i)  # g m i (1 - i)
+        _sigmoid_bwd(c_prev, f, grad_input=k_f)  # c_prev f (1 - f)
+        _sigmoid_bwd(tanh_c, o, grad_input=k_o)  # tanh(c) o (1 - o)
+        return coef, readout, forget
+    sub = kind.name == "sublstm"
+    if sub:  # blocks (i, f, z, o)
+        forget = a4[:, :, 1].clone() if in_place else a4[:, :, 1]
+        _sigmoid_bwd(c_prev, a4[:, :, 1], grad_input=k4[:, :, 1])  # f: c_prev f (1 - f)
+    else:  # fix-subLSTM: blocks (i, z, o), f = sigma(phi) constant
+        forget = torch.sigmoid(phi)
+    z = 2 if sub else 1
+    _sigmoid_bwd(minus_one, a4[:, :, 0], grad_input=k4[:, :, 0])  # i: -i (1 - i)
+    _sigmoid_bwd(one if mask is None else mask, a4[:, :, z], grad_input=k4[:, :, z])  # m z(1-z)
+    _sigmoid_bwd(minus_one, a4[:, :, -1], grad_input=k4[:, :, -1])  # o: -o (1 - o)
+    # fix-subLSTM's phi gradient reads c after the sweep, so only subLSTM reuses c_all
+    readout = torch.sigmoid(c_new, out=c_new) if (in_place and sub) else torch.sigmoid(c_new)
+    _sigmoid_bwd(one, readout, grad_input=readout)  # sigma(c) (1 - sigma(c))
+    return coef, readout, forget
+
+
+def _reverse_sweep(
+    kind: CellKind,
+    batch_sizes: list[int] | None,
+    coef: Tensor,
+    readout: Tensor,
+    forget: Tensor,
+    weight_hh: Tensor,
+    grad_y: Tensor,
+    grad_hn: Tensor,
+    grad_cn: Tensor,
+    *,
+    need_dh0: bool,
+    flush: bool,
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+    """The recurrent part of backward, one GEMM and a few pointwise ops per step.
+
+    ``coef`` becomes ``dpre`` in place; ``readout`` becomes ``dc`` of every step in place
+    (returned for fix-subLSTM's phi gradient, else ``None``).
+    """
+    steps, batch, gate_rows = coef.shape
+    hidden = readout.shape[-1]
+    k4 = coef.view(steps, batch, -1, hidden)
+    rec = _Recurrent(weight_hh, batch, forward=False, backward=True)
+    per_step_forget = forget.dim() == 3
+    dh = grad_hn.clone()  # carried dh; rows not reached yet keep grad_hn
+    dc_carry = grad_cn.clone()  # carried dc_next (already times f)
+    with rec.loop():
+        if batch_sizes is None:
+            dh += grad_y[steps - 1]
+            for t in range(steps - 1, -1, -1):
+                dc = torch.addcmul(dc_carry, dh, readout[t], out=readout[t])
+                k4[t, :, :-1].mul_(dc.unsqueeze(1))
+                k4[t, :, -1].mul_(dh)
+                dc_carry = dc * (forget[t] if per_step_forget else forget)
+                if flush:
+                    dc_carry = torch.hardshrink(dc_carry, _TINY)
+                if t > 0 or need_dh0:
+                    # dh no longer needed: the BLAS path may write the next one over it
+                    dh = rec.backward(coef[t], grad_y[t - 1] if t > 0 else None, dh)
+                    if flush:
+                        dh = torch.hardshrink(dh, _TINY)
+        else:
+            prev_bs = 0  # rows active at step t + 1
+            for t in range(steps - 1, -1, -1):
+                bs = batch_sizes[t]
+                if bs == 0:
+                    continue
+                if bs > prev_bs:  # sequences whose last step is t: their dy enters here
+                    dh[prev_bs:bs] += grad_y[t, prev_bs:bs]
+                dh_t, carry_t = dh[:bs], dc_carry[:bs]
+                dc = torch.addcmul(carry_t, dh_t, readout[t, :bs], out=readout[t, :bs])
+                k4[t, :bs, :-1].mul_(dc.unsqueeze(1))
+                k4[t, :bs, -1].mul_(dh_t)
+                torch.mul(dc, forget[t, :bs] if per_step_forget else forget, out=carry_t)
+                if flush:
+                    carry_t.copy_(torch.hardshrink(carry_t, _TINY))
+                if t > 0 or need_dh0:
+                    new = rec.backward(coef[t, :bs], grad_y[t - 1, :bs] if t > 0 else None, dh_t)
+                    if flush:
+                        new = torch.hardshrink(new, _TINY)
+                    if new is not dh_t:
+                        dh_t.copy_(new)
+                prev_bs = bs
+    dh0 = dh if need_dh0 else None
+    dc_all = readout if kind.learned_decay else None
+    return coef, dh0, dc_carry, dc_all
