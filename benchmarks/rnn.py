@@ -157,19 +157,23 @@ def make_call(
 
 def time_interleaved(
     calls: dict[tuple[str, str], Callable[[], None]], repeats: int, warmup: int
-) -> dict[tuple[str, str], list[float]]:
+) -> tuple[dict[tuple[str, str], list[float]], list[float | None]]:
+    """Times of every call per round, and the 1-minute load average after each round."""
     keys = list(calls)
     for _ in range(warmup):
         for key in keys:
             calls[key]()
     times: dict[tuple[str, str], list[float]] = {key: [] for key in keys}
+    loads: list[float | None] = []
     for r in range(repeats):
         shift = r % len(keys)
         for key in keys[shift:] + keys[:shift]:
             start = time.perf_counter()
             calls[key]()
             times[key].append(time.perf_counter() - start)
-    return times
+        load = _load()
+        loads.append(None if load is None else load[0])
+    return times, loads
 
 
 def peak_memory(call: Callable[[], None], device: torch.device) -> int:
@@ -223,7 +227,7 @@ def run_workload(
     calls = {
         (name, mode): make_call(models[name], x, mode, device) for name in names for mode in modes
     }
-    times = time_interleaved(calls, repeats, warmup)
+    times, loads = time_interleaved(calls, repeats, warmup)
     rows = []
     for name in names:
         for mode in modes:
@@ -257,7 +261,7 @@ def run_workload(
             base_key = (BASELINE, row["mode"])
             if base_key in peaks and peaks[base_key] > 0:
                 row["memory_ratio"] = peaks[key] / peaks[base_key]
-    return {"workload": asdict(w), "rows": rows}
+    return {"workload": asdict(w), "rows": rows, "load_per_round": loads}
 
 
 # ------------------------------------------------------------------------ reports
@@ -398,6 +402,18 @@ def markdown(report: dict) -> str:
         )
         + "."
     )
+    loads = []
+    for wl in report["workloads"]:
+        vals = [v for v in wl.get("load_per_round", []) if v is not None]
+        if vals:
+            loads.append(f"{wl['workload']['key']} {min(vals):.1f}-{max(vals):.1f}")
+    if loads:
+        lines.append("")
+        lines.append(
+            "1-minute load average during the timed rounds (2 logical CPUs): "
+            + "; ".join(loads)
+            + "."
+        )
     lines.append("")
     return "\n".join(lines)
 
