@@ -491,6 +491,12 @@ def main(argv: list[str] | None = None) -> dict:
         "load_before": _load(),
         "workloads": [],
     }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = (
+        f"rnn_{device.type}_{args.threads}t"
+        + ("_quick" if args.quick else "")
+        + (f"_{args.tag}" if args.tag else "")
+    )
     for key in keys:
         w = table[key]
         print(f"[{key}] {w.label}: {w.shape()}", file=sys.stderr, flush=True)
@@ -505,16 +511,10 @@ def main(argv: list[str] | None = None) -> dict:
                 file=sys.stderr,
                 flush=True,
             )
-    report["load_after"] = _load()
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = (
-        f"rnn_{device.type}_{args.threads}t"
-        + ("_quick" if args.quick else "")
-        + (f"_{args.tag}" if args.tag else "")
-    )
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
-    (args.out / f"{stem}.md").write_text(markdown(report))
+        report["load_after"] = _load()
+        # written after every workload, so a long run that is cut short keeps its results
+        (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+        (args.out / f"{stem}.md").write_text(markdown(report))
     print(f"wrote {args.out / stem}.json and .md", file=sys.stderr)
     return report
 

@@ -217,6 +217,24 @@ def test_cpu_fused_long_sequence_last_step_loss_float32():
     torch.testing.assert_close(grad, grad64.float(), atol=1e-4, rtol=1e-3)
 
 
+def test_thread_count_is_restored():
+    """The step loops run pointwise ops on one thread and must give the count back."""
+    kind, x, state, weights, _ = _layer("sublstm", dtype=torch.float32)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with kernels.use_kernel("cpu_fused"):
+            out, _ = kernels.run_layer(kind, x, state, weights)
+            assert torch.get_num_threads() == 2
+            out.sum().backward()
+            assert torch.get_num_threads() == 2
+            with torch.no_grad():
+                kernels.run_layer(kind, x, state, weights)
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_flush_denormal_mode_is_restored_when_already_on():
     kind, x, state, weights, _ = _layer("sublstm", dtype=torch.float32)
     if not torch.set_flush_denormal(True):
