@@ -35,7 +35,7 @@ def test_train_runs_end_to_end(tmp_path: Path, capsys) -> None:
     results = json.loads((run / "results.json").read_text())
     assert (results["cell"], results["steps_done"], results["completed"]) == ("sublstm", 6, True)
     out = capsys.readouterr().out
-    assert "| 4 | subLSTM | done |" in out and str(run) in out
+    assert "| 4 | subLSTM | paused at epoch 2 of 30 |" in out and str(run) in out
 
 
 def test_train_refuses_to_overwrite_then_resumes(tmp_path: Path, capsys) -> None:
@@ -65,7 +65,7 @@ def test_report_command(tmp_path: Path, capsys) -> None:
     main(["train", "adding", "--out", str(tmp_path / "runs"), *TINY])
     capsys.readouterr()
     assert main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "rep")]) == 0
-    assert "| 4 | LSTM | done |" in capsys.readouterr().out
+    assert "| 4 | LSTM | paused at epoch 2 of 30 |" in capsys.readouterr().out
     assert (tmp_path / "rep" / "results.csv").is_file()
 
 

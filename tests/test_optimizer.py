@@ -47,5 +47,3 @@ def test_zero_initial_mean_square_is_torch_default():
     opt.step()
     # mean square = 0.1 * 4 -> step = 0.1 * 2 / sqrt(0.4)
     assert w.item() == pytest.approx(1.0 - 0.1 * 2 / math.sqrt(0.4), rel=1e-6)
-
-

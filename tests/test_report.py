@@ -83,7 +83,8 @@ def test_report_on_finished_and_running_runs(tmp_path: Path) -> None:
         ("adding", "lstm"), ("adding", "sublstm"), ("ptb", "sublstm"), ("ptb", "fix_sublstm"),
     }  # fmt: skip
     adding = rows[("adding", "lstm")]
-    assert adding["status"] == "done"
+    planned = load_config("adding", "lstm").epochs
+    assert adding["status"] == f"paused at epoch 2 of {planned}"  # preset: more epochs
     assert float(adding["test"]) == pytest.approx(finished.test, rel=1e-5)
     assert adding["paper_test"] == ""
     assert rows[("adding", "sublstm")]["status"] == "in progress (epoch 3)"
@@ -105,6 +106,19 @@ def test_report_on_finished_and_running_runs(tmp_path: Path) -> None:
     assert names == ["curves_adding_4.png", "curves_ptb_200.png"]
     for figure in files.figures:
         assert figure.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_a_run_trained_to_fewer_epochs_than_its_preset_is_paused(tmp_path: Path) -> None:
+    planned = load_config("adding", "lstm").epochs
+    assert planned > 1
+    overrides = {
+        "hidden_size": 4, "seq_len": 6, "batch_size": 8, "steps_per_epoch": 2, "epochs": 1,
+        "valid_size": 20, "test_size": 20, "progress": False, "tensorboard": False,
+        "out_dir": str(tmp_path), "run_name": "staged",
+    }  # fmt: skip
+    config = load_config("adding", "lstm", overrides=overrides)
+    train(config)
+    assert summarize_run(tmp_path / "staged").status == f"paused at epoch 1 of {planned}"
 
 
 def test_accuracy_is_shown_in_percent(tmp_path: Path) -> None:

@@ -507,6 +507,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     )
 
 
+def _resume_hint(args: argparse.Namespace) -> str:
+    """How to continue the interrupted command."""
+    if getattr(args, "command", None) == "search":
+        return "rerun the same command to continue the search (its storage keeps the trials)"
+    return "continue with the same command and --resume"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default: ``sys.argv[1:]``); return the exit status.
 
@@ -521,7 +528,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args))
     except KeyboardInterrupt:
         print(
-            "microcircuits: interrupted; continue with the same command and --resume",
+            "microcircuits: interrupted; " + _resume_hint(args),
             file=sys.stderr,
         )
         return 130

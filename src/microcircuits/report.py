@@ -162,6 +162,19 @@ def paper_result(task: str, cell: str, size: int) -> float | None:
     return table.get(cell_kind(cell).name, {}).get(str(size))
 
 
+def _preset_epochs(config: dict[str, Any]) -> int | None:
+    """The epochs the run's task preset plans (``None`` when unknown, e.g. a custom run)."""
+    if (config.get("extra") or {}).get("preset") is None:
+        return None
+    from .config import load_config
+
+    try:
+        planned = load_config(config["task"], config.get("cell"), config.get("size")).epochs
+    except (ValueError, KeyError, OSError):
+        return None
+    return int(planned) if planned else None
+
+
 def summarize_run(run_dir: str | os.PathLike[str]) -> RunSummary:
     """Read one run directory (finished or not) into a :class:`RunSummary`."""
     run_dir = Path(run_dir)
@@ -185,6 +198,11 @@ def summarize_run(run_dir: str | os.PathLike[str]) -> RunSummary:
         }.get(results["stopped"], results["stopped"])
         valid, test = results["best_valid"], results["test"]
         epochs, steps = results["epochs_done"], results["steps_done"]
+        planned = _preset_epochs(config)
+        asked = config.get("epochs")
+        if results["stopped"] == "completed" and planned and asked and asked < planned:
+            # ``--epochs k`` below the preset's: a stage of a longer run (``--resume``)
+            status = f"paused at epoch {epochs:g} of {planned}"
         wall_time, parameters = results["wall_time_s"], results["parameters"]
     else:
         values = [v for _, v in valid_curve if v is not None and math.isfinite(v)]

@@ -297,7 +297,7 @@ _tanh_bwd = torch.ops.aten.tanh_backward.grad_input
 _KEEP_GRAPH = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
 
 
-def _graph_kept() -> bool:
+def graph_kept() -> bool:
     """Whether this backward keeps the graph (``retain_graph``/``create_graph``): then the
     saved tensors must survive it. Unknown (older torch): assume kept."""
     return True if _KEEP_GRAPH is None else bool(_KEEP_GRAPH())
@@ -580,7 +580,7 @@ class _FusedLayer(torch.autograd.Function):
         num_gates = gate_rows // hidden
         needs = ctx.needs_input_grad
         with _flush_denormals():
-            in_place = not _graph_kept()
+            in_place = not graph_kept()
             coef, readout, forget = _backward_coefficients(kind, act, c_all, mask, phi, in_place)
             dpre, dh0, dc0, dc_all = _reverse_sweep(
                 kind,
