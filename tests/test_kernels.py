@@ -400,7 +400,7 @@ def test_unsupported_reasons_name_the_problem():
 
 
 @pytest.mark.gpu
-def test_cuda_tensors_fall_back_until_a_gpu_kernel_exists():
+def test_cpu_fused_refuses_cuda_tensors():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     kind, x, state, weights, _ = _layer("sublstm", dtype=torch.float32)

@@ -8,13 +8,18 @@ also the oracle the fast kernels are tested against.
 Kernels (:data:`KERNELS`):
 
 ``"auto"`` (default)
-    the first of ``aten_lstm``, ``cpu_fused`` that applies, else ``reference``.
+    the first of ``aten_lstm``, ``cpu_fused``, ``gpu_fused`` that applies, else
+    ``reference``.
 ``"reference"``
     the step functions of ``cells.py``, differentiated by autograd.
 ``"cpu_fused"``
     :mod:`~microcircuits.kernels.cpu_fused`: one hand-differentiated
     ``torch.autograd.Function`` per layer and direction, all three cells (CPU, float32
     and float64).
+``"gpu_fused"``
+    :mod:`~microcircuits.kernels.gpu_fused`: the same whole-sequence design for CUDA,
+    cuBLAS GEMMs plus one fused Triton pointwise kernel per step (all three cells,
+    float32 and float64; needs the ``triton`` package, else ``auto`` falls back).
 ``"aten_lstm"``
     :mod:`~microcircuits.kernels.aten_lstm`: ATen's LSTM (oneDNN's RNN primitive, what
     ``torch.nn.LSTM`` runs), for the LSTM cell where its math is exactly ``torch.nn.LSTM``'s
@@ -36,14 +41,14 @@ from contextlib import contextmanager
 from torch import Tensor
 
 from ..cells import CellKind, CellWeights, LSTMState
-from . import aten_lstm, cpu_fused
+from . import aten_lstm, cpu_fused, gpu_fused
 from .reference import reverse_within_lengths, run_layer_reference
 
 __all__ = ["KERNELS", "choose_kernel", "get_kernel", "run_layer", "set_kernel", "use_kernel"]
 
-KERNELS = ("auto", "reference", "cpu_fused", "aten_lstm")
+KERNELS = ("auto", "reference", "cpu_fused", "gpu_fused", "aten_lstm")
 # Fast kernels in the order "auto" tries them.
-_AUTO_ORDER = ("aten_lstm", "cpu_fused")
+_AUTO_ORDER = ("aten_lstm", "cpu_fused", "gpu_fused")
 _selected: str | None = None  # None: read MICROCIRCUITS_KERNEL, default "auto"
 
 
@@ -111,6 +116,10 @@ def run_layer(
         return cpu_fused.run_layer_cpu_fused(
             kind, x, state, weights, lengths, update_mask, reverse=reverse
         )
+    if name == "gpu_fused":
+        return gpu_fused.run_layer_gpu_fused(
+            kind, x, state, weights, lengths, update_mask, reverse=reverse
+        )
     if name == "aten_lstm":
         return aten_lstm.run_layer_aten_lstm(kind, x, state, weights, reverse=reverse)
     if reverse:
@@ -132,6 +141,8 @@ def _unsupported_reason(
 ) -> str | None:
     if name == "cpu_fused":
         return cpu_fused.unsupported_reason(x, state, weights, lengths, update_mask)
+    if name == "gpu_fused":
+        return gpu_fused.unsupported_reason(x, state, weights, lengths, update_mask)
     if name == "aten_lstm":
         return aten_lstm.unsupported_reason(kind, x, state, weights, lengths, update_mask)
     return None

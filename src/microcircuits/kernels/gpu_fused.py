@@ -1,0 +1,281 @@
+"""Fused whole-sequence GPU kernel: cuBLAS GEMMs and one Triton pointwise launch per step.
+
+One ``torch.autograd.Function`` per layer and direction, for the three cells, composed
+exactly as the docstring of :mod:`microcircuits.kernels.triton_pointwise` lays out:
+
+* forward: the input projection of the whole sequence is one GEMM (``gates = x W^T +
+  b``, ``(T, B, G*H)``); each step adds ``h R^T`` to its slice in place (cuBLAS) and
+  runs the cell's pointwise work in one kernel, which writes the gate activations over
+  the step's pre-activations, the memory into ``cbuf[t+1]`` and the output into ``y[t]``.
+  Saved: ``gates`` (now activations), ``cbuf`` ``(T+1, B, H)``, ``y``, the inputs: what
+  cuDNN keeps in its reserve space, no per-step autograd graph.
+* backward: one pointwise kernel per step (the paper's delta equations, writing the gate
+  gradients over the saved activations) and one GEMM (``dh_{t-1} = dpre_t R``), then
+  ``dx``, ``dW``, ``dR``, ``db`` as whole-sequence GEMMs/reductions and fix-subLSTM's
+  ``d phi`` from the kernel's running accumulator. Over a copy of the activations when
+  the graph is kept (``retain_graph``), so backward can run again.
+* inference (``torch.no_grad``): no activations are stored; ``c`` is updated in place.
+
+Variable lengths run left-aligned with a per-step ``active`` row mask (a finished
+sequence's state is frozen and its output zero, as in
+:mod:`microcircuits.kernels.reference`); ``reverse`` reverses each sequence within its
+length outside the Function.
+
+The per-step pointwise work runs on Triton's kernels (:func:`~.triton_pointwise.pointwise_forward`
+and ``pointwise_backward``) when Triton can run on the tensors' device (CUDA, or CPU
+tensors under ``TRITON_INTERPRET=1``), otherwise on their PyTorch twins, which have the
+same signature and aliasing rules. The dispatcher (``"auto"``) only takes this kernel for
+CUDA tensors with Triton installed; the twins make the same composition testable on any
+machine (``run_layer_gpu_fused(..., pointwise="torch")``).
+
+Performance notes (not measured: the sessions that wrote this had no GPU). Each step is
+two launches forward and two backward, like cuDNN's non-persistent algorithm; the
+whole-sequence GEMMs are as large as cuDNN's. Large layers (workload D) are GEMM-bound.
+Small ones are launch-bound, and the Python argument checks of the pointwise wrappers
+add a few microseconds per step; CUDA graphs over the step loop are the remedy if the
+benchmark shows it matters. Note TF32: cuDNN's RNNs use TF32 by default, ``torch.mm``
+does not; compare like for like (``benchmarks/rnn.py --tf32``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from ..cells import CellKind, CellWeights, LSTMState
+from . import triton_pointwise as tp
+from .cpu_fused import graph_kept
+from .reference import reverse_within_lengths
+
+__all__ = ["POINTWISE_IMPLS", "run_layer_gpu_fused", "unsupported_reason"]
+
+POINTWISE_IMPLS = ("auto", "triton", "torch")
+_SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+
+def unsupported_reason(
+    x: Tensor,
+    state: LSTMState,
+    weights: CellWeights,
+    lengths: Tensor | None,
+    update_mask: Tensor | None,
+) -> str | None:
+    """Why the dispatcher cannot give this call to the GPU kernel, or ``None`` if it can."""
+    if not tp.TRITON_AVAILABLE:
+        return "Triton is not installed (pip install triton)"
+    tensors = [x, state.h, state.c, *[w for w in weights if w is not None]]
+    if update_mask is not None:
+        tensors.append(update_mask)
+        if update_mask.requires_grad:
+            return "update_mask requires grad"
+    for t in tensors:
+        if t.device != x.device:
+            return f"tensors on {t.device} and {x.device}"
+        if t.dtype != x.dtype:
+            return f"mixed dtypes ({t.dtype} and {x.dtype})"
+        if t.layout != torch.strided:
+            return f"layout {t.layout} is not strided"
+    if not tp.triton_available(x.device):
+        return f"the input is on {x.device}, not a CUDA device (and TRITON_INTERPRET is off)"
+    if x.dtype not in _SUPPORTED_DTYPES:
+        return f"dtype {x.dtype} is not float32/float64"
+    if x.dim() != 3 or x.shape[0] == 0 or x.shape[1] == 0:
+        return f"input shape {tuple(x.shape)} is not (T>0, B>0, I)"
+    if lengths is not None and lengths.dtype.is_floating_point:
+        return "lengths must be integers"
+    if lengths is not None and tuple(lengths.shape) != (x.shape[1],):
+        return f"lengths of shape {tuple(lengths.shape)} for a batch of {x.shape[1]}"
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and compiler.is_compiling():
+        return "torch.compile is tracing (the reference path traces into a graph)"
+    check = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    if check is not None and any(check(t) for t in tensors):
+        return "functorch-transformed tensors (vmap/grad/jvp)"
+    return None
+
+
+def _pointwise(device: torch.device, impl: str) -> tuple[Callable, Callable]:
+    """The (forward, backward) step functions: Triton's kernels or their PyTorch twins."""
+    if impl not in POINTWISE_IMPLS:
+        raise ValueError(f"pointwise must be one of {list(POINTWISE_IMPLS)}, got {impl!r}")
+    if impl == "triton" or (impl == "auto" and tp.triton_available(device)):
+        return tp.pointwise_forward, tp.pointwise_backward
+    return tp.pointwise_forward_torch, tp.pointwise_backward_torch
+
+
+def _projection(x2d: Tensor, weights: CellWeights) -> Tensor:
+    """``x W^T + b_ih + b_hh`` as one GEMM, ``(N, G*H)``, a new contiguous tensor."""
+    w = weights.weight_ih.detach()
+    b_ih, b_hh = weights.bias_ih, weights.bias_hh
+    biases = [b.detach() for b in (b_ih, b_hh) if b is not None]
+    if not biases:
+        return torch.mm(x2d, w.t())
+    bias = biases[0] if len(biases) == 1 else biases[0] + biases[1]
+    return torch.addmm(bias, x2d, w.t())
+
+
+class _GPUFusedLayer(torch.autograd.Function):
+    """One layer and direction over a whole left-aligned sequence (see module docstring)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        kind: CellKind,
+        impl: str,
+        active: Tensor | None,
+        x: Tensor,
+        h0: Tensor,
+        c0: Tensor,
+        weight_ih: Tensor,
+        weight_hh: Tensor,
+        bias_ih: Tensor | None,
+        bias_hh: Tensor | None,
+        phi: Tensor | None,
+        mask: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        steps, batch, in_size = x.shape
+        hidden = h0.shape[-1]
+        fwd, _ = _pointwise(x.device, impl)
+        weights = CellWeights(weight_ih, weight_hh, bias_ih, bias_hh, phi)
+        x2d = x.reshape(steps * batch, in_size)
+        gates = _projection(x2d, weights).view(steps, batch, -1)
+        cbuf = x.new_empty(steps + 1, batch, hidden)
+        cbuf[0] = c0
+        y = x.new_empty(steps, batch, hidden)
+        h = h0.detach().clone() if active is not None else h0.detach()
+        h = _loop_forward(fwd, kind, gates, cbuf, y, h, weight_hh, phi, mask, active, True)
+        ctx.kind, ctx.impl = kind, impl
+        ctx.has_bias = (bias_ih is not None, bias_hh is not None)
+        ctx.save_for_backward(x2d, h0, weight_ih, weight_hh, phi, mask, active, gates, cbuf, y)
+        return y, h.clone(), cbuf[steps].clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: Tensor, grad_hn: Tensor, grad_cn: Tensor):  # type: ignore[override]
+        x2d, h0, weight_ih, weight_hh, phi, mask, active, gates, cbuf, y = ctx.saved_tensors
+        kind: CellKind = ctx.kind
+        _, bwd = _pointwise(gates.device, ctx.impl)
+        steps, batch, gate_rows = gates.shape
+        hidden = h0.shape[-1]
+        needs = ctx.needs_input_grad
+        work = gates.clone() if graph_kept() else gates  # becomes d pre, step by step
+        dy = grad_y.contiguous()
+        dh, dc = grad_hn.clone(), grad_cn.clone()
+        dphi = gates.new_zeros(batch, hidden) if kind.learned_decay else None
+        w_hh = weight_hh.detach()
+        for t in range(steps - 1, -1, -1):
+            a_t = None if active is None else active[t]
+            r = bwd(
+                kind, work[t], cbuf[t], cbuf[t + 1], phi, mask, a_t, dh, dc,
+                grad_out=dy[t], grad_pre=work[t], grad_c_prev=dc, grad_h_carry=dh,
+                grad_phi_accum=dphi,
+            )  # fmt: skip
+            dc = r.grad_c_prev
+            if a_t is None:
+                dh = torch.mm(work[t], w_hh)
+            else:
+                dh = r.grad_h_carry.addmm_(work[t], w_hh)
+        dpre = work.view(steps * batch, gate_rows)
+        grad_x = torch.mm(dpre, weight_ih.detach()).view(steps, batch, -1) if needs[3] else None
+        grad_w_ih = dpre.t().mm(x2d) if needs[6] else None
+        grad_w_hh = None
+        if needs[7]:
+            h_prev = torch.cat([h0.detach()[None], y[:-1]]).view(steps * batch, hidden)
+            grad_w_hh = dpre.t().mm(h_prev)
+        grad_b = dpre.sum(0) if (needs[8] or needs[9]) else None
+        grad_phi = dphi.sum(0) if (dphi is not None and needs[10]) else None
+        return (
+            None,
+            None,
+            None,
+            grad_x,
+            dh if needs[4] else None,
+            dc if needs[5] else None,
+            grad_w_ih,
+            grad_w_hh,
+            grad_b if needs[8] else None,
+            grad_b if needs[9] else None,
+            grad_phi,
+            None,
+        )
+
+
+def _loop_forward(fwd, kind, gates, cbuf, y, h, weight_hh, phi, mask, active, store: bool):
+    """The step loop of forward; returns the final ``h``.
+
+    ``cbuf`` is ``(T+1, B, H)`` in training (every step's memory, kept for backward) or
+    ``(1, B, H)`` in inference (one memory, updated in place).
+    """
+    r_t = weight_hh.detach().t()
+    phi = None if phi is None else phi.detach()
+    for t in range(gates.shape[0]):
+        a_t = None if active is None else active[t]
+        pre = gates[t].addmm_(h, r_t)
+        c_prev, c_new = (cbuf[t], cbuf[t + 1]) if store else (cbuf[0], cbuf[0])
+        r = fwd(
+            kind, pre, c_prev, phi, mask, a_t,
+            h_prev=h, act=pre if store else None, c=c_new, out=y[t],
+            h=h if a_t is not None else y[t], store_act=store,
+        )  # fmt: skip
+        h = r.h
+    return h
+
+
+def run_layer_gpu_fused(
+    kind: CellKind,
+    x: Tensor,
+    state: LSTMState,
+    weights: CellWeights,
+    lengths: Tensor | None = None,
+    update_mask: Tensor | None = None,
+    reverse: bool = False,
+    *,
+    pointwise: str = "auto",
+) -> tuple[Tensor, LSTMState]:
+    """Same contract as :func:`microcircuits.kernels.run_layer`.
+
+    Args:
+        pointwise: ``"triton"`` (the fused kernels; CUDA, or CPU under
+            ``TRITON_INTERPRET=1``), ``"torch"`` (their PyTorch twins, any device) or
+            ``"auto"`` (Triton where it can run, else the twins).
+    """
+    _pointwise(x.device, pointwise)  # validate the name early
+    steps, batch = x.shape[0], x.shape[1]
+    active = None
+    if lengths is not None:
+        lens = lengths.detach().to(x.device, torch.int64).clamp(0, steps)
+        if bool((lens == steps).all()):
+            lengths = None
+        else:
+            active = torch.arange(steps, device=x.device)[:, None] < lens[None, :]  # (T, B)
+            lengths = lens
+    if reverse:
+        x = x.flip(0) if lengths is None else reverse_within_lengths(x, lengths)
+    phi = weights.forget
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, state.h, state.c, *weights)
+    )
+    if needs_grad:
+        out, h_n, c_n = _GPUFusedLayer.apply(
+            kind, pointwise, active, x, state.h, state.c,
+            weights.weight_ih, weights.weight_hh, weights.bias_ih, weights.bias_hh,
+            phi, update_mask,
+        )  # fmt: skip
+    else:
+        with torch.no_grad():
+            fwd, _ = _pointwise(x.device, pointwise)
+            steps, batch, in_size = x.shape
+            gates = _projection(x.reshape(steps * batch, in_size), weights).view(steps, batch, -1)
+            cbuf = state.c.detach().clone()[None]
+            out = x.new_empty(steps, batch, state.h.shape[-1])
+            h = state.h.detach().clone()
+            h = _loop_forward(
+                fwd, kind, gates, cbuf, out, h, weights.weight_hh, phi, update_mask, active, False
+            )
+            h_n, c_n = h.clone(), cbuf[0]
+    if reverse:
+        out = out.flip(0) if lengths is None else reverse_within_lengths(out, lengths)
+    return out, LSTMState(h_n, c_n)
