@@ -3,6 +3,7 @@ that a few optimiser steps reduce the loss."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -257,3 +258,33 @@ def test_lm_steps_per_epoch_cap(tiny_corpus) -> None:
     task = _lm_task(tiny_corpus, steps_per_epoch=2)
     assert task.steps_per_epoch() == 2
     assert len(list(task.train_batches(torch.Generator()))) == 2
+
+
+def test_lm_loss_summed_over_time_scales_the_gradient_steps_take(tiny_corpus, tmp_path) -> None:
+    """One plain-SGD step on the loss summed over the 5 BPTT steps moves every weight 5x
+    as far as one on the per-token mean; the logged loss is per token either way."""
+    from microcircuits.checkpoint import load_checkpoint
+    from microcircuits.train import train
+
+    moved, logged = {}, {}
+    for summed in (False, True):
+        task = _lm_task(
+            tiny_corpus, optimizer="sgd", lr=0.01, momentum=0.0, weight_decay=0.0,
+            clip_norm=None, input_dropout=0.0, output_dropout=0.0, update_dropout=0.0,
+            loss_sum_over_time=summed, max_steps=1, checkpoint_every=1, progress=False,
+            tensorboard=False, out_dir=str(tmp_path), run_name=f"summed-{summed}",
+        )  # fmt: skip
+        assert task.gradient_scale(next(task.train_batches(torch.Generator()))) == (
+            5.0 if summed else 1.0
+        )
+        torch.manual_seed(0)
+        start = {k: v.clone() for k, v in task.build_model().state_dict().items()}
+        train(task.config, task=task)
+        run = tmp_path / f"summed-{summed}"
+        end = load_checkpoint(run / "checkpoints" / "last.pt")["model"]
+        moved[summed] = end["decoder.weight"] - start["decoder.weight"]
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        logged[summed] = next(r["loss"] for r in records if r["kind"] == "train")
+    assert moved[False].abs().max() > 0
+    torch.testing.assert_close(moved[True], 5 * moved[False], rtol=1e-3, atol=5e-7)
+    assert logged[True] == pytest.approx(logged[False], rel=1e-6)

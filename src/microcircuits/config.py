@@ -121,6 +121,10 @@ class ExperimentConfig:
     weight_decay: float = 0.0  # L2 coefficient added to the gradient (torch convention:
     # g += wd * theta, i.e. a penalty wd/2 * |theta|^2 on the mean loss)
     clip_norm: float | None = 5.0  # clip the global gradient norm to this; None: off
+    loss_sum_over_time: bool = False  # language models: optimise the loss summed over the
+    # BPTT steps and averaged over the batch, as the TensorFlow PTB code of Zaremba et al.
+    # 2014 (the setup the paper follows) does; weight_decay and clip_norm then act on that
+    # loss. Logged and evaluated losses stay per token. False: the per-token mean.
 
     # -- regularisation (Tables 2 and 3) ---------------------------------------------
     input_dropout: float = 0.0  # dropout on the recurrent stack's input (embeddings)

@@ -694,13 +694,18 @@ class _Trainer:
         batch = shard_batch(batch, self.context)
         with self._autocast():
             loss, pos.carry = self.task.train_loss(self.train_model, batch, pos.carry)
-        loss.backward()
+        scale = self._gradient_scale(batch)
+        (loss if scale == 1.0 else loss * scale).backward()
         if self.config.clip_norm is not None:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_norm)
         self.optimizer.step()
         pos.global_step += 1
         pos.step_in_epoch += 1
         self.pending.append((pos.global_step, loss.detach()))
+
+    def _gradient_scale(self, batch: tuple[Tensor, ...]) -> float:
+        scale = getattr(self.task, "gradient_scale", None)  # optional in the Task protocol
+        return 1.0 if scale is None else float(scale(batch))
 
     def _flush_losses(self) -> None:
         """Log the mean loss of the steps since the last flush; stop on a non-finite one.

@@ -76,6 +76,11 @@ class Task(Protocol):
         """Mean training loss of ``batch`` (a scalar with grad) and the carry to pass on."""
         ...
 
+    def gradient_scale(self, batch: Batch) -> float:
+        """The factor between :meth:`train_loss` (logged) and the loss whose gradient is
+        taken (e.g. the BPTT length for a loss summed over time); usually 1."""
+        ...
+
     def evaluate(self, model: nn.Module, split: str) -> Evaluation:
         """Loss and metric on ``"valid"`` or ``"test"`` (in eval mode, without grad)."""
         ...

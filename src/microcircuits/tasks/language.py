@@ -104,6 +104,10 @@ class LanguageModelTask:
         loss = mean_cross_entropy(logits.float().reshape(-1, self.vocab_size), targets.reshape(-1))
         return loss, _detach(hidden)
 
+    def gradient_scale(self, batch: Batch) -> float:
+        # the loss summed over the segment's steps (Zaremba et al.'s convention), or the mean
+        return float(batch[0].shape[0]) if self.config.loss_sum_over_time else 1.0
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str) -> Evaluation:
         data = self._eval[check_split(split)]
