@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..cells import CellKind, CellWeights, LSTMState
+from ._checks import compiling, functorch_wrapped
 
 __all__ = ["run_layer_aten_lstm", "unsupported_reason"]
 
@@ -54,9 +55,7 @@ def unsupported_reason(
         return f"dtype {x.dtype} is not float32/float64"
     if x.dim() != 3 or x.shape[0] == 0 or x.shape[1] == 0:
         return f"input shape {tuple(x.shape)} is not (T>0, B>0, I)"
-    compiling = getattr(torch, "compiler", None) is not None and torch.compiler.is_compiling()
-    check = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
-    if not compiling and check is not None and any(check(t) for t in tensors):
+    if not compiling() and functorch_wrapped(tensors):
         return "functorch-transformed tensors (vmap/grad/jvp)"
     return None
 

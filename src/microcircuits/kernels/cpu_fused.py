@@ -124,7 +124,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -133,6 +133,7 @@ from torch.autograd.function import once_differentiable
 
 from .. import cells
 from ..cells import CellKind, CellWeights, Gates, LSTMState
+from ._checks import call_tensors, common_unsupported_reason
 from .reference import reverse_within_lengths
 
 __all__ = [
@@ -314,45 +315,11 @@ def unsupported_reason(
     update_mask: Tensor | None,
 ) -> str | None:
     """Why this kernel cannot run the call, or ``None`` when it can."""
-    tensors = [x, state.h, state.c, *[w for w in weights if w is not None]]
-    if update_mask is not None:
-        tensors.append(update_mask)
-        if update_mask.requires_grad:
-            return "update_mask requires grad"
+    tensors = call_tensors(x, state, weights, update_mask)
     for t in tensors:
         if t.device.type != "cpu":
             return f"a tensor is on {t.device}, not the CPU"
-        if t.dtype != x.dtype:
-            return f"mixed dtypes ({t.dtype} and {x.dtype})"
-        if t.layout != torch.strided:
-            return f"layout {t.layout} is not strided"
-        if t.is_complex() or t.is_quantized:
-            return "complex or quantized tensor"
-    if x.dtype not in _SUPPORTED_DTYPES:
-        return f"dtype {x.dtype} is not float32/float64"
-    if x.dim() != 3 or x.shape[0] == 0 or x.shape[1] == 0:
-        return f"input shape {tuple(x.shape)} is not (T>0, B>0, I)"
-    if lengths is not None and lengths.dtype.is_floating_point:
-        return "lengths must be integers"
-    if lengths is not None and tuple(lengths.shape) != (x.shape[1],):
-        return f"lengths of shape {tuple(lengths.shape)} for a batch of {x.shape[1]}"
-    if _compiling():
-        return "torch.compile is tracing (the reference path traces into a graph)"
-    if _is_wrapped(tensors):
-        return "functorch-transformed tensors (vmap/grad/jvp)"
-    return None
-
-
-def _compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and compiler.is_compiling())
-
-
-def _is_wrapped(tensors: Sequence[Tensor]) -> bool:
-    check = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
-    if check is None:  # pragma: no cover - older torch
-        return False
-    return any(check(t) for t in tensors)
+    return common_unsupported_reason(x, tensors, lengths, update_mask, _SUPPORTED_DTYPES)
 
 
 # ------------------------------------------------------------------ entry point

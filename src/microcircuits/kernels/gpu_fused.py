@@ -47,6 +47,7 @@ from torch.autograd.function import once_differentiable
 
 from ..cells import CellKind, CellWeights, LSTMState
 from . import triton_pointwise as tp
+from ._checks import call_tensors, common_unsupported_reason
 from .cpu_fused import graph_kept
 from .reference import reverse_within_lengths
 
@@ -66,35 +67,13 @@ def unsupported_reason(
     """Why the dispatcher cannot give this call to the GPU kernel, or ``None`` if it can."""
     if not tp.TRITON_AVAILABLE:
         return "Triton is not installed (pip install triton)"
-    tensors = [x, state.h, state.c, *[w for w in weights if w is not None]]
-    if update_mask is not None:
-        tensors.append(update_mask)
-        if update_mask.requires_grad:
-            return "update_mask requires grad"
+    tensors = call_tensors(x, state, weights, update_mask)
     for t in tensors:
         if t.device != x.device:
             return f"tensors on {t.device} and {x.device}"
-        if t.dtype != x.dtype:
-            return f"mixed dtypes ({t.dtype} and {x.dtype})"
-        if t.layout != torch.strided:
-            return f"layout {t.layout} is not strided"
     if not tp.triton_available(x.device):
         return f"the input is on {x.device}, not a CUDA device (and TRITON_INTERPRET is off)"
-    if x.dtype not in _SUPPORTED_DTYPES:
-        return f"dtype {x.dtype} is not float32/float64"
-    if x.dim() != 3 or x.shape[0] == 0 or x.shape[1] == 0:
-        return f"input shape {tuple(x.shape)} is not (T>0, B>0, I)"
-    if lengths is not None and lengths.dtype.is_floating_point:
-        return "lengths must be integers"
-    if lengths is not None and tuple(lengths.shape) != (x.shape[1],):
-        return f"lengths of shape {tuple(lengths.shape)} for a batch of {x.shape[1]}"
-    compiler = getattr(torch, "compiler", None)
-    if compiler is not None and compiler.is_compiling():
-        return "torch.compile is tracing (the reference path traces into a graph)"
-    check = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
-    if check is not None and any(check(t) for t in tensors):
-        return "functorch-transformed tensors (vmap/grad/jvp)"
-    return None
+    return common_unsupported_reason(x, tensors, lengths, update_mask, _SUPPORTED_DTYPES)
 
 
 def _pointwise(device: torch.device, impl: str) -> tuple[Callable, Callable]:
