@@ -472,3 +472,50 @@ def test_module_float32_matches_reference(cell):
         results.append([out, h, c, *grads])
     for a, b in zip(*results):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_an_lstm_stack_runs_as_one_aten_call_like_nn_lstm(bias, monkeypatch):
+    """Where every layer would take aten_lstm, the stack is one torch.lstm call; it
+    equals torch.nn.LSTM with the same weights (outputs, states and gradients)."""
+    calls = []
+    original = aten_lstm.run_stack_aten_lstm
+    monkeypatch.setattr(
+        aten_lstm, "run_stack_aten_lstm", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
+    torch.manual_seed(0)
+    ours = mc.LSTM(4, 6, num_layers=3, bidirectional=True, bias=bias, dtype=torch.float64)
+    ref = torch.nn.LSTM(4, 6, num_layers=3, bidirectional=True, bias=bias, dtype=torch.float64)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(5, 2, 4, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(6, 2, 6, dtype=torch.float64)
+    results = []
+    for model in (ours, ref):
+        out, (h, c) = model(x, (h0, h0.cos()))
+        grads = torch.autograd.grad(
+            (out.sin().sum() + h.sum() + c.pow(2).sum()), [x, *model.parameters()]
+        )
+        results.append([out, h, c, *grads])
+    assert calls == [1]
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+
+def test_an_lstm_stack_with_active_dropouts_or_lengths_runs_layer_by_layer(monkeypatch):
+    calls = []
+    original = aten_lstm.run_stack_aten_lstm
+    monkeypatch.setattr(
+        aten_lstm, "run_stack_aten_lstm", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
+    x = torch.randn(5, 2, 4)
+    for model in (mc.LSTM(4, 6, num_layers=2, update_dropout=0.2),
+                  mc.LSTM(4, 6, num_layers=2, dropout=0.3)):  # fmt: skip
+        model.train()
+        model(x)
+    packed = pack_padded_sequence(x, torch.tensor([5, 3]))
+    mc.LSTM(4, 6, num_layers=2)(packed)
+    with kernels.use_kernel("reference"):
+        mc.LSTM(4, 6, num_layers=2)(x)
+    assert calls == []
+    mc.LSTM(4, 6, num_layers=2, update_dropout=0.2, dropout=0.3).eval()(x)  # inactive in eval
+    assert calls == [1]

@@ -45,6 +45,7 @@ from ._validation import (
     check_tensor,
 )
 from .cells import CellKind, CellWeights, LSTMState, cell_kind
+from .kernels import aten_lstm
 
 __all__ = [
     "FixSubLSTM",
@@ -328,6 +329,16 @@ class _RecurrentSequence(_RecurrentParameters):
         kind = self.cell
         batch = x.shape[1]
         x = F.dropout(x, self.input_dropout, self.training)
+        if self._whole_stack_on_aten(x, h0, c0, lengths):
+            layers = [
+                self._weights(suffix)
+                for layer in range(self.num_layers)
+                for suffix in self._direction_suffixes(layer)
+            ]
+            x, h_n, c_n = aten_lstm.run_stack_aten_lstm(
+                x, h0, c0, layers, self.num_layers, self.num_directions == 2
+            )
+            return F.dropout(x, self.output_dropout, self.training), h_n, c_n
         final_h, final_c = [], []
         for layer in range(self.num_layers):
             outputs = []
@@ -351,6 +362,30 @@ class _RecurrentSequence(_RecurrentParameters):
                 x = F.dropout(x, self.dropout, self.training)
         x = F.dropout(x, self.output_dropout, self.training)
         return x, torch.stack(final_h), torch.stack(final_c)
+
+    def _whole_stack_on_aten(
+        self, x: Tensor, h0: Tensor, c0: Tensor, lengths: Tensor | None
+    ) -> bool:
+        """Whether the whole stack can run as one ATen LSTM call (as ``torch.nn.LSTM``):
+        an LSTM whose every layer the dispatcher gives to ``aten_lstm``, with no update
+        dropout or dropout between layers active and no variable lengths."""
+        if self.cell.name != "lstm" or lengths is not None:
+            return False
+        if self.training and (
+            self.update_dropout > 0 or (self.dropout > 0 and self.num_layers > 1)
+        ):
+            return False
+        if kernels.get_kernel() not in ("auto", "aten_lstm"):
+            return False
+        # x stands in for every layer's input: the checks read its dtype, device and rank
+        for layer in range(self.num_layers):
+            for direction, suffix in enumerate(self._direction_suffixes(layer)):
+                index = layer * self.num_directions + direction
+                state = LSTMState(h0[index], c0[index])
+                weights = self._weights(suffix)
+                if aten_lstm.unsupported_reason(self.cell, x, state, weights, None, None):
+                    return False
+        return True
 
     @staticmethod
     def _pack_like(output: Tensor, like: PackedSequence) -> PackedSequence:
