@@ -31,9 +31,11 @@ machine (``run_layer_gpu_fused(..., pointwise="torch")``).
 Performance notes (not measured: the sessions that wrote this had no GPU). Each step is
 two launches forward and two backward, like cuDNN's non-persistent algorithm; the
 whole-sequence GEMMs are as large as cuDNN's. Large layers (workload D) are GEMM-bound.
-Small ones are launch-bound, and the Python argument checks of the pointwise wrappers
-add a few microseconds per step; CUDA graphs over the step loop are the remedy if the
-benchmark shows it matters. Note TF32: cuDNN's RNNs use TF32 by default, ``torch.mm``
+Small ones are launch-bound: the step loop validates its buffers once and then calls
+``pointwise_*_unchecked``, whose Python side costs 8-12 us per step (measured with the
+launch stubbed; the checked wrappers took 67-93 us, mostly in ``triton.cdiv`` and
+``next_power_of_2`` called from Python), plus Triton's own launch. CUDA graphs over the
+step loop are the next remedy if the benchmark shows launches dominate. Note TF32: cuDNN's RNNs use TF32 by default, ``torch.mm``
 does not; compare like for like (``benchmarks/rnn.py --tf32``).
 """
 
@@ -81,7 +83,9 @@ def _pointwise(device: torch.device, impl: str) -> tuple[Callable, Callable]:
     if impl not in POINTWISE_IMPLS:
         raise ValueError(f"pointwise must be one of {list(POINTWISE_IMPLS)}, got {impl!r}")
     if impl == "triton" or (impl == "auto" and tp.triton_available(device)):
-        return tp.pointwise_forward, tp.pointwise_backward
+        # buffers are validated once per sequence (run_layer_gpu_fused), not per step
+        tp._require_triton(device)
+        return tp.pointwise_forward_unchecked, tp.pointwise_backward_unchecked
     return tp.pointwise_forward_torch, tp.pointwise_backward_torch
 
 
@@ -141,7 +145,7 @@ class _GPUFusedLayer(torch.autograd.Function):
         hidden = h0.shape[-1]
         needs = ctx.needs_input_grad
         work = gates.clone() if graph_kept() else gates  # becomes d pre, step by step
-        dy = grad_y.contiguous()
+        dy = grad_y.contiguous()  # often an expanded view (e.g. of out.sum())
         dh, dc = grad_hn.clone(), grad_cn.clone()
         dphi = gates.new_zeros(batch, hidden) if kind.learned_decay else None
         w_hh = weight_hh.detach()
@@ -233,6 +237,13 @@ def run_layer_gpu_fused(
             lengths = lens
     if reverse:
         x = x.flip(0) if lengths is None else reverse_within_lengths(x, lengths)
+    # Once per sequence what the Triton wrappers would check per step: one device, last
+    # dimensions contiguous (the buffers the Function allocates are contiguous already).
+    for name, t in (("h0", state.h), ("c0", state.c), ("update_mask", update_mask)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}, the input on {x.device}")
+    state = LSTMState(state.h.contiguous(), state.c.contiguous())
+    update_mask = None if update_mask is None else update_mask.detach().contiguous()
     phi = weights.forget
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, state.h, state.c, *weights)
