@@ -119,6 +119,23 @@ def test_resume_equals_an_uninterrupted_run(tmp_path: Path, stop_at: int) -> Non
     assert steps == [r["step"] for r in _records(tmp_path / "whole") if r["kind"] == "valid"]
 
 
+def test_a_resumed_stage_drops_the_earlier_stages_results(tmp_path: Path) -> None:
+    """``--epochs 1`` then ``--epochs 3 --resume``: while the second stage runs (here:
+    killed by the validation callback), results.json no longer claims the run ended."""
+    train(_adding(tmp_path, "staged", epochs=1))
+    run = tmp_path / "staged"
+    assert json.loads((run / "results.json").read_text())["epochs_done"] == 1
+
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_adding(tmp_path, "staged", epochs=3), resume=True, on_validation=interrupt)
+    assert not (run / "results.json").exists()
+    finished = train(_adding(tmp_path, "staged", epochs=3), resume=True)
+    assert json.loads((run / "results.json").read_text())["epochs_done"] == finished.epochs_done
+
+
 def test_resume_without_restoring_the_rng_would_differ(tmp_path: Path, monkeypatch) -> None:
     """Guards the test above: it notices a resume that skips part of the state."""
     whole = train(_adding(tmp_path, "whole"))

@@ -417,6 +417,9 @@ def _prepare_run_dir(
                     f"cannot resume {run_dir} with a different config ({details}); only "
                     f"{sorted(RESUMABLE_CHANGES)} may change on resume"
                 )
+        # The run goes on: the results of an earlier stage (e.g. ``--epochs k``) are no
+        # longer its results; the report shows it in progress until it ends again.
+        (run_dir / "results.json").unlink(missing_ok=True)
         return True
     if resume:
         logger.info("no checkpoint in %s: starting a new run", run_dir)
