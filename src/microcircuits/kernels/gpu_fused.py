@@ -35,8 +35,9 @@ Small ones are launch-bound: the step loop validates its buffers once and then c
 ``pointwise_*_unchecked``, whose Python side costs 8-12 us per step (measured with the
 launch stubbed; the checked wrappers took 67-93 us, mostly in ``triton.cdiv`` and
 ``next_power_of_2`` called from Python), plus Triton's own launch. CUDA graphs over the
-step loop are the next remedy if the benchmark shows launches dominate. Note TF32: cuDNN's RNNs use TF32 by default, ``torch.mm``
-does not; compare like for like (``benchmarks/rnn.py --tf32``).
+step loop are the next remedy if the benchmark shows launches dominate. Note TF32:
+cuDNN's RNNs use TF32 by default, ``torch.mm`` does not; compare like for like
+(``benchmarks/rnn.py --tf32``).
 """
 
 from __future__ import annotations
