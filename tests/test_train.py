@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -134,6 +135,32 @@ def test_a_resumed_stage_drops_the_earlier_stages_results(tmp_path: Path) -> Non
     assert not (run / "results.json").exists()
     finished = train(_adding(tmp_path, "staged", epochs=3), resume=True)
     assert json.loads((run / "results.json").read_text())["epochs_done"] == finished.epochs_done
+
+
+def test_lr_decay_threshold_decays_on_a_slow_crawl_but_keeps_the_best(tmp_path: Path) -> None:
+    """Improvements below the threshold (a fraction of the best) count as a plateau for
+    the lr decay; the best checkpoint still follows every improvement."""
+    lrs = {}
+    for threshold in (0.0, 0.99):
+        name = f"t{threshold}"
+        result = train(
+            _adding(tmp_path, name, lr_decay_factor=0.5, lr_decay_patience=1,
+                    lr_decay_threshold=threshold, epochs=4)
+        )  # fmt: skip
+        valid = [r for r in _records(tmp_path / name) if r["kind"] == "valid"]
+        lrs[threshold] = [r["lr"] for r in valid]
+        mses = [r["mse"] for r in valid]
+        assert result.best_valid == pytest.approx(min(mses), rel=1e-9)
+        assert result.best_step == valid[mses.index(min(mses))]["step"]
+        if threshold == 0.0:  # halves exactly after the validations that did not improve
+            expected, lr, best = [], 0.01, math.inf
+            for mse in mses:
+                lr = lr if mse < best else lr / 2
+                best = min(best, mse)
+                expected.append(lr)
+            assert lrs[0.0] == pytest.approx(expected)
+    assert lrs[0.99] == pytest.approx([0.01, 0.005, 0.0025, 0.00125])  # after each but the first
+    assert lrs[0.99] != lrs[0.0]
 
 
 def test_resume_without_restoring_the_rng_would_differ(tmp_path: Path, monkeypatch) -> None:

@@ -105,6 +105,9 @@ class ExperimentConfig:
     lr_decay_patience: int = 1  # consecutive validations without improvement that
     # trigger one decay (the count restarts after it)
     min_lr: float = 0.0  # the plateau decay never goes below this
+    lr_decay_threshold: float = 0.0  # a validation must improve the best by more than this
+    # fraction to reset the decay count (the best checkpoint still follows any
+    # improvement); 0: any improvement does. Lets the lr drop on a slow crawl, e.g. 0.01.
 
     # -- optimiser -------------------------------------------------------------------
     optimizer: str = "rmsprop"  # one of OPTIMIZERS; the paper uses RMSProp + momentum
@@ -225,6 +228,7 @@ class ExperimentConfig:
             _real("clip_norm", self.clip_norm, low=0.0, low_open=True)
         _real("forget_bias", self.forget_bias)
         _real("lr_decay_factor", self.lr_decay_factor, low=0.0, high=1.0, low_open=True)
+        _real("lr_decay_threshold", self.lr_decay_threshold, low=0.0, high=1.0)
         _real("min_lr", self.min_lr, low=0.0)
         for name in ("input_dropout", "output_dropout", "update_dropout", "dropout"):
             _real(name, getattr(self, name), low=0.0, high=1.0, high_open=True)

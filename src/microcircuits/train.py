@@ -292,10 +292,12 @@ class _Plateau:
     since_best: int = 0  # validations without improvement since the best
     decays: int = 0
 
-    def improved_by(self, value: float, higher_is_better: bool) -> bool:
+    def improved_by(self, value: float, higher_is_better: bool, threshold: float = 0.0) -> bool:
+        """Whether ``value`` beats the best by more than ``threshold`` (a fraction of it)."""
         if self.best is None:
             return math.isfinite(value)
-        return value > self.best if higher_is_better else value < self.best
+        gain = value - self.best if higher_is_better else self.best - value
+        return gain > threshold * abs(self.best) if threshold > 0 else gain > 0
 
 
 @dataclass
@@ -771,10 +773,13 @@ class _Trainer:
         config, plateau, pos = self.config, self.plateau, self.position
         evaluation = self._evaluate("valid")
         self.last_valid = evaluation
-        if plateau.improved_by(evaluation.metric, self.task.higher_is_better):
+        higher = self.task.higher_is_better
+        # decided against the previous best, before it is updated
+        significant = plateau.improved_by(evaluation.metric, higher, config.lr_decay_threshold)
+        if plateau.improved_by(evaluation.metric, higher):
             plateau.best, plateau.best_loss = evaluation.metric, evaluation.loss
             plateau.best_step, plateau.best_epoch = pos.global_step, self._epoch_float()
-            plateau.since_best = plateau.since_decay = 0
+            plateau.since_best = 0
             if self.context.is_main:
                 save_checkpoint(
                     self.best_path,
@@ -789,6 +794,9 @@ class _Trainer:
                 )
         else:
             plateau.since_best += 1
+        if significant:
+            plateau.since_decay = 0
+        else:
             plateau.since_decay += 1
             if config.lr_decay_factor < 1.0 and plateau.since_decay >= config.lr_decay_patience:
                 plateau.since_decay = 0
