@@ -203,3 +203,10 @@ def test_cuda_modules_take_the_gpu_kernel_and_match_reference(cell, monkeypatch)
     out, grads = _run("gpu_fused", *args)
     for a, b in zip(ref_out + ref_grads, out + grads):
         torch.testing.assert_close(b, a, atol=1e-10, rtol=1e-9)
+
+
+def test_a_state_on_another_device_is_named():
+    kind, x, state, weights, _ = _layer("sublstm")
+    moved = LSTMState(state.h.detach().to("meta"), state.c)
+    with pytest.raises(ValueError, match="h0 is on meta"):
+        gpu_fused.run_layer_gpu_fused(kind, x, moved, weights, pointwise="torch")
