@@ -519,3 +519,42 @@ def test_an_lstm_stack_with_active_dropouts_or_lengths_runs_layer_by_layer(monke
     assert calls == []
     mc.LSTM(4, 6, num_layers=2, update_dropout=0.2, dropout=0.3).eval()(x)  # inactive in eval
     assert calls == [1]
+
+
+@pytest.mark.parametrize("cell", CELL_NAMES)
+@pytest.mark.parametrize("mask", [False, True])
+def test_pointwise_inplace_equals_the_cells_pointwise(cell, mask):
+    """The in-place step of the inference loops against the definition in cells.py."""
+    kind = CELLS[cell]
+    gen = torch.Generator().manual_seed(3)
+    B, H = 5, 7
+    pre = torch.randn(B, kind.num_gates * H, generator=gen, dtype=torch.float64) * 2
+    c = torch.randn(B, H, generator=gen, dtype=torch.float64)
+    phi = torch.randn(H, generator=gen, dtype=torch.float64) if kind.learned_decay else None
+    update_mask = (torch.rand(B, H, generator=gen) > 0.4).double() / 0.6 if mask else None
+    want_h, want_c = kind.pointwise(pre, c, phi, update_mask)
+    gates, c_new, h_out = pre.clone(), c.clone(), torch.empty(B, H, dtype=torch.float64)
+    decay = None if phi is None else torch.sigmoid(phi)
+    from microcircuits.cells import pointwise_inplace
+
+    pointwise_inplace(cell, gates, c_new, decay, update_mask, h_out)
+    torch.testing.assert_close(h_out, want_h, atol=1e-14, rtol=1e-13)
+    torch.testing.assert_close(c_new, want_c, atol=1e-14, rtol=1e-13)
+    if update_mask is None and cell != "lstm":  # (with a mask the z block holds z * mask)
+        torch.testing.assert_close(gates, torch.cat(_gate_values(kind, pre, phi), dim=1))
+
+
+def _gate_values(kind, pre, phi):
+    g = kind.activate(pre, phi)
+    return [g.i, g.z, g.o] if kind.learned_decay else [g.i, g.f, g.z, g.o]
+
+
+@pytest.mark.parametrize("cell", CELL_NAMES)
+def test_inference_leaves_the_callers_state_untouched(cell):
+    kind, x, state, weights, update_mask = _layer(cell, dtype=torch.float32, mask=True)
+    h0, c0 = state.h.detach().clone(), state.c.detach().clone()
+    with torch.no_grad(), kernels.use_kernel("cpu_fused"):
+        out, (h, c) = kernels.run_layer(kind, x, state, weights, update_mask=update_mask)
+    assert torch.equal(state.h, h0) and torch.equal(state.c, c0)
+    out[-1].zero_()
+    assert h.abs().sum() > 0  # h_n is not a view of the output

@@ -132,7 +132,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .. import cells
-from ..cells import CellKind, CellWeights, Gates, LSTMState
+from ..cells import CellKind, CellWeights, Gates, LSTMState, pointwise_inplace
 from ._checks import call_tensors, common_unsupported_reason
 from .reference import reverse_within_lengths
 
@@ -410,17 +410,19 @@ def _forward_inference(
     steps, batch, in_size = x.shape
     hidden = state.h.shape[-1]
     gate_rows = weights.weight_hh.shape[0]
-    phi = None if weights.forget is None else weights.forget.detach()
+    # fix-subLSTM's decay sigma(phi), once per sequence
+    decay = None if weights.forget is None else torch.sigmoid(weights.forget.detach())
     bias = _combined_bias(weights)
     rec = _Recurrent(weights.weight_hh, batch, forward=True, backward=False)
-    pointwise = kind.pointwise
     chunk = max(1, _INFERENCE_CHUNK_BYTES // max(1, batch * gate_rows * x.element_size()))
-    h, c = state.h.detach(), state.c.detach()
+    # the step works in place (cells.pointwise_inplace): c is a private copy, and h is
+    # read from the output y[t] (full batch) or kept in its own buffer (packed)
+    h, c = state.h.detach(), state.c.detach().clone()
     if batch_sizes is None:
         y = x.new_empty(steps, batch, hidden)
     else:
         y = x.new_zeros(steps, batch, hidden)
-        h, c = h.clone(), c.clone()
+        h = h.clone()
     chunk = min(chunk, steps)
     buffer = x.new_empty(chunk * batch, gate_rows)  # reused: fresh pages cost page faults
     with _flush_denormals():
@@ -437,18 +439,18 @@ def _forward_inference(
                 for t in range(start, stop):
                     if batch_sizes is None:
                         pre = rec.forward(h, gates[t - start])
-                        h, c = pointwise(pre, c, phi, mask)
-                        y[t].copy_(h)
+                        pointwise_inplace(kind.name, pre, c, decay, mask, y[t])
+                        h = y[t]
                         continue
                     bs = batch_sizes[t]
                     if bs == 0:
                         break
                     pre = rec.forward(h[:bs], gates[t - start, :bs])
                     m = None if mask is None else mask[:bs]
-                    new_h, new_c = pointwise(pre, c[:bs], phi, m)
-                    h[:bs] = new_h
-                    c[:bs] = new_c
-                    y[t, :bs] = new_h
+                    pointwise_inplace(kind.name, pre, c[:bs], decay, m, y[t, :bs])
+                    h[:bs] = y[t, :bs]
+    if batch_sizes is None:
+        h = h.clone()  # not a view of the output
     return y, h, c
 
 
