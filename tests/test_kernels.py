@@ -558,3 +558,20 @@ def test_inference_leaves_the_callers_state_untouched(cell):
     assert torch.equal(state.h, h0) and torch.equal(state.c, c0)
     out[-1].zero_()
     assert h.abs().sum() > 0  # h_n is not a view of the output
+
+
+@pytest.mark.parametrize("cell", CELL_NAMES)
+def test_autocast_takes_the_reference_path_and_trains(cell):
+    """Under autocast the fused kernels step aside (their GEMMs would come back in
+    bfloat16 beside float32 state); the module runs, close to its float32 result."""
+    torch.manual_seed(0)
+    model = mc.make_rnn(cell, 4, 6, num_layers=2)
+    x = torch.randn(5, 3, 4, requires_grad=True)
+    kind, _, state, weights, _ = _layer(cell, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert kernels.choose_kernel(kind, x, state, weights) == "reference"
+        out, (h, c) = model(x)
+    want, _ = model(x)
+    torch.testing.assert_close(out.float(), want, atol=0.05, rtol=0.05)
+    (grad,) = torch.autograd.grad(out.float().sum(), x)
+    assert torch.isfinite(grad).all()

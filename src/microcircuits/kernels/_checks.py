@@ -24,6 +24,17 @@ def compiling() -> bool:
     return bool(compiler is not None and compiler.is_compiling())
 
 
+def autocast_on(x: Tensor) -> bool:
+    """Whether autocast is enabled for ``x``'s device type (the fused kernels do not
+    follow its casting rules; the reference path's ``F.linear`` does)."""
+    try:
+        return bool(torch.is_autocast_enabled(x.device.type))
+    except TypeError:  # pragma: no cover - torch without the device_type argument
+        if x.device.type == "cpu":
+            return bool(torch.is_autocast_cpu_enabled())
+        return bool(torch.is_autocast_enabled())
+
+
 def functorch_wrapped(tensors: Sequence[Tensor]) -> bool:
     """Whether any tensor is wrapped by a functorch transform (vmap/grad/jvp)."""
     check = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
@@ -41,7 +52,7 @@ def common_unsupported_reason(
 ) -> str | None:
     """Why a hand-differentiated whole-sequence kernel cannot take the call (device aside),
     or ``None``: a mask with a gradient, mixed dtypes or layouts, an unsupported dtype, a
-    bad shape or ``lengths``, ``torch.compile`` tracing, functorch transforms."""
+    bad shape or ``lengths``, ``torch.compile`` tracing, autocast, functorch transforms."""
     if update_mask is not None and update_mask.requires_grad:
         return "update_mask requires grad"
     for t in tensors:
@@ -61,6 +72,8 @@ def common_unsupported_reason(
         return f"lengths of shape {tuple(lengths.shape)} for a batch of {x.shape[1]}"
     if compiling():
         return "torch.compile is tracing (the reference path traces into a graph)"
+    if autocast_on(x):
+        return "autocast is enabled (the reference path follows its casting rules)"
     if functorch_wrapped(tensors):
         return "functorch-transformed tensors (vmap/grad/jvp)"
     return None

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..cells import CellKind, CellWeights, LSTMState
-from ._checks import compiling, functorch_wrapped
+from ._checks import autocast_on, compiling, functorch_wrapped
 
 __all__ = ["run_layer_aten_lstm", "run_stack_aten_lstm", "unsupported_reason"]
 
@@ -55,6 +55,8 @@ def unsupported_reason(
         return f"dtype {x.dtype} is not float32/float64"
     if x.dim() != 3 or x.shape[0] == 0 or x.shape[1] == 0:
         return f"input shape {tuple(x.shape)} is not (T>0, B>0, I)"
+    if autocast_on(x):
+        return "autocast is enabled (the reference path follows its casting rules)"
     if not compiling() and functorch_wrapped(tensors):
         return "functorch-transformed tensors (vmap/grad/jvp)"
     return None
