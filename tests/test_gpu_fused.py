@@ -210,3 +210,10 @@ def test_a_state_on_another_device_is_named():
     moved = LSTMState(state.h.detach().to("meta"), state.c)
     with pytest.raises(ValueError, match="h0 is on meta"):
         gpu_fused.run_layer_gpu_fused(kind, x, moved, weights, pointwise="torch")
+
+
+def test_higher_order_gradients_ask_for_the_reference_path_too():
+    kind, x, state, weights, _ = _layer("fix_sublstm")
+    out, _ = gpu_fused.run_layer_gpu_fused(kind, x, state, weights, pointwise="torch")
+    with pytest.raises(RuntimeError, match="first-order gradients only"):
+        torch.autograd.grad(out.sum(), x, create_graph=True)

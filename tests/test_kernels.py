@@ -575,3 +575,17 @@ def test_autocast_takes_the_reference_path_and_trains(cell):
     torch.testing.assert_close(out.float(), want, atol=0.05, rtol=0.05)
     (grad,) = torch.autograd.grad(out.float().sum(), x)
     assert torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("cell", CELL_NAMES)
+def test_higher_order_gradients_ask_for_the_reference_path(cell):
+    kind, x, state, weights, update_mask = _layer(cell)
+    with kernels.use_kernel("cpu_fused"):
+        out, _ = kernels.run_layer(kind, x, state, weights, update_mask=update_mask)
+    with pytest.raises(RuntimeError, match="use_kernel\\('reference'\\)"):
+        torch.autograd.grad(out.sum(), x, create_graph=True)
+    with kernels.use_kernel("reference"):  # the advertised way works
+        out, _ = kernels.run_layer(kind, x, state, weights, update_mask=update_mask)
+    (g,) = torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
+    (gg,) = torch.autograd.grad(g.sum(), weights.weight_hh)
+    assert torch.isfinite(gg).all()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -77,3 +78,21 @@ def common_unsupported_reason(
     if functorch_wrapped(tensors):
         return "functorch-transformed tensors (vmap/grad/jvp)"
     return None
+
+
+def first_order_only(backward: Callable) -> Callable:
+    """Wrap a hand-written ``backward`` (itself ``once_differentiable``) so that asking it
+    for a graph (``create_graph=True``, e.g. for a gradient penalty) fails at once with a
+    clear message, instead of returning gradients that silently carry no graph."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "the fused microcircuits kernels give first-order gradients only; for "
+                "create_graph=True (higher-order gradients) run the model under "
+                "microcircuits.use_kernel('reference')"
+            )
+        return backward(ctx, *grads)
+
+    return wrapper

@@ -44,9 +44,9 @@ Supported: float32 and float64 on CPU; gradients for the input, the initial stat
 weights, both biases (or none) and phi; ``update_mask`` ``(B, H)`` without gradient;
 ``lengths``; ``reverse`` (via :func:`~microcircuits.kernels.reference.reverse_within_lengths`).
 :func:`unsupported_reason` says why a call does not qualify (e.g. another dtype or
-device, a mask that requires grad, functorch transforms, ``torch.compile`` tracing);
-the dispatcher then falls back to the reference path. Backward is
-``once_differentiable`` (no double backward).
+device, a mask that requires grad, autocast, functorch transforms, ``torch.compile``
+tracing); the dispatcher then falls back to the reference path. Backward is first-order
+only: ``create_graph=True`` raises, naming the reference path (``use_kernel``).
 
 Measurements behind the choices below: 2-vCPU AMD EPYC (Zen 3, AVX2, 1 MiB L2 per core,
 32 MiB L3), torch 2.13 CPU (MKL 2024.2, oneDNN 3.12), shared with other jobs, so
@@ -133,7 +133,7 @@ from torch.autograd.function import once_differentiable
 
 from .. import cells
 from ..cells import CellKind, CellWeights, Gates, LSTMState, pointwise_inplace
-from ._checks import call_tensors, common_unsupported_reason
+from ._checks import call_tensors, common_unsupported_reason, first_order_only
 from .reference import reverse_within_lengths
 
 __all__ = [
@@ -539,6 +539,7 @@ class _FusedLayer(torch.autograd.Function):
         return y, h_n, c_n
 
     @staticmethod
+    @first_order_only
     @once_differentiable
     def backward(ctx, grad_y: Tensor, grad_hn: Tensor, grad_cn: Tensor):  # type: ignore[override]
         x2d, h0, weight_ih, weight_hh, phi, mask, act, c_all, y = ctx.saved_tensors

@@ -50,7 +50,7 @@ from torch.autograd.function import once_differentiable
 
 from ..cells import CellKind, CellWeights, LSTMState
 from . import triton_pointwise as tp
-from ._checks import call_tensors, common_unsupported_reason
+from ._checks import call_tensors, common_unsupported_reason, first_order_only
 from .cpu_fused import graph_kept
 from .reference import reverse_within_lengths
 
@@ -137,6 +137,7 @@ class _GPUFusedLayer(torch.autograd.Function):
         return y, h.clone(), cbuf[steps].clone()
 
     @staticmethod
+    @first_order_only
     @once_differentiable
     def backward(ctx, grad_y: Tensor, grad_hn: Tensor, grad_cn: Tensor):  # type: ignore[override]
         x2d, h0, weight_ih, weight_hh, phi, mask, active, gates, cbuf, y = ctx.saved_tensors
