@@ -288,3 +288,15 @@ def test_lm_loss_summed_over_time_scales_the_gradient_steps_take(tiny_corpus, tm
     assert moved[False].abs().max() > 0
     torch.testing.assert_close(moved[True], 5 * moved[False], rtol=1e-3, atol=5e-7)
     assert logged[True] == pytest.approx(logged[False], rel=1e-6)
+
+
+def test_lm_embedding_size_can_differ_from_the_hidden_size(tiny_corpus) -> None:
+    task = _lm_task(tiny_corpus, embedding_size=9)
+    model = task.build_model()
+    assert model.embedding.weight.shape == (len(tiny_corpus.vocab), 9)
+    assert model.rnn.weight_ih_l0.shape[1] == 9 and model.decoder.weight.shape[1] == 6
+    loss, _ = task.train_loss(model, next(task.train_batches(torch.Generator())), None)
+    loss.backward()
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="embedding_size"):
+        _lm_task(tiny_corpus, embedding_size=0)

@@ -81,6 +81,8 @@ class ExperimentConfig:
     size: int | None = None  # the paper's nominal size (table key); None: = hidden_size
     hidden_size: int = 64  # units per layer (fix-subLSTM: the parameter-matched count)
     num_layers: int = 1  # stacked recurrent layers (paper: 1 for sMNIST, 2 for LM)
+    embedding_size: int | None = None  # language models: word-vector size; None: the
+    # hidden size (as in Zaremba et al.; the paper does not say)
     forget_bias: float = 1.0  # initial forget-gate bias (paper: 1); phi for fix-subLSTM
 
     # -- data ------------------------------------------------------------------------
@@ -206,7 +208,7 @@ class ExperimentConfig:
             _positive_int(name, getattr(self, name))
         for name in (
             "size", "steps_per_epoch", "max_steps", "early_stop_patience", "eval_every",
-            "checkpoint_every", "num_threads",
+            "checkpoint_every", "num_threads", "embedding_size",
         ):  # fmt: skip
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))

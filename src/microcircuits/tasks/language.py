@@ -82,8 +82,10 @@ class LanguageModelTask:
         return x, lambda output: F.cross_entropy(model.decoder(output[-1]), target)
 
     def build_model(self) -> nn.Module:
-        rnn = make_recurrent_stack(self.config, input_size=self.config.hidden_size)
-        return LanguageModel(rnn, self.vocab_size, self.config.hidden_size).to(self.device)
+        embedding = self.config.embedding_size or self.config.hidden_size
+        rnn = make_recurrent_stack(self.config, input_size=embedding)
+        model = LanguageModel(rnn, self.vocab_size, self.config.hidden_size, embedding)
+        return model.to(self.device)
 
     def steps_per_epoch(self) -> int:
         full = len(bptt_batches(self._train, self.config.bptt))

@@ -56,19 +56,23 @@ class LastStepReadout(nn.Module):
 class LanguageModel(nn.Module):
     """Embedding -> recurrent stack -> linear decoder over the vocabulary.
 
-    The embedding size equals the hidden size. Input dropout (on the embeddings) and
-    output dropout (before the decoder) are the recurrent stack's ``input_dropout`` and
-    ``output_dropout``; update dropout acts inside its cells.
+    The embedding size equals the hidden size unless given. Input dropout (on the
+    embeddings) and output dropout (before the decoder) are the recurrent stack's
+    ``input_dropout`` and ``output_dropout``; update dropout acts inside its cells.
 
     Args:
-        rnn: time-major recurrent stack, input and output size ``hidden_size``.
+        rnn: time-major recurrent stack, input size ``embedding_size``, output size
+            ``hidden_size``.
         vocab_size: number of words.
-        hidden_size: embedding and hidden size.
+        hidden_size: hidden size (the decoder's input).
+        embedding_size: word-vector size; ``None``: ``hidden_size``.
     """
 
-    def __init__(self, rnn: nn.Module, vocab_size: int, hidden_size: int) -> None:
+    def __init__(
+        self, rnn: nn.Module, vocab_size: int, hidden_size: int, embedding_size: int | None = None
+    ) -> None:
         super().__init__()
-        self.embedding = nn.Embedding(vocab_size, hidden_size)
+        self.embedding = nn.Embedding(vocab_size, embedding_size or hidden_size)
         self.rnn = rnn
         self.decoder = nn.Linear(hidden_size, vocab_size)
         # Small uniform embeddings (as in Zaremba et al. 2014); Glorot decoder as the
