@@ -19,7 +19,7 @@ from microcircuits.cells import CELLS, CellWeights, LSTMState
 from microcircuits.kernels import gpu_fused
 from microcircuits.kernels import triton_pointwise as tp
 
-from .test_kernels import LENGTHS, _inputs, _layer, _run
+from .test_kernels import LENGTHS, _inputs, _layer, _run, _with_grads
 
 CELL_NAMES = list(CELLS)
 
@@ -41,10 +41,7 @@ def _run_gpu_fused(pointwise, kind, x, state, weights, update_mask=None, lengths
     out, (h, c) = gpu_fused.run_layer_gpu_fused(
         kind, x, state, weights, lengths, update_mask, reverse, pointwise=pointwise
     )
-    gen = torch.Generator().manual_seed(1)
-    loss = sum((t * torch.randn(t.shape, generator=gen, dtype=t.dtype)).sum() for t in (out, h, c))
-    grads = torch.autograd.grad(loss, _inputs(x, state, weights))
-    return [out, h, c], list(grads)
+    return _with_grads((out, h, c), x, state, weights)
 
 
 @pytest.mark.parametrize("cell", CELL_NAMES)

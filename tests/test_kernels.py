@@ -50,16 +50,21 @@ def _inputs(x, state, weights):
     return [x, state.h, state.c] + [w for w in weights if w is not None]
 
 
+def _with_grads(outputs, x, state, weights):
+    """``outputs`` and the gradients of a fixed random projection of them (seeded)."""
+    gen = torch.Generator().manual_seed(1)
+    loss = sum((t * torch.randn(t.shape, generator=gen, dtype=t.dtype)).sum() for t in outputs)
+    grads = torch.autograd.grad(loss, _inputs(x, state, weights))
+    return list(outputs), list(grads)
+
+
 def _run(kernel, kind, x, state, weights, update_mask=None, lengths=None, reverse=False):
     """Outputs, final state and the gradients of a random projection of all three."""
     with kernels.use_kernel(kernel):
         out, (h, c) = kernels.run_layer(
             kind, x, state, weights, lengths=lengths, update_mask=update_mask, reverse=reverse
         )
-    gen = torch.Generator().manual_seed(1)
-    loss = sum((t * torch.randn(t.shape, generator=gen, dtype=t.dtype)).sum() for t in (out, h, c))
-    grads = torch.autograd.grad(loss, _inputs(x, state, weights))
-    return [out, h, c], list(grads)
+    return _with_grads((out, h, c), x, state, weights)
 
 
 LENGTHS = {

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..cells import CellKind, CellWeights, LSTMState
-from ._checks import autocast_on, compiling, functorch_wrapped
+from ._checks import autocast_on, call_tensors, compiling, functorch_wrapped
 
 __all__ = ["run_layer_aten_lstm", "run_stack_aten_lstm", "unsupported_reason"]
 
@@ -43,7 +43,7 @@ def unsupported_reason(
         return "variable lengths go to the fused kernel"
     if (weights.bias_ih is None) != (weights.bias_hh is None):
         return "only one of the two biases is given"
-    tensors = [x, state.h, state.c, *[w for w in weights if w is not None]]
+    tensors = call_tensors(x, state, weights, None)
     for t in tensors:
         if t.device.type != "cpu":
             return f"a tensor is on {t.device}, not the CPU"

@@ -535,7 +535,6 @@ class _FusedLayer(torch.autograd.Function):
         ctx.kind = kind
         ctx.batch_sizes = batch_sizes
         ctx.save_for_backward(x2d, h0, weight_ih, weight_hh, phi, mask, gates, c_all, y)
-        ctx.has_bias = (bias_ih is not None, bias_hh is not None)
         return y, h_n, c_n
 
     @staticmethod

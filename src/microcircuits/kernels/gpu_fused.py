@@ -51,7 +51,7 @@ from torch.autograd.function import once_differentiable
 from ..cells import CellKind, CellWeights, LSTMState
 from . import triton_pointwise as tp
 from ._checks import call_tensors, common_unsupported_reason, first_order_only
-from .cpu_fused import graph_kept
+from .cpu_fused import _combined_bias, _input_projection, graph_kept
 from .reference import reverse_within_lengths
 
 __all__ = ["POINTWISE_IMPLS", "run_layer_gpu_fused", "unsupported_reason"]
@@ -90,17 +90,6 @@ def _pointwise(device: torch.device, impl: str) -> tuple[Callable, Callable]:
     return tp.pointwise_forward_torch, tp.pointwise_backward_torch
 
 
-def _projection(x2d: Tensor, weights: CellWeights) -> Tensor:
-    """``x W^T + b_ih + b_hh`` as one GEMM, ``(N, G*H)``, a new contiguous tensor."""
-    w = weights.weight_ih.detach()
-    b_ih, b_hh = weights.bias_ih, weights.bias_hh
-    biases = [b.detach() for b in (b_ih, b_hh) if b is not None]
-    if not biases:
-        return torch.mm(x2d, w.t())
-    bias = biases[0] if len(biases) == 1 else biases[0] + biases[1]
-    return torch.addmm(bias, x2d, w.t())
-
-
 class _GPUFusedLayer(torch.autograd.Function):
     """One layer and direction over a whole left-aligned sequence (see module docstring)."""
 
@@ -123,16 +112,15 @@ class _GPUFusedLayer(torch.autograd.Function):
         steps, batch, in_size = x.shape
         hidden = h0.shape[-1]
         fwd, _ = _pointwise(x.device, impl)
-        weights = CellWeights(weight_ih, weight_hh, bias_ih, bias_hh, phi)
+        bias = _combined_bias(CellWeights(weight_ih, weight_hh, bias_ih, bias_hh, phi))
         x2d = x.reshape(steps * batch, in_size)
-        gates = _projection(x2d, weights).view(steps, batch, -1)
+        gates = _input_projection(x2d, weight_ih, bias).view(steps, batch, -1)
         cbuf = x.new_empty(steps + 1, batch, hidden)
         cbuf[0] = c0
         y = x.new_empty(steps, batch, hidden)
         h = h0.detach().clone() if active is not None else h0.detach()
         h = _loop_forward(fwd, kind, gates, cbuf, y, h, weight_hh, phi, mask, active, True)
         ctx.kind, ctx.impl = kind, impl
-        ctx.has_bias = (bias_ih is not None, bias_hh is not None)
         ctx.save_for_backward(x2d, h0, weight_ih, weight_hh, phi, mask, active, gates, cbuf, y)
         return y, h.clone(), cbuf[steps].clone()
 
@@ -227,7 +215,7 @@ def run_layer_gpu_fused(
             ``TRITON_INTERPRET=1``), ``"torch"`` (their PyTorch twins, any device) or
             ``"auto"`` (Triton where it can run, else the twins).
     """
-    _pointwise(x.device, pointwise)  # validate the name early
+    fwd, _ = _pointwise(x.device, pointwise)  # also validates the name early
     steps, batch = x.shape[0], x.shape[1]
     active = None
     if lengths is not None:
@@ -238,7 +226,7 @@ def run_layer_gpu_fused(
             active = torch.arange(steps, device=x.device)[:, None] < lens[None, :]  # (T, B)
             lengths = lens
     if reverse:
-        x = x.flip(0) if lengths is None else reverse_within_lengths(x, lengths)
+        x = reverse_within_lengths(x, lengths)
     # Once per sequence what the Triton wrappers would check per step: one device, last
     # dimensions contiguous (the buffers the Function allocates are contiguous already).
     for name, t in (("h0", state.h), ("c0", state.c), ("update_mask", update_mask)):
@@ -258,16 +246,17 @@ def run_layer_gpu_fused(
         )  # fmt: skip
     else:
         with torch.no_grad():
-            fwd, _ = _pointwise(x.device, pointwise)
-            steps, batch, in_size = x.shape
-            gates = _projection(x.reshape(steps * batch, in_size), weights).view(steps, batch, -1)
+            x2d = x.reshape(steps * batch, x.shape[2])
+            gates = _input_projection(x2d, weights.weight_ih, _combined_bias(weights))
+            gates = gates.view(steps, batch, -1)
             cbuf = state.c.detach().clone()[None]
             out = x.new_empty(steps, batch, state.h.shape[-1])
-            h = state.h.detach().clone()
+            # with lengths h is the state buffer, updated in place; else only read
+            h = state.h.detach().clone() if active is not None else state.h.detach()
             h = _loop_forward(
                 fwd, kind, gates, cbuf, out, h, weights.weight_hh, phi, update_mask, active, False
             )
             h_n, c_n = h.clone(), cbuf[0]
     if reverse:
-        out = out.flip(0) if lengths is None else reverse_within_lengths(out, lengths)
+        out = reverse_within_lengths(out, lengths)
     return out, LSTMState(h_n, c_n)

@@ -78,9 +78,7 @@ def mean_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
         or logits.shape[0] == 0
     ):
         return F.cross_entropy(logits, targets)
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= logits.shape[1]):
-        raise IndexError(
-            f"target ids must lie in [0, {logits.shape[1]}), got "
-            f"[{int(targets.min())}, {int(targets.max())}]"
-        )
+    low, high = int(targets.min()), int(targets.max())  # rows exist: N > 0 above
+    if low < 0 or high >= logits.shape[1]:
+        raise IndexError(f"target ids must lie in [0, {logits.shape[1]}), got [{low}, {high}]")
     return _MeanCrossEntropy.apply(logits, targets)
