@@ -56,8 +56,9 @@ CELL_NAMES = ("lstm", "sublstm", "fix_sublstm")
 # -- shared options ---------------------------------------------------------------------
 
 
-def _add_run_options(parser: argparse.ArgumentParser) -> None:
-    """Options shared by ``train`` and ``compare``."""
+def _add_experiment_options(parser: argparse.ArgumentParser, runs: str) -> None:
+    """The task and the options that shape one training run, shared by ``train``,
+    ``compare`` and ``search``; ``runs`` names what they apply to in the help texts."""
     parser.add_argument("task", choices=TASKS, help="the experiment")
     parser.add_argument(
         "--size",
@@ -65,13 +66,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         help="the paper's size: for ptb/wikitext2 the row of Table 2/3 (10, 100, 200, 650; "
         "fix-subLSTM then gets 11/115/230/750 units), elsewhere the hidden size",
     )
-    parser.add_argument("--epochs", type=int, help="number of epochs (overrides the preset)")
-    parser.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
+    parser.add_argument("--epochs", type=int, help=f"epochs of {runs} (overrides the preset)")
     parser.add_argument(
-        "--preset",
-        metavar="FILE",
-        help="a preset file (e.g. best_preset.toml of `microcircuits search`) applied after "
-        "the task's preset and before --set; it also gives the default --cell and --size",
+        "--max-steps", type=int, help=f"stop {runs} after this many optimiser steps"
     )
     parser.add_argument(
         "--set",
@@ -79,15 +76,26 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override any config field, e.g. --set lr=0.001 --set clip_norm=none "
+        help=f"override any config field of {runs}, e.g. --set lr=0.001 --set clip_norm=none "
         "(repeatable; see microcircuits.config.ExperimentConfig for the fields)",
     )
     parser.add_argument(
         "--data-dir", help="dataset directory (default: $MICROCIRCUITS_DATA, else a cache)"
     )
-    parser.add_argument("--device", choices=DEVICES, help="where to train (default: auto)")
+    parser.add_argument("--device", choices=DEVICES, help=f"device of {runs} (default: auto)")
+    parser.add_argument("--threads", type=int, help=f"torch CPU threads of {runs}")
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    """Options shared by ``train`` and ``compare``."""
+    _add_experiment_options(parser, "the run")
+    parser.add_argument(
+        "--preset",
+        metavar="FILE",
+        help="a preset file (e.g. best_preset.toml of `microcircuits search`) applied after "
+        "the task's preset and before --set; it also gives the default --cell and --size",
+    )
     parser.add_argument("--seed", type=int, help="random seed (default: 0)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument(
         "--resume",
         action="store_true",
@@ -315,9 +323,8 @@ def add_search_command(subparsers: Any) -> None:
         "machines: a PostgreSQL URL) to work on it together. Writes OUT/best_preset.toml "
         "(for train --preset) and the plots optimization_history.png, param_importances.png.",
     )
-    parser.add_argument("task", choices=TASKS, help="the experiment")
+    _add_experiment_options(parser, "every trial")
     parser.add_argument("--cell", default="lstm", help=f"one of {list(CELL_NAMES)}")
-    parser.add_argument("--size", type=int, help="the paper's size (as for train)")
     parser.add_argument(
         "--trials",
         type=int,
@@ -358,19 +365,6 @@ def add_search_command(subparsers: Any) -> None:
         help="seconds between a running trial's heartbeats; a trial silent for twice as "
         "long is failed and retried from its checkpoint (default: 60)",
     )
-    parser.add_argument("--epochs", type=int, help="training budget of every trial")
-    parser.add_argument("--max-steps", type=int, help="stop every trial after this many steps")
-    parser.add_argument(
-        "--set",
-        dest="assignments",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config values shared by every trial (repeatable)",
-    )
-    parser.add_argument("--data-dir", help="dataset directory")
-    parser.add_argument("--device", choices=DEVICES, help="where trials train (default: auto)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads per worker")
     parser.set_defaults(handler=_run_search)
 
 
