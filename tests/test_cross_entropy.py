@@ -74,3 +74,17 @@ def test_an_underflowed_target_probability_gives_the_exact_finite_loss():
     (g,) = torch.autograd.grad(ours, logits)
     (g_ref,) = torch.autograd.grad(ref, logits)
     torch.testing.assert_close(g, g_ref)
+
+
+def test_create_graph_is_refused_not_silently_first_order():
+    """A double backward (e.g. a gradient penalty) through the loss must not get
+    gradients without a graph: it fails naming the function and the alternative."""
+    logits = torch.randn(6, 9, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 9, (6,))
+    loss = mean_cross_entropy(logits, targets)
+    refused = "mean_cross_entropy gives first-order.*functional.cross_entropy"
+    with pytest.raises(RuntimeError, match=refused):
+        torch.autograd.grad(loss, logits, create_graph=True)
+    # the reference it names does give a second-order graph
+    (g,) = torch.autograd.grad(F.cross_entropy(logits, targets), logits, create_graph=True)
+    assert g.requires_grad

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from .._autograd import first_order_only as _first_order_only
 from ..cells import CellWeights, LSTMState
 
 
@@ -50,10 +50,12 @@ def common_unsupported_reason(
     lengths: Tensor | None,
     update_mask: Tensor | None,
     dtypes: tuple[torch.dtype, ...],
+    traceable: bool = False,
 ) -> str | None:
-    """Why a hand-differentiated whole-sequence kernel cannot take the call (device aside),
-    or ``None``: a mask with a gradient, mixed dtypes or layouts, an unsupported dtype, a
-    bad shape or ``lengths``, ``torch.compile`` tracing, autocast, functorch transforms."""
+    """Why a whole-sequence kernel cannot take the call (device aside), or ``None``: a mask
+    with a gradient, mixed dtypes or layouts, an unsupported dtype, a bad shape or
+    ``lengths``, ``torch.compile`` tracing (unless the kernel is ``traceable``: an ATen op
+    that dynamo records as it is), autocast, functorch transforms."""
     if update_mask is not None and update_mask.requires_grad:
         return "update_mask requires grad"
     for t in tensors:
@@ -71,28 +73,17 @@ def common_unsupported_reason(
         return "lengths must be integers"
     if lengths is not None and tuple(lengths.shape) != (x.shape[1],):
         return f"lengths of shape {tuple(lengths.shape)} for a batch of {x.shape[1]}"
-    if compiling():
+    tracing = compiling()
+    if tracing and not traceable:
         return "torch.compile is tracing (the reference path traces into a graph)"
     if autocast_on(x):
         return "autocast is enabled (the reference path follows its casting rules)"
-    if functorch_wrapped(tensors):
+    if not tracing and functorch_wrapped(tensors):
         return "functorch-transformed tensors (vmap/grad/jvp)"
     return None
 
 
-def first_order_only(backward: Callable) -> Callable:
-    """Wrap a hand-written ``backward`` (itself ``once_differentiable``) so that asking it
-    for a graph (``create_graph=True``, e.g. for a gradient penalty) fails at once with a
-    clear message, instead of returning gradients that silently carry no graph."""
-
-    @functools.wraps(backward)
-    def wrapper(ctx, *grads):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "the fused microcircuits kernels give first-order gradients only; for "
-                "create_graph=True (higher-order gradients) run the model under "
-                "microcircuits.use_kernel('reference')"
-            )
-        return backward(ctx, *grads)
-
-    return wrapper
+first_order_only = _first_order_only(
+    "a fused microcircuits kernel", "run the model under microcircuits.use_kernel('reference')"
+)
+"""Decorator for the fused kernels' ``backward``: ``create_graph=True`` fails clearly."""

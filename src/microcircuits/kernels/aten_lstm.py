@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..cells import CellKind, CellWeights, LSTMState
-from ._checks import autocast_on, call_tensors, compiling, functorch_wrapped
+from ._checks import call_tensors, common_unsupported_reason
 
 __all__ = ["run_layer_aten_lstm", "run_stack_aten_lstm", "unsupported_reason"]
 
@@ -47,19 +47,9 @@ def unsupported_reason(
     for t in tensors:
         if t.device.type != "cpu":
             return f"a tensor is on {t.device}, not the CPU"
-        if t.dtype != x.dtype:
-            return f"mixed dtypes ({t.dtype} and {x.dtype})"
-        if t.layout != torch.strided:
-            return f"layout {t.layout} is not strided"
-    if x.dtype not in (torch.float32, torch.float64):
-        return f"dtype {x.dtype} is not float32/float64"
-    if x.dim() != 3 or x.shape[0] == 0 or x.shape[1] == 0:
-        return f"input shape {tuple(x.shape)} is not (T>0, B>0, I)"
-    if autocast_on(x):
-        return "autocast is enabled (the reference path follows its casting rules)"
-    if not compiling() and functorch_wrapped(tensors):
-        return "functorch-transformed tensors (vmap/grad/jvp)"
-    return None
+    return common_unsupported_reason(
+        x, tensors, None, None, (torch.float32, torch.float64), traceable=True
+    )
 
 
 def run_layer_aten_lstm(

@@ -132,8 +132,10 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .. import cells
+from .._autograd import graph_kept
 from ..cells import CellKind, CellWeights, Gates, LSTMState, pointwise_inplace
 from ._checks import call_tensors, common_unsupported_reason, first_order_only
+from ._projection import combined_bias, input_projection
 from .reference import reverse_within_lengths
 
 __all__ = [
@@ -255,22 +257,6 @@ class _Recurrent:
         return out
 
 
-def _input_projection(
-    x2d: Tensor, weight_ih: Tensor, bias: Tensor | None, out: Tensor | None = None
-) -> Tensor:
-    """``x W^T + b`` as one GEMM, ``(N, G*H)``."""
-    if bias is None:
-        return torch.mm(x2d, weight_ih.t(), out=out)
-    return torch.addmm(bias, x2d, weight_ih.t(), out=out)
-
-
-def _combined_bias(weights: CellWeights) -> Tensor | None:
-    b_ih, b_hh = weights.bias_ih, weights.bias_hh
-    if b_ih is None:
-        return None if b_hh is None else b_hh.detach()
-    return b_ih.detach() if b_hh is None else (b_ih.detach() + b_hh.detach())
-
-
 # ----------------------------------------------------------------------- denormals
 
 _PROBE = torch.tensor([1e-30], dtype=torch.float32)
@@ -295,15 +281,6 @@ def _flush_denormals() -> Iterator[None]:
 
 _sigmoid_bwd = torch.ops.aten.sigmoid_backward.grad_input
 _tanh_bwd = torch.ops.aten.tanh_backward.grad_input
-_KEEP_GRAPH = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-
-
-def graph_kept() -> bool:
-    """Whether this backward keeps the graph (``retain_graph``/``create_graph``): then the
-    saved tensors must survive it. Unknown (older torch): assume kept."""
-    return True if _KEEP_GRAPH is None else bool(_KEEP_GRAPH())
-
-
 # ----------------------------------------------------------------- applicability
 
 
@@ -412,7 +389,7 @@ def _forward_inference(
     gate_rows = weights.weight_hh.shape[0]
     # fix-subLSTM's decay sigma(phi), once per sequence
     decay = None if weights.forget is None else torch.sigmoid(weights.forget.detach())
-    bias = _combined_bias(weights)
+    bias = combined_bias(weights)
     rec = _Recurrent(weights.weight_hh, batch, forward=True, backward=False)
     chunk = max(1, _INFERENCE_CHUNK_BYTES // max(1, batch * gate_rows * x.element_size()))
     # the step works in place (cells.pointwise_inplace): c is a private copy, and h is
@@ -429,7 +406,7 @@ def _forward_inference(
         for start in range(0, steps, chunk):
             stop = min(steps, start + chunk)
             n = stop - start
-            gates = _input_projection(
+            gates = input_projection(
                 x[start:stop].reshape(n * batch, in_size),
                 weights.weight_ih.detach(),
                 bias,
@@ -501,7 +478,7 @@ class _FusedLayer(torch.autograd.Function):
         c_all = x.new_empty(steps + 1, batch, hidden)
         c_all[0] = c0
         with _flush_denormals():
-            gates = _input_projection(x2d, weight_ih, _combined_bias(weights))
+            gates = input_projection(x2d, weight_ih, combined_bias(weights))
             gates = gates.view(steps, batch, gate_rows)
             act = gates.view(steps, batch, -1, hidden)  # pre-activations become activations
             with rec.loop():

@@ -48,10 +48,11 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .._autograd import graph_kept
 from ..cells import CellKind, CellWeights, LSTMState
 from . import triton_pointwise as tp
 from ._checks import call_tensors, common_unsupported_reason, first_order_only
-from .cpu_fused import _combined_bias, _input_projection, graph_kept
+from ._projection import combined_bias, input_projection
 from .reference import reverse_within_lengths
 
 __all__ = ["POINTWISE_IMPLS", "run_layer_gpu_fused", "unsupported_reason"]
@@ -74,9 +75,12 @@ def unsupported_reason(
     for t in tensors:
         if t.device != x.device:
             return f"tensors on {t.device} and {x.device}"
-    if not tp.triton_available(x.device):
-        return f"the input is on {x.device}, not a CUDA device (and TRITON_INTERPRET is off)"
-    return common_unsupported_reason(x, tensors, lengths, update_mask, _SUPPORTED_DTYPES)
+    # the common checks first: under torch.compile they answer before Triton's own
+    # environment lookups, which dynamo cannot trace (a graph break and a warning)
+    reason = common_unsupported_reason(x, tensors, lengths, update_mask, _SUPPORTED_DTYPES)
+    if reason is None and not tp.triton_available(x.device):
+        reason = f"the input is on {x.device}, not a CUDA device (and TRITON_INTERPRET is off)"
+    return reason
 
 
 def _pointwise(device: torch.device, impl: str) -> tuple[Callable, Callable]:
@@ -112,9 +116,9 @@ class _GPUFusedLayer(torch.autograd.Function):
         steps, batch, in_size = x.shape
         hidden = h0.shape[-1]
         fwd, _ = _pointwise(x.device, impl)
-        bias = _combined_bias(CellWeights(weight_ih, weight_hh, bias_ih, bias_hh, phi))
+        bias = combined_bias(CellWeights(weight_ih, weight_hh, bias_ih, bias_hh, phi))
         x2d = x.reshape(steps * batch, in_size)
-        gates = _input_projection(x2d, weight_ih, bias).view(steps, batch, -1)
+        gates = input_projection(x2d, weight_ih, bias).view(steps, batch, -1)
         cbuf = x.new_empty(steps + 1, batch, hidden)
         cbuf[0] = c0
         y = x.new_empty(steps, batch, hidden)
@@ -247,7 +251,7 @@ def run_layer_gpu_fused(
     else:
         with torch.no_grad():
             x2d = x.reshape(steps * batch, x.shape[2])
-            gates = _input_projection(x2d, weights.weight_ih, _combined_bias(weights))
+            gates = input_projection(x2d, weights.weight_ih, combined_bias(weights))
             gates = gates.view(steps, batch, -1)
             cbuf = state.c.detach().clone()[None]
             out = x.new_empty(steps, batch, state.h.shape[-1])

@@ -13,8 +13,9 @@ place, in one pass:
 
 Rows whose target probability underflows (a logit gap beyond ~87 in float32) get their
 loss from ``log_softmax`` instead, so the loss stays finite and exact. With
-``retain_graph`` backward works on a copy. Only used in training (autograd on, float32
-or float64); ``F.cross_entropy`` is the reference it is tested against.
+``retain_graph`` backward works on a copy; ``create_graph`` (a second derivative) is
+refused with a clear error. Only used in training (autograd on, float32 or float64);
+``F.cross_entropy`` is the reference it is tested against.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ..kernels.cpu_fused import graph_kept
+from .._autograd import first_order_only, graph_kept
 
 
 class _MeanCrossEntropy(torch.autograd.Function):
@@ -42,6 +43,7 @@ class _MeanCrossEntropy(torch.autograd.Function):
         return nll.mean()
 
     @staticmethod
+    @first_order_only("mean_cross_entropy", "use torch.nn.functional.cross_entropy")
     @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         probs, targets = ctx.saved_tensors
