@@ -17,7 +17,9 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
+# the C++ step loops of the CPU kernel: built once (about a minute), then cached
 setup: $(BIN)/.installed
+	$(BIN)/microcircuits build-native
 
 test: setup
 	$(BIN)/python -m pytest -q

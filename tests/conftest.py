@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -23,3 +24,19 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(params=["native", "python"])
+def step_loops(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test of the fused CPU kernel with its C++ step loops and with its Python
+    ones. Where a C++ compiler exists the C++ loops must build: a broken build fails the
+    test instead of quietly testing the Python loops twice."""
+    from microcircuits.kernels import native
+
+    if request.param == "python":
+        monkeypatch.setattr(native, "step_loops", lambda: None)
+    elif native.step_loops() is None:
+        if not native.enabled() or shutil.which(os.environ.get("CXX", "c++")) is None:
+            pytest.skip("the C++ step loops are off or there is no C++ compiler here")
+        pytest.fail("the C++ step loops did not build (see the warning above)")
+    return request.param

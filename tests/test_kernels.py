@@ -81,7 +81,7 @@ LENGTHS = {
 @pytest.mark.parametrize("lengths", list(LENGTHS))
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("mask", [False, True])
-def test_cpu_fused_forward_float32(cell, lengths, reverse, mask):
+def test_cpu_fused_forward_float32(cell, lengths, reverse, mask, step_loops):
     kind, x, state, weights, update_mask = _layer(cell, dtype=torch.float32, mask=mask)
     args = (kind, x, state, weights, update_mask, LENGTHS[lengths], reverse)
     ref, _ = _run("reference", *args)
@@ -94,7 +94,7 @@ def test_cpu_fused_forward_float32(cell, lengths, reverse, mask):
 @pytest.mark.parametrize("lengths", list(LENGTHS))
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("mask,bias", [(False, True), (True, True), (False, False)])
-def test_cpu_fused_gradients_float64(cell, lengths, reverse, mask, bias):
+def test_cpu_fused_gradients_float64(cell, lengths, reverse, mask, bias, step_loops):
     kind, x, state, weights, update_mask = _layer(cell, mask=mask, bias=bias)
     args = (kind, x, state, weights, update_mask, LENGTHS[lengths], reverse)
     ref_out, ref_grads = _run("reference", *args)
@@ -129,7 +129,7 @@ def test_cpu_fused_onednn_gemm_path_float32(cell, monkeypatch):
 
 @pytest.mark.parametrize("cell", CELL_NAMES)
 @pytest.mark.parametrize("input_size", [1, 70])
-def test_cpu_fused_gradients_input_sizes(cell, input_size):
+def test_cpu_fused_gradients_input_sizes(cell, input_size, step_loops):
     """Small inputs fold the bias gradient into the dW_ih product; large ones do not."""
     kind, x, state, weights, _ = _layer(cell, I=input_size, T=4, B=3, H=5)
     ref_out, ref_grads = _run("reference", kind, x, state, weights)
@@ -143,7 +143,7 @@ def test_cpu_fused_gradients_input_sizes(cell, input_size):
     "lengths,mask,reverse",
     [(None, False, False), (torch.tensor([3, 1]), True, False), (torch.tensor([2, 3]), True, True)],
 )
-def test_cpu_fused_gradcheck(cell, lengths, mask, reverse):
+def test_cpu_fused_gradcheck(cell, lengths, mask, reverse, step_loops):
     kind, x, state, weights, update_mask = _layer(cell, T=3, B=2, I=2, H=3, mask=mask)
 
     def f(*inputs):
@@ -166,7 +166,7 @@ def test_cpu_fused_gradcheck(cell, lengths, mask, reverse):
 
 
 @pytest.mark.parametrize("cell", CELL_NAMES)
-def test_cpu_fused_partial_requires_grad(cell):
+def test_cpu_fused_partial_requires_grad(cell, step_loops):
     """Only some inputs need gradients (e.g. a first layer with a plain input tensor)."""
     kind, x, state, weights, _ = _layer(cell)
     x = x.detach()
@@ -181,10 +181,10 @@ def test_cpu_fused_partial_requires_grad(cell):
 
 
 @pytest.mark.parametrize("cell", CELL_NAMES)
-def test_cpu_fused_backward_twice_with_retain_graph(cell):
+@pytest.mark.parametrize("lengths", [None, LENGTHS["unsorted"]])
+def test_cpu_fused_backward_twice_with_retain_graph(cell, lengths, step_loops):
     """Backward reuses saved buffers in place only when the graph is not kept."""
     kind, x, state, weights, update_mask = _layer(cell, mask=True)
-    lengths = LENGTHS["unsorted"]
     grads = {}
     for kernel in ("reference", "cpu_fused"):
         with kernels.use_kernel(kernel):
@@ -201,7 +201,7 @@ def test_cpu_fused_backward_twice_with_retain_graph(cell):
         torch.testing.assert_close(b, a, atol=1e-11, rtol=1e-10)
 
 
-def test_cpu_fused_long_sequence_last_step_loss_float32():
+def test_cpu_fused_long_sequence_last_step_loss_float32(step_loops):
     """784 steps with a loss on the last step only: the carried gradient decays through
     the denormal range. It must agree with float64 and leave the flush mode as it was."""
     kind, x64, state64, weights64, _ = _layer("sublstm", T=784, B=3, I=1, H=8)
@@ -222,7 +222,7 @@ def test_cpu_fused_long_sequence_last_step_loss_float32():
     torch.testing.assert_close(grad, grad64.float(), atol=1e-4, rtol=1e-3)
 
 
-def test_thread_count_is_restored():
+def test_thread_count_is_restored(step_loops):
     """The step loops run pointwise ops on one thread and must give the count back."""
     kind, x, state, weights, _ = _layer("sublstm", dtype=torch.float32)
     before = torch.get_num_threads()
@@ -240,7 +240,7 @@ def test_thread_count_is_restored():
         torch.set_num_threads(before)
 
 
-def test_flush_denormal_mode_is_restored_when_already_on():
+def test_flush_denormal_mode_is_restored_when_already_on(step_loops):
     kind, x, state, weights, _ = _layer("sublstm", dtype=torch.float32)
     if not torch.set_flush_denormal(True):
         pytest.skip("this CPU cannot flush denormals")
@@ -259,7 +259,7 @@ def test_flush_denormal_mode_is_restored_when_already_on():
 
 @pytest.mark.parametrize("cell", CELL_NAMES)
 @pytest.mark.parametrize("lengths", [None, LENGTHS["unsorted"]])
-def test_inference_does_not_use_the_autograd_function(cell, lengths, monkeypatch):
+def test_inference_does_not_use_the_autograd_function(cell, lengths, monkeypatch, step_loops):
     kind, x, state, weights, update_mask = _layer(cell, dtype=torch.float32, mask=True)
     with kernels.use_kernel("reference"), torch.no_grad():
         want = kernels.run_layer(kind, x, state, weights, lengths=lengths, update_mask=update_mask)
@@ -555,7 +555,7 @@ def _gate_values(kind, pre, phi):
 
 
 @pytest.mark.parametrize("cell", CELL_NAMES)
-def test_inference_leaves_the_callers_state_untouched(cell):
+def test_inference_leaves_the_callers_state_untouched(cell, step_loops):
     kind, x, state, weights, update_mask = _layer(cell, dtype=torch.float32, mask=True)
     h0, c0 = state.h.detach().clone(), state.c.detach().clone()
     with torch.no_grad(), kernels.use_kernel("cpu_fused"):

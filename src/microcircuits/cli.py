@@ -422,6 +422,27 @@ def _run_search(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- build-native -----------------------------------------------------------------------
+
+
+def add_build_native_command(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "build-native",
+        help="compile the C++ step loops of the CPU kernel now",
+        description="Compile the C++ step loops of the fused CPU kernel (about a minute, "
+        "once per torch version; they are otherwise built on first use) and say where "
+        "they are, or why they are not available (then the Python loops run). "
+        "MICROCIRCUITS_NATIVE=0 turns them off, MICROCIRCUITS_CACHE moves the cache.",
+    )
+    parser.set_defaults(handler=_run_build_native)
+
+
+def _run_build_native(args: argparse.Namespace) -> int:
+    from .kernels import native
+
+    return native.main()
+
+
 # -- the parser and main ----------------------------------------------------------------
 
 COMMANDS: list[CommandAdder] = [
@@ -430,6 +451,7 @@ COMMANDS: list[CommandAdder] = [
     add_report_command,
     add_figure_command,
     add_search_command,
+    add_build_native_command,
 ]
 """The subcommands, in the order ``--help`` lists them."""
 
