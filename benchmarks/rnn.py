@@ -120,10 +120,19 @@ def kernel_of(model: torch.nn.Module, x: torch.Tensor) -> str:
     from microcircuits.cells import LSTMState
 
     h = x.new_zeros(x.shape[1], model.hidden_size)
+    weights = model.layer_weights(0)
     try:
-        return kernels.choose_kernel(model.cell, x, LSTMState(h, h), model.layer_weights(0))
+        name = kernels.choose_kernel(model.cell, x, LSTMState(h, h), weights)
     except Exception as exc:  # noqa: BLE001 - reported, not fatal
         return f"? ({exc})"
+    if name != "cpu_fused":
+        return name
+    from microcircuits.kernels import cpu_fused, native
+
+    gate_rows, hidden = weights.weight_hh.shape
+    products = cpu_fused.gemm_backend(x.dtype, x.shape[1], hidden, gate_rows)
+    loops = "Python" if native.step_loops() is None else "C++"
+    return f"cpu_fused ({products} products, {loops} loops)"
 
 
 def make_call(

@@ -104,7 +104,7 @@ def test_cpu_fused_gradients_float64(cell, lengths, reverse, mask, bias, step_lo
 
 
 @pytest.mark.parametrize("cell", CELL_NAMES)
-def test_cpu_fused_onednn_gemm_path_float32(cell, monkeypatch):
+def test_cpu_fused_onednn_gemm_path_float32(cell, monkeypatch, step_loops):
     """The oneDNN per-step products (used for large weights) agree with the reference."""
     if not cpu_fused.onednn_available():
         pytest.skip("oneDNN packed linear ops are not available in this torch build")

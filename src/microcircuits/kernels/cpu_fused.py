@@ -214,6 +214,7 @@ class _Recurrent:
     def __init__(self, weight_hh: Tensor, batch: int, *, forward: bool, backward: bool):
         gate_rows, hidden = weight_hh.shape
         self.backend = gemm_backend(weight_hh.dtype, batch, hidden, gate_rows)
+        self.onednn = self.backend == "onednn"
         self._threads = torch.get_num_threads()
         self.serial = self._threads > 1 and batch * gate_rows <= _SERIAL_POINTWISE_MAX
         self._in_loop = False
@@ -230,13 +231,9 @@ class _Recurrent:
             self.w_bwd = w.contiguous() if backward else None  # (G*H, H)
 
     def native(self):
-        """The C++ step loops (:mod:`.native`) if they can run this layer's steps (BLAS
-        products; oneDNN's packed products stay in Python, where the per-step overhead
-        is small next to the large GEMMs that choose them), else ``None``. Not under
-        ``torch.jit.trace``, which records ATen ops and cannot see into the C++ loops."""
-        if self.backend != "blas" or torch.jit.is_tracing():
-            return None
-        return native.step_loops()
+        """The C++ step loops (:mod:`.native`), or ``None`` where they are not built or
+        under ``torch.jit.trace``, which records ATen ops and cannot see into them."""
+        return None if torch.jit.is_tracing() else native.step_loops()
 
     @contextmanager
     def loop(self, python: bool = True) -> Iterator[None]:
@@ -439,7 +436,7 @@ def _forward_inference(
             loops = rec.native() if batch_sizes is None else None
             if loops is not None:
                 loops.forward_steps(
-                    _KIND_IDS[kind.name], gates, h, c, y[start:stop], rec.w_fwd,
+                    _KIND_IDS[kind.name], gates, h, c, y[start:stop], rec.w_fwd, rec.onednn,
                     decay, None if mask is None else mask.contiguous(), False, rec.serial,
                 )  # fmt: skip
                 h = y[stop - 1]
@@ -519,7 +516,8 @@ class _FusedLayer(torch.autograd.Function):
                     y = x.new_empty(steps, batch, hidden)
                     decay = None if phi is None else torch.sigmoid(phi.detach())
                     loops.forward_steps(
-                        _KIND_IDS[kind.name], gates, h0.detach(), c_all, y, rec.w_fwd,
+                        _KIND_IDS[kind.name], gates, h0.detach(), c_all, y,
+                        rec.w_fwd, rec.onednn,
                         decay, None if mask is None else mask.contiguous(), True, rec.serial,
                     )  # fmt: skip
                     h_n, c_n = y[steps - 1].clone(), c_all[steps].clone()
@@ -583,7 +581,8 @@ class _FusedLayer(torch.autograd.Function):
                     _KIND_IDS[kind.name], dpre, c_all, y,
                     None if phi is None else torch.sigmoid(phi),
                     None if mask is None else mask.contiguous(),
-                    rec.w_bwd, grad_y, dh0, dc0, phi_sum, needs[3], flush, _TINY, rec.serial,
+                    rec.w_bwd, rec.onednn, grad_y, dh0, dc0, phi_sum, needs[3], flush, _TINY,
+                    rec.serial,
                 )  # fmt: skip
             else:
                 coef, readout, forget = _backward_coefficients(
@@ -764,7 +763,7 @@ def _reverse_sweep(
             dh += grad_y[steps - 1]
             loops.backward_steps(
                 coef, readout, forget if per_step_forget else forget.expand(steps, batch, hidden),
-                rec.w_bwd, grad_y, dh, dc_carry, need_dh0, flush, _TINY, rec.serial,
+                rec.w_bwd, rec.onednn, grad_y, dh, dc_carry, need_dh0, flush, _TINY, rec.serial,
             )  # fmt: skip
         elif batch_sizes is None:
             dh += grad_y[steps - 1]

@@ -12,11 +12,15 @@
 //   fix-subLSTM  [i, z, o]    = sigma(pre)      f = sigma(phi), given as `decay`
 //   LSTM         i, f, o = sigma, z = tanh      c' = f c + z m i     h' = tanh(c') o
 // (m: the update-dropout mask, if any). Only the unpacked case (every sequence runs all
-// steps) and the BLAS GEMM path; the Python loops keep the others. Tested against the
-// reference path through cpu_fused (tests/test_native.py).
+// steps); the Python loops keep packed sequences. The per-step products run on BLAS
+// (ATen's addmm) or, for large weights, on oneDNN with the weight packed once per call
+// (mkldnn::_linear_pointwise.binary, as cpu_fused chooses). Tested against the reference
+// path through cpu_fused (tests/test_native.py, tests/test_kernels.py).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
 
 #include <cmath>
 
@@ -44,6 +48,50 @@ class Threads {
  private:
   bool serial_;
   int all_;
+};
+
+// The per-step products with one recurrent weight: `w` is R^T (H, G*H) for forward and
+// R (G*H, H) for backward on BLAS, or that matrix packed by
+// mkldnn::_reorder_linear_weight (as nn.Linear's weight: out = in w^T) on oneDNN.
+class Products {
+ public:
+  Products(at::Tensor w, bool onednn) : w_(std::move(w)), onednn_(onednn) {}
+
+  // out = add + a w, written into out; add may be undefined (zero), or be out itself.
+  void run(at::Tensor& out, const at::Tensor& a, const at::Tensor& add) const {
+    if (!onednn_) {
+      if (!add.defined()) {
+        at::mm_out(out, a, w_);
+      } else if (add.is_same(out)) {
+        out.addmm_(a, w_);
+      } else {
+        at::addmm_out(out, add, a, w_);
+      }
+      return;
+    }
+    const at::Tensor other = add.defined() ? add.contiguous() : at::zeros_like(out);
+    out.copy_(linear_add(a, other));
+  }
+
+ private:
+  // mkldnn::_linear_pointwise.binary(X, other, W, None, "add") = X W^T + other, called
+  // boxed (robust to how the C++ signature spells its types across torch versions).
+  at::Tensor linear_add(const at::Tensor& x, const at::Tensor& other) const {
+    static const c10::OperatorHandle op = c10::Dispatcher::singleton().findSchemaOrThrow(
+        "mkldnn::_linear_pointwise", "binary");
+    torch::jit::Stack stack;
+    stack.reserve(5);
+    stack.emplace_back(x);
+    stack.emplace_back(other);
+    stack.emplace_back(w_);
+    stack.emplace_back(c10::IValue());
+    stack.emplace_back(std::string("add"));
+    op.callBoxed(&stack);
+    return stack.back().toTensor();
+  }
+
+  at::Tensor w_;
+  bool onednn_;
 };
 
 void check_rows(const at::Tensor& t, const char* name) {
@@ -109,7 +157,7 @@ void readout(Kind kind, const scalar_t* g, scalar_t* y, int64_t batch, int64_t h
 // backward). memory: (T+1, B, H) with memory[0] = c0 when keep_memory (training: every
 // c_t is kept), else (B, H), updated in place. y (T, B, H): the outputs. h0 (B, H).
 void forward_steps(int64_t kind_id, at::Tensor gates, at::Tensor h0, at::Tensor memory,
-                   at::Tensor y, at::Tensor w, c10::optional<at::Tensor> decay,
+                   at::Tensor y, at::Tensor w, bool onednn, c10::optional<at::Tensor> decay,
                    c10::optional<at::Tensor> mask, bool keep_memory, bool serial) {
   const Kind kind = static_cast<Kind>(kind_id);
   TORCH_CHECK(kind_id >= 0 && kind_id <= 2, "unknown cell kind ", kind_id);
@@ -122,6 +170,7 @@ void forward_steps(int64_t kind_id, at::Tensor gates, at::Tensor h0, at::Tensor 
     TORCH_CHECK(mask->is_contiguous() && mask->size(0) == batch, "mask must be (B, H)");
   }
   Threads threads(serial);
+  const Products products(w, onednn);
   at::Tensor h = h0;
   AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "forward_steps", [&] {
     const scalar_t* decay_ptr = decay.has_value() ? decay->data_ptr<scalar_t>() : nullptr;
@@ -131,7 +180,7 @@ void forward_steps(int64_t kind_id, at::Tensor gates, at::Tensor h0, at::Tensor 
     for (int64_t t = 0; t < steps; ++t) {
       at::Tensor pre = gates.select(0, t);
       threads.gemm();
-      pre.addmm_(h, w);
+      products.run(pre, h, pre);
       threads.pointwise();
       activate(kind, pre, hidden);
       at::Tensor yt = y.select(0, t);
@@ -158,8 +207,8 @@ void forward_steps(int64_t kind_id, at::Tensor gates, at::Tensor h0, at::Tensor 
 // grad_y[T-1]), dh0 on exit when need_dh0. dc_carry (B, H): grad_cn on entry, dc0 on
 // exit. flush zeroes carried values below tiny (float32 denormals never chain).
 void backward_steps(at::Tensor coef, at::Tensor readout_dc, at::Tensor forget, at::Tensor w,
-                    at::Tensor grad_y, at::Tensor dh, at::Tensor dc_carry, bool need_dh0,
-                    bool flush, double tiny, bool serial) {
+                    bool onednn, at::Tensor grad_y, at::Tensor dh, at::Tensor dc_carry,
+                    bool need_dh0, bool flush, double tiny, bool serial) {
   TORCH_CHECK(coef.is_contiguous() && dh.is_contiguous() && dc_carry.is_contiguous(),
               "coef, dh and dc_carry must be contiguous");
   check_rows(readout_dc, "readout");
@@ -168,6 +217,7 @@ void backward_steps(at::Tensor coef, at::Tensor readout_dc, at::Tensor forget, a
   const int64_t hidden = dh.size(1);
   const int64_t blocks = gate_cols / hidden;
   Threads threads(serial);
+  const Products products(w, onednn);
   AT_DISPATCH_FLOATING_TYPES(coef.scalar_type(), "backward_steps", [&] {
     const scalar_t cut = static_cast<scalar_t>(tiny);
     scalar_t* dh_ptr = dh.data_ptr<scalar_t>();
@@ -197,11 +247,7 @@ void backward_steps(at::Tensor coef, at::Tensor readout_dc, at::Tensor forget, a
       }
       if (t > 0 || need_dh0) {
         threads.gemm();
-        if (t > 0) {
-          at::addmm_out(dh, grad_y.select(0, t - 1), k_t, w);
-        } else {
-          at::mm_out(dh, k_t, w);
-        }
+        products.run(dh, k_t, t > 0 ? grad_y.select(0, t - 1) : at::Tensor());
         threads.pointwise();
         if (flush) {
           for (int64_t n = 0; n < batch * hidden; ++n) {
@@ -226,9 +272,9 @@ void backward_steps(at::Tensor coef, at::Tensor readout_dc, at::Tensor forget, a
 // times f(1-f)). The rest as in backward_steps.
 void backward_subtractive(int64_t kind_id, at::Tensor act, at::Tensor memory, at::Tensor y,
                           c10::optional<at::Tensor> decay, c10::optional<at::Tensor> mask,
-                          at::Tensor w, at::Tensor grad_y, at::Tensor dh, at::Tensor dc_carry,
-                          c10::optional<at::Tensor> phi_sum, bool need_dh0, bool flush,
-                          double tiny, bool serial) {
+                          at::Tensor w, bool onednn, at::Tensor grad_y, at::Tensor dh,
+                          at::Tensor dc_carry, c10::optional<at::Tensor> phi_sum,
+                          bool need_dh0, bool flush, double tiny, bool serial) {
   const Kind kind = static_cast<Kind>(kind_id);
   TORCH_CHECK(kind == kSub || kind == kFix, "backward_subtractive: subLSTM or fix-subLSTM");
   TORCH_CHECK(act.is_contiguous() && memory.is_contiguous() && y.is_contiguous() &&
@@ -249,6 +295,7 @@ void backward_subtractive(int64_t kind_id, at::Tensor act, at::Tensor memory, at
     phi_acc = phi_sum->data_ptr<double>();
   }
   Threads threads(serial);
+  const Products products(w, onednn);
   AT_DISPATCH_FLOATING_TYPES(act.scalar_type(), "backward_subtractive", [&] {
     const scalar_t cut = static_cast<scalar_t>(tiny);
     const scalar_t* decay_ptr = decay.has_value() ? decay->data_ptr<scalar_t>() : nullptr;
@@ -288,11 +335,7 @@ void backward_subtractive(int64_t kind_id, at::Tensor act, at::Tensor memory, at
       }
       if (t > 0 || need_dh0) {
         threads.gemm();
-        if (t > 0) {
-          at::addmm_out(dh, grad_y.select(0, t - 1), a_t, w);
-        } else {
-          at::mm_out(dh, a_t, w);
-        }
+        products.run(dh, a_t, t > 0 ? grad_y.select(0, t - 1) : at::Tensor());
         threads.pointwise();
         if (flush) {
           for (int64_t n = 0; n < batch * hidden; ++n) {
