@@ -37,3 +37,37 @@ def test_quick_benchmark_writes_json_and_markdown_and_renders_again(tmp_path: Pa
     (tmp_path / "rnn_cpu_1t_quick.md").unlink()
     _bench("--render", str(tmp_path / "rnn_cpu_1t_quick.json"))
     assert (tmp_path / "rnn_cpu_1t_quick.md").read_text() == table
+
+
+def test_repeats_table_quotes_the_median_over_runs(tmp_path: Path) -> None:
+    """Three runs' ratios side by side, nn.LSTM left out, the median column by hand."""
+
+    def run(name: str, ratios: dict[str, float]) -> Path:
+        rows = [{"model": "nn.LSTM", "mode": "train", "ratio": 1.0}]
+        rows += [{"model": m, "mode": "train", "ratio": r} for m, r in ratios.items()]
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"workloads": [{"workload": {"key": "C"}, "rows": rows}]}))
+        return path
+
+    paths = [
+        run("r1", {"SubLSTM": 1.30, "LSTM": 1.00}),
+        run("r2", {"SubLSTM": 1.10, "LSTM": 0.98}),
+        run("r3", {"SubLSTM": 1.20}),  # a run without LSTM: its cell reads "-"
+    ]
+    out = tmp_path / "table.md"
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.repeats", *map(str, paths), "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    lines = out.read_text().splitlines()
+    assert lines[0] == "| workload | model | mode | r1 | r2 | r3 | median |"
+    assert "| C | SubLSTM | train | 1.30 | 1.10 | 1.20 | **1.20** |" in lines
+    assert "| C | LSTM | train | 1.00 | 0.98 | - | **0.99** |" in lines
+    assert not any("nn.LSTM" in line for line in lines)
+    broken = tmp_path / "broken.json"
+    broken.write_text("{}")
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.repeats", str(broken)],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode != 0 and "not a benchmarks.rnn result" in result.stderr
