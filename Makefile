@@ -8,6 +8,9 @@ BIN := $(VENV)/bin
 # The verified offline datasets sit beside the checkout (../shared/data) on our
 # machines and in CI; a value already in the environment wins.
 export MICROCIRCUITS_DATA ?= $(abspath ../shared/data)
+# The C++ step loops of the CPU kernel are built into the checkout (always writable; a
+# value already in the environment, e.g. a shared cache, wins).
+export MICROCIRCUITS_CACHE ?= $(abspath .cache)
 
 .PHONY: setup test test-all demo lint bench clean
 
@@ -37,4 +40,4 @@ bench: setup
 	$(BIN)/python -m benchmarks.rnn
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) .cache build dist src/*.egg-info .pytest_cache .ruff_cache
