@@ -56,3 +56,42 @@ def test_queue_runs_in_turn_resumes_and_reports_failures(tmp_path: Path) -> None
     copied = work / "results" / "adding" / run.name
     assert (copied / "metrics.jsonl").is_file() and not (copied / "checkpoints").exists()
     assert "| 4 | LSTM |" in (work / "results" / "adding" / "results.md").read_text()
+
+
+def test_readme_results_table_comes_from_the_reports(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    (results / "ptb").mkdir(parents=True)
+    (results / "smnist").mkdir()
+    head = "task,cell,size,hidden_size,metric,status,valid,test,paper_test,epochs\n"
+    (results / "ptb" / "results.csv").write_text(
+        head
+        + "ptb,sublstm,10,10,perplexity,early stop,277.677,273.439,222.8,24\n"
+        + "ptb,lstm,10,10,perplexity,in progress (epoch 1),,,215.93,0.188253\n"
+    )
+    (results / "smnist" / "results.csv").write_text(
+        head + "smnist,fix_sublstm,100,100,accuracy,paused at epoch 2 of 100,0.31,0.3021,97.27,2\n"
+    )
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- results:start -->\nold\n<!-- results:end -->\nafter\n")
+    script = [
+        sys.executable,
+        str(ROOT / "scripts" / "readme_results.py"),
+        "--results",
+        str(results),
+    ]
+    subprocess.run([*script, "--readme", str(readme), "--write"], check=True, capture_output=True)
+    text = readme.read_text()
+    assert "old" not in text and text.endswith("<!-- results:end -->\nafter\n")
+    lines = text.splitlines()
+    # LSTM before subLSTM within a size; values rounded; a run without a test shows a dash
+    rows = [line for line in lines if line.startswith("| PTB") or line.startswith("| sMNIST")]
+    assert rows == [
+        "| PTB, size 10 | LSTM | in progress (epoch 1) | 0.19 | — | — | 215.93 |",
+        "| PTB, size 10 | subLSTM | early stop | 24 | 277.7 | 273.4 | 222.80 |",
+        "| sMNIST, 100 units | fix-subLSTM | paused at epoch 2 of 100 | 2 | 31.0 % | 30.2 % "
+        "| 97.27 % |",
+    ]
+    missing = tmp_path / "plain.md"
+    missing.write_text("no markers\n")
+    failed = subprocess.run([*script, "--readme", str(missing), "--write"], capture_output=True)
+    assert failed.returncode == 1 and b"markers" in failed.stderr
