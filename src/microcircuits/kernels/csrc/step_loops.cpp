@@ -94,6 +94,23 @@ class Products {
   bool onednn_;
 };
 
+// dh_{t-1} = grad_y[t-1] + dpre_t R into dh (dh_0's part of dh0 = dpre_0 R at t = 0),
+// its entries below `cut` zeroed when flushing (float32 denormals never chain).
+template <typename scalar_t>
+void previous_dh(const Products& products, const Threads& threads, at::Tensor& dh,
+                 const at::Tensor& dpre_t, const at::Tensor& grad_y, int64_t t, bool flush,
+                 scalar_t cut) {
+  threads.gemm();
+  products.run(dh, dpre_t, t > 0 ? grad_y.select(0, t - 1) : at::Tensor());
+  threads.pointwise();
+  if (flush) {
+    scalar_t* d = dh.data_ptr<scalar_t>();
+    for (int64_t n = 0, size = dh.numel(); n < size; ++n) {
+      if (std::abs(d[n]) <= cut) d[n] = 0;
+    }
+  }
+}
+
 void check_rows(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.stride(-1) == 1, name, " must have unit stride along its last dimension");
 }
@@ -246,14 +263,7 @@ void backward_steps(at::Tensor coef, at::Tensor readout_dc, at::Tensor forget, a
         }
       }
       if (t > 0 || need_dh0) {
-        threads.gemm();
-        products.run(dh, k_t, t > 0 ? grad_y.select(0, t - 1) : at::Tensor());
-        threads.pointwise();
-        if (flush) {
-          for (int64_t n = 0; n < batch * hidden; ++n) {
-            if (std::abs(dh_ptr[n]) <= cut) dh_ptr[n] = 0;
-          }
-        }
+        previous_dh<scalar_t>(products, threads, dh, k_t, grad_y, t, flush, cut);
       }
     }
   });
@@ -334,14 +344,7 @@ void backward_subtractive(int64_t kind_id, at::Tensor act, at::Tensor memory, at
         }
       }
       if (t > 0 || need_dh0) {
-        threads.gemm();
-        products.run(dh, a_t, t > 0 ? grad_y.select(0, t - 1) : at::Tensor());
-        threads.pointwise();
-        if (flush) {
-          for (int64_t n = 0; n < batch * hidden; ++n) {
-            if (std::abs(dh_ptr[n]) <= cut) dh_ptr[n] = 0;
-          }
-        }
+        previous_dh<scalar_t>(products, threads, dh, a_t, grad_y, t, flush, cut);
       }
     }
   });
