@@ -118,3 +118,18 @@ def test_build_directory_follows_the_cache_variable(monkeypatch, tmp_path):
     where = native.build_directory()
     assert where.parent == tmp_path / "native"
     assert where.name.startswith("microcircuits_step_loops_")
+
+
+@pytest.mark.parametrize("cell", CELL_NAMES)
+def test_transposed_gradients_of_the_final_state(cell, step_loops):
+    """Autograd may hand backward non-contiguous gradients (here of h_n.t(), c_n.t())."""
+    kind, x, state, weights, mask = _layer(cell, mask=True)
+    grads = {}
+    for kernel in ("reference", "cpu_fused"):
+        with kernels.use_kernel(kernel):
+            out, (h, c) = kernels.run_layer(kind, x, state, weights, update_mask=mask)
+        probe = torch.arange(h.numel(), dtype=h.dtype).view(h.shape[1], h.shape[0])
+        loss = (h.t() * probe).sum() + (c.t() * probe.flip(0)).sum() + out.sum()
+        grads[kernel] = torch.autograd.grad(loss, [x, state.h, state.c, weights.weight_hh])
+    for a, b in zip(grads["reference"], grads["cpu_fused"]):
+        torch.testing.assert_close(b, a, atol=1e-10, rtol=1e-9)

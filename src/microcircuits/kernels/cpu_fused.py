@@ -35,16 +35,16 @@ For one layer and direction of any of the three cells (:data:`microcircuits.cell
   autograd engine) ``K`` and ``S`` are written over the saved activations and memory
   instead of into new buffers; otherwise new buffers, so backward can run again.
 
-C++ step loops: where they are built (:mod:`.native`, on first use, cached) and the
-per-step products run on BLAS, the step loops above run in C++ (``csrc/step_loops.cpp``):
+C++ step loops: where they are built (:mod:`.native`, on first use, cached), the step
+loops above run in C++ (``csrc/step_loops.cpp``, with the same BLAS or oneDNN products):
 forward a GEMM, ATen's sigmoid/tanh and two plain loops per step; backward of the
 subtractive cells the whole recurrence including ``K`` and ``S``, computed per step from
 the saved activations (``sigma(c_t) = h_t + o_t``, so no transcendental), and fix-subLSTM's
 ``sum dc c_prev`` accumulated on the way. Per-step Python overhead (a dozen op calls of
 3-8 us each) is what they remove: paired against the Python loops on one thread,
 LM-200 and sMNIST shapes run 15-30% faster. The Python loops remain for packed sequences,
-the oneDNN products, ``torch.jit.trace`` and machines without a compiler, and are tested
-against the same references.
+``torch.jit.trace`` and machines without a compiler, and are tested against the same
+references.
 
 Variable lengths: sequences are sorted by length (outside the Function, by
 ``index_select``, differentiable) so that step ``t`` runs on the first ``bs_t`` rows only
@@ -302,6 +302,8 @@ def _flush_denormals() -> Iterator[None]:
 
 _sigmoid_bwd = torch.ops.aten.sigmoid_backward.grad_input
 _tanh_bwd = torch.ops.aten.tanh_backward.grad_input
+
+
 # ----------------------------------------------------------------- applicability
 
 
@@ -572,9 +574,13 @@ class _FusedLayer(torch.autograd.Function):
             phi_sum = dc_all = None
             if loops is not None:  # the subtractive cells' whole recurrence in C++
                 dpre = act if in_place else act.clone()  # the activations become dpre
-                dh0 = grad_hn.clone()  # carried dh (dh0 on exit)
+                dh0 = grad_hn.clone(
+                    memory_format=torch.contiguous_format
+                )  # carried dh (dh0 on exit)
                 dh0 += grad_y[steps - 1]
-                dc0 = grad_cn.clone()  # carried dc (dc0 on exit)
+                dc0 = grad_cn.clone(
+                    memory_format=torch.contiguous_format
+                )  # carried dc (dc0 on exit)
                 if needs[9]:
                     phi_sum = act.new_zeros(hidden, dtype=torch.float64)
                 loops.backward_subtractive(
@@ -755,8 +761,12 @@ def _reverse_sweep(
     hidden = readout.shape[-1]
     k4 = coef.view(steps, batch, -1, hidden)
     per_step_forget = forget.dim() == 3
-    dh = grad_hn.clone()  # carried dh; rows not reached yet keep grad_hn
-    dc_carry = grad_cn.clone()  # carried dc_next (already times f)
+    dh = grad_hn.clone(
+        memory_format=torch.contiguous_format
+    )  # carried dh; rows not reached yet keep grad_hn
+    dc_carry = grad_cn.clone(
+        memory_format=torch.contiguous_format
+    )  # carried dc_next (already times f)
     loops = rec.native() if batch_sizes is None else None
     with rec.loop(python=loops is None):
         if loops is not None:
