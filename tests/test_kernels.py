@@ -436,7 +436,9 @@ def _train(model, batches, kernel, steps=3):
 
 @pytest.mark.parametrize("cell", CELL_NAMES)
 @pytest.mark.parametrize("packed,update_dropout", [(False, 0.0), (False, 0.25), (True, 0.25)])
-def test_training_a_few_steps_ends_with_the_same_parameters(cell, packed, update_dropout):
+def test_training_a_few_steps_ends_with_the_same_parameters(
+    cell, packed, update_dropout, step_loops
+):
     I, H = 3, 5
     gen = torch.Generator().manual_seed(7)
     batches = []
@@ -465,7 +467,7 @@ def test_training_a_few_steps_ends_with_the_same_parameters(cell, packed, update
 
 
 @pytest.mark.parametrize("cell", CELL_NAMES)
-def test_module_float32_matches_reference(cell):
+def test_module_float32_matches_reference(cell, step_loops):
     torch.manual_seed(0)
     model = mc.make_rnn(cell, 4, 6, num_layers=2, bidirectional=True, batch_first=True)
     x = torch.randn(3, 7, 4, requires_grad=True)
