@@ -648,3 +648,18 @@ def test_any_wrong_state_shape_is_refused(cell, h_shape):
         return
     with pytest.raises(ValueError, match="h_0 must have shape"):
         m(torch.randn(4, 3, 3), (bad, good))
+
+
+@pytest.mark.parametrize("cell", CELL_NAMES)
+def test_constructor_takes_torch_lstm_positional_arguments_and_proj_size_zero(cell):
+    """Code written for torch.nn.LSTM passes its arguments positionally, proj_size
+    included; proj_size=0 works, projections are refused with a clear message."""
+    cls = type(mc.make_rnn(cell, 3, 4))
+    args = (3, 4, 2, True, True, 0.0, True, 0)  # ..., batch_first, dropout, bidir, proj
+    ours, theirs = cls(*args), torch.nn.LSTM(*args)
+    assert ours.proj_size == theirs.proj_size == 0
+    assert ours.batch_first and ours.bidirectional and ours.num_layers == 2
+    with pytest.raises(ValueError, match="proj_size=2.*not implemented"):
+        cls(3, 4, proj_size=2)
+    with pytest.raises(ValueError, match="proj_size"):
+        cls(3, 4, proj_size=True)

@@ -141,6 +141,7 @@ class _RecurrentSequence(_RecurrentParameters):
         batch_first: bool = False,
         dropout: float = 0.0,
         bidirectional: bool = False,
+        proj_size: int = 0,
         *,
         input_dropout: float = 0.0,
         output_dropout: float = 0.0,
@@ -157,6 +158,12 @@ class _RecurrentSequence(_RecurrentParameters):
         self.batch_first = check_bool("batch_first", batch_first)
         self.dropout = check_probability("dropout", dropout)
         self.bidirectional = check_bool("bidirectional", bidirectional)
+        if isinstance(proj_size, bool) or not isinstance(proj_size, int) or proj_size != 0:
+            raise ValueError(
+                f"proj_size={proj_size!r}: projected hidden states (torch.nn.LSTM's "
+                "proj_size > 0) are not implemented for these cells; only proj_size=0"
+            )
+        self.proj_size = 0  # as torch.nn.LSTM, for code that reads it
         self.input_dropout = check_probability("input_dropout", input_dropout)
         self.output_dropout = check_probability("output_dropout", output_dropout)
         self.update_dropout = check_probability("update_dropout", update_dropout)
@@ -406,7 +413,7 @@ class LSTM(_RecurrentSequence):
         [i, f, o] = \sigma(\cdot),\; z = \tanh(W x + R h + b),\quad
         c' = f \odot c + z \odot i,\quad h' = \tanh(c') \odot o
 
-    Arguments are those of ``torch.nn.LSTM`` (without ``proj_size``) plus the paper's
+    Arguments are those of ``torch.nn.LSTM`` (``proj_size`` only 0) plus the paper's
     ``input_dropout``, ``output_dropout``, ``update_dropout`` and ``forget_bias``.
     """
 
