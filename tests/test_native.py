@@ -13,7 +13,7 @@ from microcircuits import kernels
 from microcircuits.cells import LSTMState
 from microcircuits.cli import main
 from microcircuits.kernels import cpu_fused, native
-from tests.test_kernels import CELL_NAMES, _layer, _run
+from tests.test_kernels import CELL_NAMES, LENGTHS, _layer, _run
 
 
 class _Spy:
@@ -32,15 +32,17 @@ class _Spy:
 
 @pytest.mark.parametrize("step_loops", ["native"], indirect=True)
 @pytest.mark.parametrize("cell", CELL_NAMES)
-def test_the_fused_kernel_runs_its_steps_in_cpp_by_default(cell, monkeypatch, step_loops):
+@pytest.mark.parametrize("packed", [False, True])
+def test_the_fused_kernel_runs_its_steps_in_cpp_by_default(cell, packed, monkeypatch, step_loops):
     spy = _Spy(native.step_loops())
     monkeypatch.setattr(native, "step_loops", lambda: spy)
     kind, x, state, weights, mask = _layer(cell, dtype=torch.float32, mask=True)
+    lengths = LENGTHS["unsorted"] if packed else None
     with kernels.use_kernel("cpu_fused"):
-        out, _ = kernels.run_layer(kind, x, state, weights, update_mask=mask)
+        out, _ = kernels.run_layer(kind, x, state, weights, lengths=lengths, update_mask=mask)
         out.sum().backward()
         with torch.no_grad():
-            kernels.run_layer(kind, x, state, weights, update_mask=mask)
+            kernels.run_layer(kind, x, state, weights, lengths=lengths, update_mask=mask)
     backward = "backward_steps" if cell == "lstm" else "backward_subtractive"
     assert spy.calls == ["forward_steps", backward, "forward_steps"]
 

@@ -42,9 +42,9 @@ subtractive cells the whole recurrence including ``K`` and ``S``, computed per s
 the saved activations (``sigma(c_t) = h_t + o_t``, so no transcendental), and fix-subLSTM's
 ``sum dc c_prev`` accumulated on the way. Per-step Python overhead (a dozen op calls of
 3-8 us each) is what they remove: paired against the Python loops on one thread,
-LM-200 and sMNIST shapes run 15-30% faster. The Python loops remain for packed sequences,
-``torch.jit.trace`` and machines without a compiler, and are tested against the same
-references.
+LM-200 and sMNIST shapes run 15-30% faster. Packed sequences run in them too (the first
+``batch_sizes[t]`` rows per step). The Python loops remain for ``torch.jit.trace`` and
+machines without a compiler, and are tested against the same references.
 
 Variable lengths: sequences are sorted by length (outside the Function, by
 ``index_select``, differentiable) so that step ``t`` runs on the first ``bs_t`` rows only
@@ -415,14 +415,19 @@ def _forward_inference(
     bias = combined_bias(weights)
     rec = _Recurrent(weights.weight_hh, batch, forward=True, backward=False)
     chunk = max(1, _INFERENCE_CHUNK_BYTES // max(1, batch * gate_rows * x.element_size()))
-    # the step works in place (cells.pointwise_inplace): c is a private copy, and h is
-    # read from the output y[t] (full batch) or kept in its own buffer (packed)
+    loops = rec.native()
+    # the step works in place (cells.pointwise_inplace, or the C++ loops): c is a private
+    # copy, and h is read from the output y[t] (Python loops, full batch) or kept in its
+    # own buffer (packed sequences, the C++ loops)
     h, c = state.h.detach(), state.c.detach().clone(memory_format=torch.contiguous_format)
     if batch_sizes is None:
         y = x.new_empty(steps, batch, hidden)
     else:
         y = x.new_zeros(steps, batch, hidden)
-        h = h.clone()
+    h_owned = batch_sizes is not None or loops is not None
+    if h_owned:
+        h = h.clone(memory_format=torch.contiguous_format)
+    mask_rows = None if mask is None else mask.contiguous()
     chunk = min(chunk, steps)
     buffer = x.new_empty(chunk * batch, gate_rows)  # reused: fresh pages cost page faults
     with _flush_denormals():
@@ -435,13 +440,12 @@ def _forward_inference(
                 bias,
                 out=buffer[: n * batch],
             ).view(n, batch, gate_rows)
-            loops = rec.native() if batch_sizes is None else None
             if loops is not None:
                 loops.forward_steps(
                     _KIND_IDS[kind.name], gates, h, c, y[start:stop], rec.w_fwd, rec.onednn,
-                    decay, None if mask is None else mask.contiguous(), False, rec.serial,
+                    decay, mask_rows, False, rec.serial,
+                    [] if batch_sizes is None else batch_sizes[start:stop],
                 )  # fmt: skip
-                h = y[stop - 1]
                 continue
             with rec.loop():
                 for t in range(start, stop):
@@ -457,7 +461,7 @@ def _forward_inference(
                     m = None if mask is None else mask[:bs]
                     pointwise_inplace(kind.name, pre, c[:bs], decay, m, y[t, :bs])
                     h[:bs] = y[t, :bs]
-    if batch_sizes is None:
+    if not h_owned:
         h = h.clone()  # not a view of the output
     return y, h, c
 
@@ -512,17 +516,21 @@ class _FusedLayer(torch.autograd.Function):
             gates = input_projection(x2d, weight_ih, combined_bias(weights))
             gates = gates.view(steps, batch, gate_rows)
             act = gates.view(steps, batch, -1, hidden)  # pre-activations become activations
-            loops = rec.native() if batch_sizes is None else None
+            loops = rec.native()
             with rec.loop(python=loops is None):
                 if loops is not None:
-                    y = x.new_empty(steps, batch, hidden)
+                    if batch_sizes is None:
+                        y = x.new_empty(steps, batch, hidden)
+                    else:
+                        y = x.new_zeros(steps, batch, hidden)
+                    h_n = h0.detach().clone(memory_format=torch.contiguous_format)
                     decay = None if phi is None else torch.sigmoid(phi.detach())
                     loops.forward_steps(
-                        _KIND_IDS[kind.name], gates, h0.detach(), c_all, y,
-                        rec.w_fwd, rec.onednn,
+                        _KIND_IDS[kind.name], gates, h_n, c_all, y, rec.w_fwd, rec.onednn,
                         decay, None if mask is None else mask.contiguous(), True, rec.serial,
+                        [] if batch_sizes is None else batch_sizes,
                     )  # fmt: skip
-                    h_n, c_n = y[steps - 1].clone(), c_all[steps].clone()
+                    c_n = c_all[steps].clone()
                 elif batch_sizes is None:
                     y = x.new_empty(steps, batch, hidden)
                     h, c = h0, c0
@@ -570,17 +578,14 @@ class _FusedLayer(torch.autograd.Function):
         with _flush_denormals():
             in_place = not graph_kept()
             rec = _Recurrent(weight_hh, batch, forward=False, backward=True)
-            loops = rec.native() if batch_sizes is None and kind.name != "lstm" else None
+            loops = rec.native() if kind.name != "lstm" else None
             phi_sum = dc_all = None
             if loops is not None:  # the subtractive cells' whole recurrence in C++
                 dpre = act if in_place else act.clone()  # the activations become dpre
-                dh0 = grad_hn.clone(
-                    memory_format=torch.contiguous_format
-                )  # carried dh (dh0 on exit)
-                dh0 += grad_y[steps - 1]
-                dc0 = grad_cn.clone(
-                    memory_format=torch.contiguous_format
-                )  # carried dc (dc0 on exit)
+                # the carried dh and dc (dh0 and dc0 on exit); each row's output gradient
+                # joins dh at its sequence's last step
+                dh0 = grad_hn.clone(memory_format=torch.contiguous_format)
+                dc0 = grad_cn.clone(memory_format=torch.contiguous_format)
                 if needs[9]:
                     phi_sum = act.new_zeros(hidden, dtype=torch.float64)
                 loops.backward_subtractive(
@@ -588,7 +593,7 @@ class _FusedLayer(torch.autograd.Function):
                     None if phi is None else torch.sigmoid(phi),
                     None if mask is None else mask.contiguous(),
                     rec.w_bwd, rec.onednn, grad_y, dh0, dc0, phi_sum, needs[3], flush, _TINY,
-                    rec.serial,
+                    rec.serial, [] if batch_sizes is None else batch_sizes,
                 )  # fmt: skip
             else:
                 coef, readout, forget = _backward_coefficients(
@@ -761,19 +766,16 @@ def _reverse_sweep(
     hidden = readout.shape[-1]
     k4 = coef.view(steps, batch, -1, hidden)
     per_step_forget = forget.dim() == 3
-    dh = grad_hn.clone(
-        memory_format=torch.contiguous_format
-    )  # carried dh; rows not reached yet keep grad_hn
-    dc_carry = grad_cn.clone(
-        memory_format=torch.contiguous_format
-    )  # carried dc_next (already times f)
-    loops = rec.native() if batch_sizes is None else None
+    # the carried dh (rows not reached yet keep grad_hn) and dc_next (already times f)
+    dh = grad_hn.clone(memory_format=torch.contiguous_format)
+    dc_carry = grad_cn.clone(memory_format=torch.contiguous_format)
+    loops = rec.native()
     with rec.loop(python=loops is None):
         if loops is not None:
-            dh += grad_y[steps - 1]
             loops.backward_steps(
                 coef, readout, forget if per_step_forget else forget.expand(steps, batch, hidden),
                 rec.w_bwd, rec.onednn, grad_y, dh, dc_carry, need_dh0, flush, _TINY, rec.serial,
+                [] if batch_sizes is None else batch_sizes,
             )  # fmt: skip
         elif batch_sizes is None:
             dh += grad_y[steps - 1]

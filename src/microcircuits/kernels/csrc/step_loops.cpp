@@ -11,8 +11,9 @@
 //   subLSTM      [i, f, z, o] = sigma(pre)      c' = f c + z m - i   h' = sigma(c') - o
 //   fix-subLSTM  [i, z, o]    = sigma(pre)      f = sigma(phi), given as `decay`
 //   LSTM         i, f, o = sigma, z = tanh      c' = f c + z m i     h' = tanh(c') o
-// (m: the update-dropout mask, if any). Only the unpacked case (every sequence runs all
-// steps); the Python loops keep packed sequences. The per-step products run on BLAS
+// (m: the update-dropout mask, if any). Packed sequences come sorted by length with
+// batch_sizes[t] rows alive at step t (empty: all rows at every step), as cuDNN and
+// oneDNN take them: a step works on the first rows only. The per-step products run on BLAS
 // (ATen's addmm) or, for large weights, on oneDNN with the weight packed once per call
 // (mkldnn::_linear_pointwise.binary, as cpu_fused chooses). Tested against the reference
 // path through cpu_fused (tests/test_native.py, tests/test_kernels.py).
@@ -94,18 +95,21 @@ class Products {
   bool onednn_;
 };
 
-// dh_{t-1} = grad_y[t-1] + dpre_t R into dh (dh_0's part of dh0 = dpre_0 R at t = 0),
-// its entries below `cut` zeroed when flushing (float32 denormals never chain).
+// dh_{t-1} = grad_y[t-1] + dpre_t R into the first `rows` rows of dh (dh_0's part of dh0
+// = dpre_0 R at t = 0), entries below `cut` zeroed when flushing (float32 denormals
+// never chain).
 template <typename scalar_t>
 void previous_dh(const Products& products, const Threads& threads, at::Tensor& dh,
-                 const at::Tensor& dpre_t, const at::Tensor& grad_y, int64_t t, bool flush,
-                 scalar_t cut) {
+                 const at::Tensor& dpre_t, const at::Tensor& grad_y, int64_t t, int64_t rows,
+                 bool flush, scalar_t cut) {
+  at::Tensor out = dh.narrow(0, 0, rows);
   threads.gemm();
-  products.run(dh, dpre_t, t > 0 ? grad_y.select(0, t - 1) : at::Tensor());
+  products.run(out, dpre_t.narrow(0, 0, rows),
+               t > 0 ? grad_y.select(0, t - 1).narrow(0, 0, rows) : at::Tensor());
   threads.pointwise();
   if (flush) {
     scalar_t* d = dh.data_ptr<scalar_t>();
-    for (int64_t n = 0, size = dh.numel(); n < size; ++n) {
+    for (int64_t n = 0, size = rows * dh.size(1); n < size; ++n) {
       if (std::abs(d[n]) <= cut) d[n] = 0;
     }
   }
@@ -171,61 +175,98 @@ void readout(Kind kind, const scalar_t* g, scalar_t* y, int64_t batch, int64_t h
 
 // Forward over T steps. gates (T, B, G*H), contiguous: the input projection on entry;
 // each step adds h R^T (w = R^T, (H, G*H)) and the gate activations replace it (kept for
-// backward). memory: (T+1, B, H) with memory[0] = c0 when keep_memory (training: every
-// c_t is kept), else (B, H), updated in place. y (T, B, H): the outputs. h0 (B, H).
-void forward_steps(int64_t kind_id, at::Tensor gates, at::Tensor h0, at::Tensor memory,
+// backward). h (B, H), contiguous: h0 on entry, the final state on exit. memory:
+// (T+1, B, H) with memory[0] = c0 when keep_memory (training: every c_t is kept; rows
+// past their sequence's end carry c over), else (B, H), updated in place. y (T, B, H):
+// the outputs (rows past a sequence's end are not written: the caller zeroes y).
+void forward_steps(int64_t kind_id, at::Tensor gates, at::Tensor h, at::Tensor memory,
                    at::Tensor y, at::Tensor w, bool onednn, c10::optional<at::Tensor> decay,
-                   c10::optional<at::Tensor> mask, bool keep_memory, bool serial) {
+                   c10::optional<at::Tensor> mask, bool keep_memory, bool serial,
+                   std::vector<int64_t> batch_sizes) {
   const Kind kind = static_cast<Kind>(kind_id);
   TORCH_CHECK(kind_id >= 0 && kind_id <= 2, "unknown cell kind ", kind_id);
-  TORCH_CHECK(gates.is_contiguous() && y.is_contiguous() && memory.is_contiguous(),
-              "gates, y and memory must be contiguous");
+  TORCH_CHECK(gates.is_contiguous() && y.is_contiguous() && memory.is_contiguous() &&
+                  h.is_contiguous(),
+              "gates, h, y and memory must be contiguous");
   TORCH_CHECK(kind != kFix || decay.has_value(), "fix-subLSTM needs its decay");
   const int64_t steps = gates.size(0), batch = gates.size(1), gate_cols = gates.size(2);
   const int64_t hidden = y.size(2);
+  const bool packed = !batch_sizes.empty();
+  TORCH_CHECK(!packed || static_cast<int64_t>(batch_sizes.size()) == steps,
+              "batch_sizes must have one entry per step");
   if (mask.has_value()) {
     TORCH_CHECK(mask->is_contiguous() && mask->size(0) == batch, "mask must be (B, H)");
   }
   Threads threads(serial);
   const Products products(w, onednn);
-  at::Tensor h = h0;
   AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "forward_steps", [&] {
     const scalar_t* decay_ptr = decay.has_value() ? decay->data_ptr<scalar_t>() : nullptr;
     const scalar_t* mask_ptr = mask.has_value() ? mask->data_ptr<scalar_t>() : nullptr;
     scalar_t* c_base = memory.data_ptr<scalar_t>();
     const int64_t c_step = keep_memory ? batch * hidden : 0;
+    at::Tensor h_prev = h;  // unpacked: the previous output row block, no copies
     for (int64_t t = 0; t < steps; ++t) {
-      at::Tensor pre = gates.select(0, t);
+      const int64_t rows = packed ? batch_sizes[t] : batch;
+      scalar_t* c_prev = c_base + t * c_step;
+      scalar_t* c_next = c_base + (t + 1) * c_step;
+      if (rows == 0) {  // every sequence has ended: carry the memory to the end
+        if (keep_memory) {
+          for (int64_t u = t + 1; u <= steps; ++u) {
+            std::copy(c_prev, c_prev + batch * hidden, c_base + u * c_step);
+          }
+        }
+        break;
+      }
+      at::Tensor pre = gates.select(0, t).narrow(0, 0, rows);
       threads.gemm();
-      products.run(pre, h, pre);
+      products.run(pre, h_prev.narrow(0, 0, rows), pre);
       threads.pointwise();
       activate(kind, pre, hidden);
-      at::Tensor yt = y.select(0, t);
+      at::Tensor yt = y.select(0, t).narrow(0, 0, rows);
       const scalar_t* g = pre.data_ptr<scalar_t>();
-      memory_update<scalar_t>(kind, g, c_base + t * c_step, c_base + (t + 1) * c_step,
-                              yt.data_ptr<scalar_t>(), decay_ptr, mask_ptr, batch, hidden,
-                              gate_cols);
+      memory_update<scalar_t>(kind, g, c_prev, c_next, yt.data_ptr<scalar_t>(), decay_ptr,
+                              mask_ptr, rows, hidden, gate_cols);
+      if (keep_memory && rows < batch) {  // ended sequences keep their memory
+        std::copy(c_prev + rows * hidden, c_prev + batch * hidden, c_next + rows * hidden);
+      }
       if (kind == kLSTM) {
         yt.tanh_();
       } else {
         yt.sigmoid_();
       }
-      readout<scalar_t>(kind, g, yt.data_ptr<scalar_t>(), batch, hidden, gate_cols);
-      h = yt;
+      readout<scalar_t>(kind, g, yt.data_ptr<scalar_t>(), rows, hidden, gate_cols);
+      if (packed) {  // ended sequences keep their h: the state lives in h
+        const scalar_t* src = yt.data_ptr<scalar_t>();
+        std::copy(src, src + rows * hidden, h.data_ptr<scalar_t>());
+      } else {
+        h_prev = yt;
+      }
     }
+    if (!packed && steps > 0) h.copy_(y.select(0, steps - 1));
   });
+}
+
+// dh of the rows whose sequences end at step t: their output gradient enters there.
+// Rows [alive_after, rows) are alive at t but not at t + 1 (unpacked: all rows at T-1).
+void enter_output_gradient(at::Tensor& dh, const at::Tensor& grad_y, int64_t t,
+                           int64_t alive_after, int64_t rows) {
+  if (rows > alive_after) {
+    dh.narrow(0, alive_after, rows - alive_after)
+        .add_(grad_y.select(0, t).narrow(0, alive_after, rows - alive_after));
+  }
 }
 
 // The reverse sweep of backward (see cpu_fused._reverse_sweep, whose unpacked loop this
 // is). coef (T, B, G*H): the gate coefficients K on entry, dpre on exit. readout
 // (T, B, H): S on entry, dc of every step on exit. forget (T, B, H), any strides with a
 // unit last one (fix-subLSTM: its (H,) decay expanded). w = R (G*H, H). grad_y (T, B, H),
-// any strides (e.g. expanded). dh (B, H): dh of the last step on entry (grad_hn plus
-// grad_y[T-1]), dh0 on exit when need_dh0. dc_carry (B, H): grad_cn on entry, dc0 on
+// any strides (e.g. expanded). dh (B, H): grad_hn on entry (each row's output gradient
+// is added at its sequence's last step), dh0 on exit when need_dh0. dc_carry (B, H): grad_cn on entry, dc0 on
 // exit. flush zeroes carried values below tiny (float32 denormals never chain).
 void backward_steps(at::Tensor coef, at::Tensor readout_dc, at::Tensor forget, at::Tensor w,
                     bool onednn, at::Tensor grad_y, at::Tensor dh, at::Tensor dc_carry,
-                    bool need_dh0, bool flush, double tiny, bool serial) {
+                    bool need_dh0, bool flush, double tiny, bool serial,
+                    std::vector<int64_t> batch_sizes) {
   TORCH_CHECK(coef.is_contiguous() && dh.is_contiguous() && dc_carry.is_contiguous(),
               "coef, dh and dc_carry must be contiguous");
   check_rows(readout_dc, "readout");
@@ -243,10 +284,15 @@ void backward_steps(at::Tensor coef, at::Tensor readout_dc, at::Tensor forget, a
     const scalar_t* f_base = forget.data_ptr<scalar_t>();
     const int64_t s0 = readout_dc.stride(0), s1 = readout_dc.stride(1);
     const int64_t f0 = forget.stride(0), f1 = forget.stride(1);
+    int64_t alive_after = 0;  // rows alive at step t + 1
     for (int64_t t = steps - 1; t >= 0; --t) {
+      const int64_t rows = batch_sizes.empty() ? batch : batch_sizes[t];
+      if (rows == 0) continue;
+      enter_output_gradient(dh, grad_y, t, alive_after, rows);
+      alive_after = rows;
       at::Tensor k_t = coef.select(0, t);
       scalar_t* k = k_t.data_ptr<scalar_t>();
-      for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t b = 0; b < rows; ++b) {
         scalar_t* kb = k + b * gate_cols;
         scalar_t* s = s_base + t * s0 + b * s1;
         const scalar_t* f = f_base + t * f0 + b * f1;
@@ -263,7 +309,7 @@ void backward_steps(at::Tensor coef, at::Tensor readout_dc, at::Tensor forget, a
         }
       }
       if (t > 0 || need_dh0) {
-        previous_dh<scalar_t>(products, threads, dh, k_t, grad_y, t, flush, cut);
+        previous_dh<scalar_t>(products, threads, dh, k_t, grad_y, t, rows, flush, cut);
       }
     }
   });
@@ -284,7 +330,8 @@ void backward_subtractive(int64_t kind_id, at::Tensor act, at::Tensor memory, at
                           c10::optional<at::Tensor> decay, c10::optional<at::Tensor> mask,
                           at::Tensor w, bool onednn, at::Tensor grad_y, at::Tensor dh,
                           at::Tensor dc_carry, c10::optional<at::Tensor> phi_sum,
-                          bool need_dh0, bool flush, double tiny, bool serial) {
+                          bool need_dh0, bool flush, double tiny, bool serial,
+                          std::vector<int64_t> batch_sizes) {
   const Kind kind = static_cast<Kind>(kind_id);
   TORCH_CHECK(kind == kSub || kind == kFix, "backward_subtractive: subLSTM or fix-subLSTM");
   TORCH_CHECK(act.is_contiguous() && memory.is_contiguous() && y.is_contiguous() &&
@@ -314,10 +361,15 @@ void backward_subtractive(int64_t kind_id, at::Tensor act, at::Tensor memory, at
     const scalar_t* y_base = y.data_ptr<scalar_t>();
     scalar_t* dh_ptr = dh.data_ptr<scalar_t>();
     scalar_t* carry = dc_carry.data_ptr<scalar_t>();
+    int64_t alive_after = 0;  // rows alive at step t + 1
     for (int64_t t = steps - 1; t >= 0; --t) {
+      const int64_t rows = batch_sizes.empty() ? batch : batch_sizes[t];
+      if (rows == 0) continue;
+      enter_output_gradient(dh, grad_y, t, alive_after, rows);
+      alive_after = rows;
       at::Tensor a_t = act.select(0, t);
       scalar_t* a = a_t.data_ptr<scalar_t>();
-      for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t b = 0; b < rows; ++b) {
         scalar_t* ab = a + b * gate_cols;
         const scalar_t* cp = c_base + (t * batch + b) * hidden;  // c_{t-1} of this row
         const scalar_t* yb = y_base + (t * batch + b) * hidden;
@@ -344,7 +396,7 @@ void backward_subtractive(int64_t kind_id, at::Tensor act, at::Tensor memory, at
         }
       }
       if (t > 0 || need_dh0) {
-        previous_dh<scalar_t>(products, threads, dh, a_t, grad_y, t, flush, cut);
+        previous_dh<scalar_t>(products, threads, dh, a_t, grad_y, t, rows, flush, cut);
       }
     }
   });
