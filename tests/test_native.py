@@ -135,3 +135,19 @@ def test_transposed_gradients_of_the_final_state(cell, step_loops):
         grads[kernel] = torch.autograd.grad(loss, [x, state.h, state.c, weights.weight_hh])
     for a, b in zip(grads["reference"], grads["cpu_fused"]):
         torch.testing.assert_close(b, a, atol=1e-10, rtol=1e-9)
+
+
+@pytest.mark.parametrize("cell", CELL_NAMES)
+def test_fake_tensors_keep_to_aten_ops(cell, step_loops):
+    """Shape inference with fake tensors (a Python dispatch mode) must see every ATen op:
+    the C++ loops would read data pointers fake tensors do not have, so they step aside."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    import microcircuits as mc
+
+    model = mc.make_rnn(cell, 3, 4, num_layers=2, update_dropout=0.25)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x = torch.randn(5, 2, 3, requires_grad=True)
+        out, (h, c) = model(x)
+        out.sum().backward()
+    assert isinstance(out, FakeTensor) and out.shape == (5, 2, 4) and h.shape == (2, 2, 4)

@@ -163,6 +163,13 @@ _TINY = 1e-30  # float32 gradients below this are flushed to zero in backward
 _SERIAL_POINTWISE_MAX = 1 << 18  # per-step pointwise ops on up to this many elements: 1 thread
 _SUPPORTED_DTYPES = (torch.float32, torch.float64)
 _KIND_IDS = {"lstm": 0, "sublstm": 1, "fix_sublstm": 2}  # the C++ loops' Kind (step_loops.cpp)
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def _python_dispatch_active() -> bool:
+    """Whether a Python dispatch mode (``TorchDispatchMode``, e.g. ``FakeTensorMode``) is on."""
+    stack_length = getattr(torch._C, "_len_torch_dispatch_stack", None)
+    return bool(stack_length is not None and stack_length() > 0)
 
 
 # --------------------------------------------------------------------------- GEMMs
@@ -230,10 +237,17 @@ class _Recurrent:
             self.w_fwd = w.t().contiguous() if forward else None  # (H, G*H)
             self.w_bwd = w.contiguous() if backward else None  # (G*H, H)
 
-    def native(self):
-        """The C++ step loops (:mod:`.native`), or ``None`` where they are not built or
-        under ``torch.jit.trace``, which records ATen ops and cannot see into them."""
-        return None if torch.jit.is_tracing() else native.step_loops()
+    def native(self, *tensors: Tensor | None):
+        """The C++ step loops (:mod:`.native`) for a call on ``tensors``, or ``None``
+        where they are not built, or where ATen ops must stay visible to Python: under
+        ``torch.jit.trace`` (which records them), a Python dispatch mode (e.g. fake
+        tensors for shape inference) or with tensor subclasses (their ``__torch_dispatch__``
+        would be bypassed, and C++ reads data pointers they may not have)."""
+        if torch.jit.is_tracing() or _python_dispatch_active():
+            return None
+        if any(t is not None and type(t) not in _PLAIN_TENSORS for t in tensors):
+            return None
+        return native.step_loops()
 
     @contextmanager
     def loop(self, python: bool = True) -> Iterator[None]:
@@ -415,7 +429,7 @@ def _forward_inference(
     bias = combined_bias(weights)
     rec = _Recurrent(weights.weight_hh, batch, forward=True, backward=False)
     chunk = max(1, _INFERENCE_CHUNK_BYTES // max(1, batch * gate_rows * x.element_size()))
-    loops = rec.native()
+    loops = rec.native(x, state.h, state.c, weights.weight_hh, mask)
     # the step works in place (cells.pointwise_inplace, or the C++ loops): c is a private
     # copy, and h is read from the output y[t] (Python loops, full batch) or kept in its
     # own buffer (packed sequences, the C++ loops)
@@ -516,7 +530,7 @@ class _FusedLayer(torch.autograd.Function):
             gates = input_projection(x2d, weight_ih, combined_bias(weights))
             gates = gates.view(steps, batch, gate_rows)
             act = gates.view(steps, batch, -1, hidden)  # pre-activations become activations
-            loops = rec.native()
+            loops = rec.native(x, h0, c0, weight_hh, phi, mask)
             with rec.loop(python=loops is None):
                 if loops is not None:
                     if batch_sizes is None:
@@ -578,7 +592,8 @@ class _FusedLayer(torch.autograd.Function):
         with _flush_denormals():
             in_place = not graph_kept()
             rec = _Recurrent(weight_hh, batch, forward=False, backward=True)
-            loops = rec.native() if kind.name != "lstm" else None
+            plain = (act, c_all, y, weight_hh, grad_y, grad_hn, grad_cn)
+            loops = rec.native(*plain) if kind.name != "lstm" else None
             phi_sum = dc_all = None
             if loops is not None:  # the subtractive cells' whole recurrence in C++
                 dpre = act if in_place else act.clone()  # the activations become dpre
@@ -769,7 +784,7 @@ def _reverse_sweep(
     # the carried dh (rows not reached yet keep grad_hn) and dc_next (already times f)
     dh = grad_hn.clone(memory_format=torch.contiguous_format)
     dc_carry = grad_cn.clone(memory_format=torch.contiguous_format)
-    loops = rec.native()
+    loops = rec.native(coef, readout, grad_y, grad_hn, grad_cn)
     with rec.loop(python=loops is None):
         if loops is not None:
             loops.backward_steps(
