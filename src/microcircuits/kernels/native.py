@@ -5,7 +5,7 @@ costs a dozen op calls of 3-8 us each on top of its arithmetic, which on small l
 (LM-200: a ~80 us GEMM per step) is as much again as the work; the C++ loops make the
 same GEMM calls and do the rest of a step in one or two passes. They are compiled with
 ``torch.utils.cpp_extension`` (a C++ compiler and ninja; about a minute, once per torch
-version and source change) into ``$MICROCIRCUITS_CACHE`` (default
+version and source change) into ``$MICROCIRCUITS_CACHE/native`` (without that variable
 ``$XDG_CACHE_HOME/microcircuits/native`` or ``~/.cache/microcircuits/native``) and loaded
 from there afterwards; the build is locked, so parallel processes build it once.
 
