@@ -592,6 +592,7 @@ class _FusedLayer(torch.autograd.Function):
         with _flush_denormals():
             in_place = not graph_kept()
             rec = _Recurrent(weight_hh, batch, forward=False, backward=True)
+            decay = None if phi is None else torch.sigmoid(phi)  # fix-subLSTM's f
             plain = (act, c_all, y, weight_hh, grad_y, grad_hn, grad_cn)
             loops = rec.native(*plain) if kind.name != "lstm" else None
             phi_sum = dc_all = None
@@ -604,15 +605,14 @@ class _FusedLayer(torch.autograd.Function):
                 if needs[9]:
                     phi_sum = act.new_zeros(hidden, dtype=torch.float64)
                 loops.backward_subtractive(
-                    _KIND_IDS[kind.name], dpre, c_all, y,
-                    None if phi is None else torch.sigmoid(phi),
+                    _KIND_IDS[kind.name], dpre, c_all, y, decay,
                     None if mask is None else mask.contiguous(),
                     rec.w_bwd, rec.onednn, grad_y, dh0, dc0, phi_sum, needs[3], flush, _TINY,
                     rec.serial, [] if batch_sizes is None else batch_sizes,
                 )  # fmt: skip
             else:
                 coef, readout, forget = _backward_coefficients(
-                    kind, act, c_all, mask, phi, in_place
+                    kind, act, c_all, mask, decay, in_place
                 )
                 dpre, dh0, dc0, dc_all = _reverse_sweep(
                     kind,
@@ -652,12 +652,11 @@ class _FusedLayer(torch.autograd.Function):
                 grad_w_hh = _weight_grad(dpre[0], h0, d2[batch:], prev)
             grad_phi = None
             if needs[9]:
-                f = torch.sigmoid(phi)
                 if phi_sum is not None:
                     total = phi_sum.to(phi.dtype)
                 else:
                     total = (dc_all * c_all[:-1]).sum((0, 1))
-                grad_phi = total * f * (1 - f)
+                grad_phi = total * decay * (1 - decay)
         return (
             None,
             None,
@@ -708,10 +707,10 @@ def _backward_coefficients(
     act: Tensor,
     c_all: Tensor,
     mask: Tensor | None,
-    phi: Tensor | None,
+    decay: Tensor | None,
     in_place: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Whole-sequence parts of backward.
+    """Whole-sequence parts of backward (``decay``: fix-subLSTM's ``sigma(phi)``, else None).
 
     Returns ``K`` ``(T, B, G*H)`` with ``dpre = K * [dc, .., dc, dh]`` per gate block (the
     last block, o, takes ``dh``; the others ``dc``), ``S`` ``(T, B, H)`` with ``dc = dc_next
@@ -747,7 +746,7 @@ def _backward_coefficients(
         forget = a4[:, :, 1].clone() if in_place else a4[:, :, 1]
         _sigmoid_bwd(c_prev, a4[:, :, 1], grad_input=k4[:, :, 1])  # f: c_prev f (1 - f)
     else:  # fix-subLSTM: blocks (i, z, o), f = sigma(phi) constant
-        forget = torch.sigmoid(phi)
+        forget = decay
     z = 2 if sub else 1
     _sigmoid_bwd(minus_one, a4[:, :, 0], grad_input=k4[:, :, 0])  # i: -i (1 - i)
     _sigmoid_bwd(one if mask is None else mask, a4[:, :, z], grad_input=k4[:, :, z])  # m z(1-z)

@@ -256,6 +256,30 @@ void enter_output_gradient(at::Tensor& dh, const at::Tensor& grad_y, int64_t t,
   }
 }
 
+// The reverse sweep both backwards share: for t = T-1 .. 0, over the rows alive at t,
+// the output gradients entering at t, then `step(t, rows, dpre_t)` (the step's pointwise
+// work: d pre of the alive rows written into row block t of dpre, and the carried dc),
+// then the carried dh through the product (dh_{t-1} = grad_y[t-1] + dpre_t R).
+template <typename scalar_t, typename Step>
+void reverse_sweep(const at::Tensor& dpre, at::Tensor& dh, const at::Tensor& grad_y,
+                   const std::vector<int64_t>& batch_sizes, const Products& products,
+                   const Threads& threads, bool need_dh0, bool flush, scalar_t cut,
+                   Step&& step) {
+  const int64_t steps = dpre.size(0), batch = dpre.size(1);
+  int64_t alive_after = 0;  // rows alive at step t + 1
+  for (int64_t t = steps - 1; t >= 0; --t) {
+    const int64_t rows = batch_sizes.empty() ? batch : batch_sizes[t];
+    if (rows == 0) continue;
+    enter_output_gradient(dh, grad_y, t, alive_after, rows);
+    alive_after = rows;
+    at::Tensor dpre_t = dpre.select(0, t);
+    step(t, rows, dpre_t.data_ptr<scalar_t>());
+    if (t > 0 || need_dh0) {
+      previous_dh<scalar_t>(products, threads, dh, dpre_t, grad_y, t, rows, flush, cut);
+    }
+  }
+}
+
 // The reverse sweep of backward (see cpu_fused._reverse_sweep, whose unpacked loop this
 // is). coef (T, B, G*H): the gate coefficients K on entry, dpre on exit. readout
 // (T, B, H): S on entry, dc of every step on exit. forget (T, B, H), any strides with a
@@ -271,7 +295,7 @@ void backward_steps(at::Tensor coef, at::Tensor readout_dc, at::Tensor forget, a
               "coef, dh and dc_carry must be contiguous");
   check_rows(readout_dc, "readout");
   check_rows(forget, "forget");
-  const int64_t steps = coef.size(0), batch = coef.size(1), gate_cols = coef.size(2);
+  const int64_t gate_cols = coef.size(2);
   const int64_t hidden = dh.size(1);
   const int64_t blocks = gate_cols / hidden;
   Threads threads(serial);
@@ -284,14 +308,8 @@ void backward_steps(at::Tensor coef, at::Tensor readout_dc, at::Tensor forget, a
     const scalar_t* f_base = forget.data_ptr<scalar_t>();
     const int64_t s0 = readout_dc.stride(0), s1 = readout_dc.stride(1);
     const int64_t f0 = forget.stride(0), f1 = forget.stride(1);
-    int64_t alive_after = 0;  // rows alive at step t + 1
-    for (int64_t t = steps - 1; t >= 0; --t) {
-      const int64_t rows = batch_sizes.empty() ? batch : batch_sizes[t];
-      if (rows == 0) continue;
-      enter_output_gradient(dh, grad_y, t, alive_after, rows);
-      alive_after = rows;
-      at::Tensor k_t = coef.select(0, t);
-      scalar_t* k = k_t.data_ptr<scalar_t>();
+    reverse_sweep<scalar_t>(coef, dh, grad_y, batch_sizes, products, threads, need_dh0, flush,
+                            cut, [&](int64_t t, int64_t rows, scalar_t* k) {
       for (int64_t b = 0; b < rows; ++b) {
         scalar_t* kb = k + b * gate_cols;
         scalar_t* s = s_base + t * s0 + b * s1;
@@ -308,10 +326,7 @@ void backward_steps(at::Tensor coef, at::Tensor readout_dc, at::Tensor forget, a
           cb[j] = next;
         }
       }
-      if (t > 0 || need_dh0) {
-        previous_dh<scalar_t>(products, threads, dh, k_t, grad_y, t, rows, flush, cut);
-      }
-    }
+    });
   });
 }
 
@@ -338,7 +353,7 @@ void backward_subtractive(int64_t kind_id, at::Tensor act, at::Tensor memory, at
                   dh.is_contiguous() && dc_carry.is_contiguous(),
               "act, memory, y, dh and dc_carry must be contiguous");
   TORCH_CHECK(kind != kFix || decay.has_value(), "fix-subLSTM needs its decay");
-  const int64_t steps = act.size(0), batch = act.size(1), gate_cols = act.size(2);
+  const int64_t batch = act.size(1), gate_cols = act.size(2);
   const int64_t hidden = dh.size(1);
   const int64_t o_block = gate_cols / hidden - 1;
   const int64_t z_block = kind == kFix ? 1 : 2;
@@ -361,14 +376,8 @@ void backward_subtractive(int64_t kind_id, at::Tensor act, at::Tensor memory, at
     const scalar_t* y_base = y.data_ptr<scalar_t>();
     scalar_t* dh_ptr = dh.data_ptr<scalar_t>();
     scalar_t* carry = dc_carry.data_ptr<scalar_t>();
-    int64_t alive_after = 0;  // rows alive at step t + 1
-    for (int64_t t = steps - 1; t >= 0; --t) {
-      const int64_t rows = batch_sizes.empty() ? batch : batch_sizes[t];
-      if (rows == 0) continue;
-      enter_output_gradient(dh, grad_y, t, alive_after, rows);
-      alive_after = rows;
-      at::Tensor a_t = act.select(0, t);
-      scalar_t* a = a_t.data_ptr<scalar_t>();
+    reverse_sweep<scalar_t>(act, dh, grad_y, batch_sizes, products, threads, need_dh0, flush,
+                            cut, [&](int64_t t, int64_t rows, scalar_t* a) {
       for (int64_t b = 0; b < rows; ++b) {
         scalar_t* ab = a + b * gate_cols;
         const scalar_t* cp = c_base + (t * batch + b) * hidden;  // c_{t-1} of this row
@@ -395,10 +404,7 @@ void backward_subtractive(int64_t kind_id, at::Tensor act, at::Tensor memory, at
           cb[j] = next;
         }
       }
-      if (t > 0 || need_dh0) {
-        previous_dh<scalar_t>(products, threads, dh, a_t, grad_y, t, rows, flush, cut);
-      }
-    }
+    });
   });
 }
 
