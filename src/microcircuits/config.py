@@ -118,6 +118,9 @@ class ExperimentConfig:
     # usual value of "RMSProp with momentum" (Tieleman & Hinton 2012, Graves 2013)
     rmsprop_alpha: float = 0.9  # RMSProp smoothing of the squared gradient; 0.9 is the
     # original (Tieleman & Hinton 2012) and TensorFlow default
+    adam_beta1: float = 0.9  # Adam's smoothing of the gradient (its momentum); 0 makes
+    # Adam a bias-corrected RMSProp (what DeepMind's LM code, lamb, calls "rmsprop")
+    adam_beta2: float = 0.999  # Adam's smoothing of the squared gradient
     eps: float = 1e-8  # added to the RMS denominator (Adam: to sqrt(v))
     rmsprop_initial_square_avg: float = 1.0  # RMSProp's running mean square starts here.
     # TensorFlow's RMSPropOptimizer (the paper's 2017 tooling) starts it at 1; torch's
@@ -223,6 +226,8 @@ class ExperimentConfig:
         _real("lr", self.lr, low=0.0, low_open=True)
         _real("momentum", self.momentum, low=0.0, high=1.0, high_open=True)
         _real("rmsprop_alpha", self.rmsprop_alpha, low=0.0, high=1.0, high_open=True)
+        _real("adam_beta1", self.adam_beta1, low=0.0, high=1.0, high_open=True)
+        _real("adam_beta2", self.adam_beta2, low=0.0, high=1.0, high_open=True)
         _real("eps", self.eps, low=0.0, low_open=True)
         _real("rmsprop_initial_square_avg", self.rmsprop_initial_square_avg, low=0.0)
         _real("weight_decay", self.weight_decay, low=0.0)

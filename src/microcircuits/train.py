@@ -265,7 +265,11 @@ def make_optimizer(config: ExperimentConfig, model: nn.Module) -> torch.optim.Op
         return optimizer
     if config.optimizer == "adam":
         return torch.optim.Adam(
-            params, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay
+            params,
+            lr=config.lr,
+            betas=(config.adam_beta1, config.adam_beta2),
+            eps=config.eps,
+            weight_decay=config.weight_decay,
         )
     return torch.optim.SGD(
         params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
