@@ -404,6 +404,17 @@ def test_unsupported_reasons_name_the_problem():
     )
 
 
+@pytest.mark.parametrize("kernel", ["cpu_fused", "aten_lstm"])
+def test_cpu_kernels_name_a_tensor_off_the_cpu(kernel):
+    kind, x, state, weights, _ = _layer("lstm", dtype=torch.float32)
+    off = CellWeights(weights.weight_ih.to("meta"), *weights[1:])
+    if kernel == "cpu_fused":
+        reason = cpu_fused.unsupported_reason(x, state, off, None, None)
+    else:
+        reason = aten_lstm.unsupported_reason(kind, x, state, off, None, None)
+    assert reason == "a tensor is on meta, not the CPU"
+
+
 @pytest.mark.gpu
 def test_cpu_fused_refuses_cuda_tensors():
     if not torch.cuda.is_available():

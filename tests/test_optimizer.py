@@ -50,7 +50,8 @@ def test_zero_initial_mean_square_is_torch_default():
 
 
 def test_adam_with_zero_beta1_is_bias_corrected_rmsprop():
-    """lamb's "rmsprop" (Adam, beta1 = 0): v_t = b2 v + (1 - b2) g^2; step lr g / sqrt(v_t / (1 - b2^t))."""
+    """lamb's "rmsprop" (Adam, beta1 = 0): v_t = b2 v + (1 - b2) g^2, and the step is
+    lr g / sqrt(v_t / (1 - b2^t)), with the weight decay in g."""
     lr, beta2, wd = 0.01, 0.999, 0.1
     w = torch.nn.Parameter(torch.tensor([0.5, -2.0]))
     model = torch.nn.Module()

@@ -44,6 +44,14 @@ def functorch_wrapped(tensors: Sequence[Tensor]) -> bool:
     return any(check(t) for t in tensors)
 
 
+def off_cpu_reason(tensors: Sequence[Tensor]) -> str | None:
+    """``"a tensor is on DEVICE, not the CPU"`` for the first tensor off the CPU, or ``None``."""
+    for t in tensors:
+        if t.device.type != "cpu":
+            return f"a tensor is on {t.device}, not the CPU"
+    return None
+
+
 def common_unsupported_reason(
     x: Tensor,
     tensors: Sequence[Tensor],

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..cells import CellKind, CellWeights, LSTMState
-from ._checks import call_tensors, common_unsupported_reason
+from ._checks import call_tensors, common_unsupported_reason, off_cpu_reason
 
 __all__ = ["run_layer_aten_lstm", "run_stack_aten_lstm", "unsupported_reason"]
 
@@ -44,10 +44,7 @@ def unsupported_reason(
     if (weights.bias_ih is None) != (weights.bias_hh is None):
         return "only one of the two biases is given"
     tensors = call_tensors(x, state, weights, None)
-    for t in tensors:
-        if t.device.type != "cpu":
-            return f"a tensor is on {t.device}, not the CPU"
-    return common_unsupported_reason(
+    return off_cpu_reason(tensors) or common_unsupported_reason(
         x, tensors, None, None, (torch.float32, torch.float64), traceable=True
     )
 

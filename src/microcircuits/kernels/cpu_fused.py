@@ -146,7 +146,7 @@ from .. import cells
 from .._autograd import graph_kept
 from ..cells import CellKind, CellWeights, Gates, LSTMState, pointwise_inplace
 from . import native
-from ._checks import call_tensors, common_unsupported_reason, first_order_only
+from ._checks import call_tensors, common_unsupported_reason, first_order_only, off_cpu_reason
 from ._projection import combined_bias, input_projection
 from .reference import reverse_within_lengths
 
@@ -330,10 +330,9 @@ def unsupported_reason(
 ) -> str | None:
     """Why this kernel cannot run the call, or ``None`` when it can."""
     tensors = call_tensors(x, state, weights, update_mask)
-    for t in tensors:
-        if t.device.type != "cpu":
-            return f"a tensor is on {t.device}, not the CPU"
-    return common_unsupported_reason(x, tensors, lengths, update_mask, _SUPPORTED_DTYPES)
+    return off_cpu_reason(tensors) or common_unsupported_reason(
+        x, tensors, lengths, update_mask, _SUPPORTED_DTYPES
+    )
 
 
 # ------------------------------------------------------------------ entry point
