@@ -269,3 +269,32 @@ def test_every_cell_trains(tmp_path: Path) -> None:
     for cell in ("sublstm", "fix_sublstm"):
         result = train(_adding(tmp_path, cell, cell=cell, epochs=1))
         assert result.cell == cell and result.test is not None
+
+
+class _LinearLossAdding(AddingTask):
+    """One parameter ``w`` and the loss ``d . w``: a known data gradient ``d``."""
+
+    def build_model(self):
+        model = torch.nn.Module()
+        model.w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
+        self.model = model
+        return model
+
+    def train_loss(self, model, batch, carry):
+        return (model.w * torch.tensor([6.0, 8.0])).sum(), carry
+
+    def evaluate(self, model, split):
+        return Evaluation(loss=1.0, metric=1.0, count=1)
+
+
+def test_weight_decay_is_clipped_with_the_data_gradient(tmp_path: Path) -> None:
+    """The L2 penalty is part of the loss: clip(d + wd w), not clip(d) + wd w."""
+    config = _adding(
+        tmp_path, optimizer="sgd", momentum=0.0, lr=0.1, weight_decay=1.0, clip_norm=5.0,
+        steps_per_epoch=1, epochs=1, input_dropout=0.0, update_dropout=0.0,
+    )  # fmt: skip
+    task = _LinearLossAdding(config, torch.device("cpu"))
+    train(config, task=task)
+    # d + wd w = (6, 8) + (3, 4) = (9, 12), norm 15, clipped to norm 5: (3, 4)
+    expected = torch.tensor([3.0, 4.0]) - 0.1 * torch.tensor([3.0, 4.0])
+    torch.testing.assert_close(task.model.w.detach(), expected)

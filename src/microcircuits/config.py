@@ -126,8 +126,9 @@ class ExperimentConfig:
     # TensorFlow's RMSPropOptimizer (the paper's 2017 tooling) starts it at 1; torch's
     # default 0 makes the first steps ~lr/sqrt(1 - alpha) per weight, which threw the
     # LMs at the paper's learning rates (~0.01) far off before they recovered.
-    weight_decay: float = 0.0  # L2 coefficient added to the gradient (torch convention:
-    # g += wd * theta, i.e. a penalty wd/2 * |theta|^2 on the mean loss)
+    weight_decay: float = 0.0  # L2 penalty wd/2 * |theta|^2 added to the training loss:
+    # its gradient wd * theta joins the data gradient before clipping (as in the paper's
+    # tooling, DeepMind's lamb), so clipping scales both alike
     clip_norm: float | None = 5.0  # clip the global gradient norm to this; None: off
     loss_sum_over_time: bool = False  # language models: optimise the loss summed over the
     # BPTT steps and averaged over the batch, as the TensorFlow PTB code of Zaremba et al.

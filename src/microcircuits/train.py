@@ -249,9 +249,17 @@ def _start_mean_square_at(optimizer: torch.optim.RMSprop, value: float) -> None:
                 state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
-def make_optimizer(config: ExperimentConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """The optimiser of ``config`` over ``model``'s parameters."""
+def make_optimizer(
+    config: ExperimentConfig, model: nn.Module, *, weight_decay: float | None = None
+) -> torch.optim.Optimizer:
+    """The optimiser of ``config`` over ``model``'s parameters.
+
+    Args:
+        weight_decay: the optimiser's own L2 term instead of ``config.weight_decay``; the
+            training loop passes 0 and adds the L2 gradient itself, before clipping.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
+    decay = config.weight_decay if weight_decay is None else weight_decay
     if config.optimizer == "rmsprop":
         optimizer = torch.optim.RMSprop(
             params,
@@ -259,7 +267,7 @@ def make_optimizer(config: ExperimentConfig, model: nn.Module) -> torch.optim.Op
             alpha=config.rmsprop_alpha,
             eps=config.eps,
             momentum=config.momentum,
-            weight_decay=config.weight_decay,
+            weight_decay=decay,
         )
         _start_mean_square_at(optimizer, config.rmsprop_initial_square_avg)
         return optimizer
@@ -269,11 +277,9 @@ def make_optimizer(config: ExperimentConfig, model: nn.Module) -> torch.optim.Op
             lr=config.lr,
             betas=(config.adam_beta1, config.adam_beta2),
             eps=config.eps,
-            weight_decay=config.weight_decay,
+            weight_decay=decay,
         )
-    return torch.optim.SGD(
-        params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-    )
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=decay)
 
 
 def run_directory(config: ExperimentConfig) -> Path:
@@ -535,7 +541,9 @@ class _Trainer:
             # Dropout masks of different shards must differ; rank 0 keeps the stream a
             # single process would use.
             torch.manual_seed(data_seed(config.seed, stream=1000 + context.rank))
-        self.optimizer = make_optimizer(config, self.model)
+        # The L2 penalty is part of the loss whose gradient is clipped (as in the paper's
+        # tooling), so the loop adds its gradient before clipping, not the optimiser after.
+        self.optimizer = make_optimizer(config, self.model, weight_decay=0.0)
         self.data_generator = torch.Generator().manual_seed(data_seed(config.seed))
         self.steps_per_epoch = self.task.steps_per_epoch()
         if self.steps_per_epoch < 1:
@@ -639,6 +647,8 @@ class _Trainer:
     def _restore(self, payload: dict[str, Any]) -> None:
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
+        for group in self.optimizer.param_groups:  # checkpoints of versions whose optimiser
+            group["weight_decay"] = 0.0  # applied the decay: the loop adds it now
         pos = self.position
         pos.epoch = payload["epoch"]
         pos.step_in_epoch = payload["step_in_epoch"]
@@ -705,12 +715,24 @@ class _Trainer:
             loss, pos.carry = self.task.train_loss(self.train_model, batch, pos.carry)
         scale = self._gradient_scale(batch)
         (loss if scale == 1.0 else loss * scale).backward()
+        self._add_weight_decay_gradient()
         if self.config.clip_norm is not None:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_norm)
         self.optimizer.step()
         pos.global_step += 1
         pos.step_in_epoch += 1
         self.pending.append((pos.global_step, loss.detach()))
+
+    def _add_weight_decay_gradient(self) -> None:
+        """``grad += weight_decay * w``: the gradient of ``weight_decay / 2 * |w|^2`` added
+        to the loss, so that clipping then scales the data and L2 terms together."""
+        decay = self.config.weight_decay
+        if decay == 0.0:
+            return
+        with torch.no_grad():
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.add_(p, alpha=decay)
 
     def _gradient_scale(self, batch: tuple[Tensor, ...]) -> float:
         scale = getattr(self.task, "gradient_scale", None)  # optional in the Task protocol
