@@ -592,8 +592,9 @@ class _FusedLayer(torch.autograd.Function):
             in_place = not graph_kept()
             rec = _Recurrent(weight_hh, batch, forward=False, backward=True)
             decay = None if phi is None else torch.sigmoid(phi)  # fix-subLSTM's f
-            plain = (act, c_all, y, weight_hh, grad_y, grad_hn, grad_cn)
-            loops = rec.native(*plain) if kind.name != "lstm" else None
+            loops = None
+            if kind.name != "lstm":  # the tensors the C++ loop reads, as forward checks them
+                loops = rec.native(act, c_all, y, weight_hh, decay, mask, grad_y, grad_hn, grad_cn)
             phi_sum = dc_all = None
             if loops is not None:  # the subtractive cells' whole recurrence in C++
                 dpre = act if in_place else act.clone()  # the activations become dpre
