@@ -38,6 +38,7 @@ lint: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks.rnn
+	$(BIN)/python -m benchmarks.lm_step
 
 clean:
 	rm -rf $(VENV) .cache build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -71,3 +71,17 @@ def test_repeats_table_quotes_the_median_over_runs(tmp_path: Path) -> None:
         cwd=ROOT, capture_output=True, text=True,
     )  # fmt: skip
     assert result.returncode != 0 and "not a benchmarks.rnn result" in result.stderr
+
+
+def test_quick_lm_step_benchmark_writes_both_ways_and_their_ratio(tmp_path: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.lm_step", "--quick", "--sizes", "10",
+         "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    report = json.loads((tmp_path / "lm_step_cpu_1t_quick.json").read_text())
+    ways = {(r["size"], r["way"]) for r in report["rows"]}
+    assert ways == {(10, "unfused"), (10, "fused"), (10, "ratio")}
+    assert all(r.get("median_ms", r.get("ratio")) > 0 for r in report["rows"])
+    table = (tmp_path / "lm_step_cpu_1t_quick.md").read_text()
+    assert "| 10 |" in table and "fused / unfused" in table

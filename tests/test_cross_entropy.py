@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from microcircuits.tasks.cross_entropy import mean_cross_entropy
+from microcircuits.tasks.cross_entropy import linear_cross_entropy, mean_cross_entropy
 
 
 def _case(n=13, v=29, dtype=torch.float64, seed=0):
@@ -88,3 +88,83 @@ def test_create_graph_is_refused_not_silently_first_order():
     # the reference it names does give a second-order graph
     (g,) = torch.autograd.grad(F.cross_entropy(logits, targets), logits, create_graph=True)
     assert g.requires_grad
+
+
+# -- the fused decoder + loss ------------------------------------------------------------
+
+
+def _linear_case(n=11, h=6, v=23, dtype=torch.float64, seed=1, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, h, generator=g, dtype=dtype).requires_grad_()
+    w = (torch.randn(v, h, generator=g, dtype=dtype) / h**0.5).requires_grad_()
+    b = torch.randn(v, generator=g, dtype=dtype).requires_grad_() if bias else None
+    targets = torch.randint(0, v, (n,), generator=g)
+    return x, w, b, targets
+
+
+def _grads(loss, tensors):
+    return torch.autograd.grad(loss, [t for t in tensors if t is not None])
+
+
+@pytest.mark.parametrize("h", [6, 40])  # both layouts of the weight's gradient
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_linear_cross_entropy_equals_f_cross_entropy_of_f_linear(dtype, bias, h):
+    x, w, b, targets = _linear_case(h=h, dtype=dtype, bias=bias)
+    ours = linear_cross_entropy(x, w, b, targets)
+    ref = F.cross_entropy(F.linear(x, w, b), targets)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert abs(ours.item() - ref.item()) < tol * 10
+    for g_ours, g_ref in zip(_grads(1.7 * ours, (x, w, b)), _grads(1.7 * ref, (x, w, b))):
+        torch.testing.assert_close(g_ours, g_ref, rtol=tol, atol=tol)
+
+
+def test_linear_cross_entropy_gradient_matches_finite_differences():
+    x, w, b, targets = _linear_case(n=4, h=3, v=5)
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: linear_cross_entropy(x, w, b, targets), (x, w, b)
+    )
+
+
+def test_linear_cross_entropy_only_computes_the_gradients_asked_for():
+    x, w, b, targets = _linear_case()
+    x.requires_grad_(False)
+    b.requires_grad_(False)
+    (g_w,) = torch.autograd.grad(linear_cross_entropy(x, w, b, targets), w)
+    (ref,) = torch.autograd.grad(F.cross_entropy(F.linear(x, w, b), targets), w)
+    torch.testing.assert_close(g_w, ref)
+
+
+def test_linear_cross_entropy_survives_a_retained_graph_and_underflow():
+    x, w, b, targets = _linear_case(dtype=torch.float32)
+    with torch.no_grad():
+        b[targets[2]] = -300.0  # p(target of row 2) = 0 in float32
+    loss = linear_cross_entropy(x, w, b, targets)
+    ref = F.cross_entropy(F.linear(x, w, b), targets)
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    first = _grads(loss, (x, w, b))  # retain_graph not needed: one backward each
+    loss2 = linear_cross_entropy(x, w, b, targets)
+    loss2.backward(retain_graph=True)
+    again = (x.grad.clone(), w.grad.clone(), b.grad.clone())
+    for t in (x, w, b):
+        t.grad = None
+    loss2.backward()
+    for a, c, r in zip(first, again, (x.grad, w.grad, b.grad)):
+        torch.testing.assert_close(a, c)
+        torch.testing.assert_close(c, r)
+
+
+def test_linear_cross_entropy_falls_back_without_grad_and_checks_targets():
+    x, w, b, targets = _linear_case()
+    with torch.no_grad():
+        assert linear_cross_entropy(x, w, b, targets).item() == pytest.approx(
+            F.cross_entropy(F.linear(x, w, b), targets).item()
+        )
+    bad = targets.clone()
+    bad[0] = 23
+    with pytest.raises(IndexError, match=r"\[0, 23\)"):
+        linear_cross_entropy(x, w, b, bad)
+    with pytest.raises(ValueError, match=r"int64 of shape \(11,\)"):
+        linear_cross_entropy(x, w, b, targets[:5])
+    with pytest.raises(RuntimeError, match="linear_cross_entropy gives first-order"):
+        torch.autograd.grad(linear_cross_entropy(x, w, b, targets), x, create_graph=True)

@@ -300,3 +300,21 @@ def test_lm_embedding_size_can_differ_from_the_hidden_size(tiny_corpus) -> None:
     assert torch.isfinite(loss)
     with pytest.raises(ValueError, match="embedding_size"):
         _lm_task(tiny_corpus, embedding_size=0)
+
+
+def test_lm_training_loss_and_gradients_equal_cross_entropy_of_the_logits(tiny_corpus) -> None:
+    """The fused training loss (decoder + cross-entropy in one step) against
+    ``F.cross_entropy`` of the model's logits: same loss, same gradient on every weight."""
+    task = _lm_task(tiny_corpus, input_dropout=0.0, output_dropout=0.0, update_dropout=0.0)
+    model = task.build_model().double()
+    inputs, targets = next(task.train_batches(torch.Generator()))
+    params = list(model.parameters())
+    loss, _ = task.train_loss(model, (inputs, targets), None)
+    ours = torch.autograd.grad(loss, params)
+    logits, _ = model(inputs)
+    ref = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-12)
+    for g, r in zip(ours, torch.autograd.grad(ref, params)):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match=r"targets must have the shape of tokens \(5, 4\)"):
+        model(inputs, None, targets=targets[:3])

@@ -23,7 +23,6 @@ from torch import Tensor, nn
 from ..config import ExperimentConfig
 from ..data import Corpus, batchify, bptt_batches, load_corpus, resolve_data_dir
 from .base import Batch, Carry, Evaluation, Probe, check_split
-from .cross_entropy import mean_cross_entropy
 from .models import LanguageModel, make_recurrent_stack
 
 __all__ = ["LanguageModelTask", "cached_corpus"]
@@ -102,8 +101,7 @@ class LanguageModelTask:
     def train_loss(self, model: nn.Module, batch: Batch, carry: Carry) -> tuple[Tensor, Carry]:
         inputs, targets = batch  # (T, B) each
         hidden = None if carry is None else (carry[0], carry[1])
-        logits, hidden = model(inputs, hidden)  # (T, B, V)
-        loss = mean_cross_entropy(logits.float().reshape(-1, self.vocab_size), targets.reshape(-1))
+        loss, hidden = model(inputs, hidden, targets=targets)  # mean over the T * B tokens
         return loss, _detach(hidden)
 
     def gradient_scale(self, batch: Batch) -> float:

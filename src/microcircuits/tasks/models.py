@@ -6,6 +6,7 @@ from torch import Tensor, nn
 
 from ..config import ExperimentConfig
 from ..nn import make_rnn
+from .cross_entropy import linear_cross_entropy
 
 __all__ = ["LanguageModel", "LastStepReadout", "make_recurrent_stack"]
 
@@ -82,17 +83,35 @@ class LanguageModel(nn.Module):
         nn.init.zeros_(self.decoder.bias)
 
     def forward(
-        self, tokens: Tensor, hidden: tuple[Tensor, Tensor] | None = None
+        self,
+        tokens: Tensor,
+        hidden: tuple[Tensor, Tensor] | None = None,
+        targets: Tensor | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """Next-token logits.
+        """Next-token logits, or with ``targets`` the training loss.
 
         Args:
             tokens: ``(T, B)`` int64 token ids.
             hidden: ``(h, c)``, each ``(num_layers, B, H)``, or ``None`` for zeros.
+            targets: ``(T, B)`` int64 next-token ids, or ``None``.
 
         Returns:
-            ``logits`` ``(T, B, V)`` and the final ``(h, c)``.
+            ``logits`` ``(T, B, V)`` and the final ``(h, c)``; with ``targets``, the mean
+            next-token cross-entropy over the ``T * B`` tokens (a scalar, by the fused
+            :func:`~microcircuits.tasks.cross_entropy.linear_cross_entropy`: the logits
+            are never kept) in place of the logits.
         """
         embedded = self.embedding(tokens)  # (T, B, H)
         output, hidden = self.rnn(embedded, hidden)  # (T, B, H)
-        return self.decoder(output), hidden
+        if targets is None:
+            return self.decoder(output), hidden
+        if targets.shape != tokens.shape:
+            raise ValueError(
+                f"targets must have the shape of tokens {tuple(tokens.shape)}, "
+                f"got {tuple(targets.shape)}"
+            )
+        features = output.reshape(-1, output.shape[-1])  # (T*B, H)
+        loss = linear_cross_entropy(
+            features, self.decoder.weight, self.decoder.bias, targets.reshape(-1)
+        )
+        return loss, hidden
