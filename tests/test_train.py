@@ -298,3 +298,20 @@ def test_weight_decay_is_clipped_with_the_data_gradient(tmp_path: Path) -> None:
     # d + wd w = (6, 8) + (3, 4) = (9, 12), norm 15, clipped to norm 5: (3, 4)
     expected = torch.tensor([3.0, 4.0]) - 0.1 * torch.tensor([3.0, 4.0])
     torch.testing.assert_close(task.model.w.detach(), expected)
+
+
+def test_add_weight_decay_and_clip_for_a_loop_of_ones_own() -> None:
+    """The public helper: clip(d + wd w), hand-derived; parameters without a gradient are
+    left alone; no clipping returns None and only adds the decay."""
+    from microcircuits.train import add_weight_decay_and_clip_
+
+    w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
+    frozen = torch.nn.Parameter(torch.tensor([1.0]))
+    w.grad = torch.tensor([6.0, 8.0])
+    norm = add_weight_decay_and_clip_([w, frozen], weight_decay=1.0, clip_norm=5.0)
+    assert norm.item() == pytest.approx(15.0)  # |(9, 12)|
+    torch.testing.assert_close(w.grad, torch.tensor([3.0, 4.0]))
+    assert frozen.grad is None
+    w.grad = torch.tensor([6.0, 8.0])
+    assert add_weight_decay_and_clip_([w], weight_decay=0.5, clip_norm=None) is None
+    torch.testing.assert_close(w.grad, torch.tensor([7.5, 10.0]))

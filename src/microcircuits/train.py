@@ -56,7 +56,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,6 +84,7 @@ __all__ = [
     "RESUMABLE_CHANGES",
     "RunResult",
     "ValidationCallback",
+    "add_weight_decay_and_clip_",
     "hardware_description",
     "make_optimizer",
     "resolve_device",
@@ -254,9 +255,13 @@ def make_optimizer(
 ) -> torch.optim.Optimizer:
     """The optimiser of ``config`` over ``model``'s parameters.
 
+    By default the optimiser applies ``config.weight_decay`` itself (torch's semantics:
+    added to the gradient after any clipping). The training loop instead passes
+    ``weight_decay=0`` and calls :func:`add_weight_decay_and_clip_` after backward, as the
+    paper's L2 term in the loss would; do the same in a loop of your own to match it.
+
     Args:
-        weight_decay: the optimiser's own L2 term instead of ``config.weight_decay``; the
-            training loop passes 0 and adds the L2 gradient itself, before clipping.
+        weight_decay: the optimiser's own L2 term instead of ``config.weight_decay``.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     decay = config.weight_decay if weight_decay is None else weight_decay
@@ -280,6 +285,29 @@ def make_optimizer(
             weight_decay=decay,
         )
     return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=decay)
+
+
+def add_weight_decay_and_clip_(
+    parameters: Iterable[Tensor], weight_decay: float, clip_norm: float | None
+) -> Tensor | None:
+    """``grad += weight_decay * w`` for every parameter with a gradient, then clip the
+    global gradient norm to ``clip_norm`` (``None``: no clipping).
+
+    The gradient of a loss with ``weight_decay / 2 * |w|^2`` added, clipped as one: what
+    the paper's tooling optimises (DeepMind's ``lamb``); an optimiser's own
+    ``weight_decay`` would add the term after clipping instead, unclipped.
+
+    Returns:
+        The total gradient norm before clipping, or ``None`` when not clipping.
+    """
+    params = [p for p in parameters if p.grad is not None]
+    if weight_decay:
+        with torch.no_grad():
+            for p in params:
+                p.grad.add_(p, alpha=weight_decay)
+    if clip_norm is None:
+        return None
+    return nn.utils.clip_grad_norm_(params, clip_norm)
 
 
 def run_directory(config: ExperimentConfig) -> Path:
@@ -715,24 +743,13 @@ class _Trainer:
             loss, pos.carry = self.task.train_loss(self.train_model, batch, pos.carry)
         scale = self._gradient_scale(batch)
         (loss if scale == 1.0 else loss * scale).backward()
-        self._add_weight_decay_gradient()
-        if self.config.clip_norm is not None:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_norm)
+        add_weight_decay_and_clip_(
+            self.model.parameters(), self.config.weight_decay, self.config.clip_norm
+        )
         self.optimizer.step()
         pos.global_step += 1
         pos.step_in_epoch += 1
         self.pending.append((pos.global_step, loss.detach()))
-
-    def _add_weight_decay_gradient(self) -> None:
-        """``grad += weight_decay * w``: the gradient of ``weight_decay / 2 * |w|^2`` added
-        to the loss, so that clipping then scales the data and L2 terms together."""
-        decay = self.config.weight_decay
-        if decay == 0.0:
-            return
-        with torch.no_grad():
-            for p in self.model.parameters():
-                if p.grad is not None:
-                    p.grad.add_(p, alpha=decay)
 
     def _gradient_scale(self, batch: tuple[Tensor, ...]) -> float:
         scale = getattr(self.task, "gradient_scale", None)  # optional in the Task protocol
