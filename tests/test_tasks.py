@@ -318,3 +318,36 @@ def test_lm_training_loss_and_gradients_equal_cross_entropy_of_the_logits(tiny_c
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match=r"targets must have the shape of tokens \(5, 4\)"):
         model(inputs, None, targets=targets[:3])
+
+
+def test_lm_tied_embeddings_share_one_parameter_whose_gradient_sums_both_uses(
+    tiny_corpus,
+) -> None:
+    """Tied: one (V, H) parameter; its gradient equals the embedding's plus the decoder's
+    gradient in an untied copy with the same weights (the chain rule over both uses)."""
+    kw = dict(input_dropout=0.0, output_dropout=0.0, update_dropout=0.0)
+    tied = _lm_task(tiny_corpus, tie_embeddings=True, **kw).build_model().double()
+    untied = _lm_task(tiny_corpus, **kw).build_model().double()
+    assert tied.decoder.weight is tied.embedding.weight
+    names = {n for n, _ in tied.named_parameters()}
+    assert "decoder.weight" not in names and "embedding.weight" in names
+    assert (
+        sum(p.numel() for p in tied.parameters())
+        == sum(p.numel() for p in untied.parameters()) - untied.decoder.weight.numel()
+    )
+    untied.load_state_dict(tied.state_dict())  # both keys: the same tensor
+    task = _lm_task(tiny_corpus, **kw)
+    batch = next(task.train_batches(torch.Generator()))
+    loss_tied, _ = task.train_loss(tied, batch, None)
+    loss_untied, _ = task.train_loss(untied, batch, None)
+    assert loss_tied.item() == pytest.approx(loss_untied.item(), rel=1e-12)
+    loss_tied.backward()
+    loss_untied.backward()
+    torch.testing.assert_close(
+        tied.embedding.weight.grad, untied.embedding.weight.grad + untied.decoder.weight.grad
+    )
+
+
+def test_lm_tied_embeddings_need_word_vectors_as_wide_as_the_state(tiny_corpus) -> None:
+    with pytest.raises(ValueError, match="tie_embeddings=True needs .*embedding_size=9"):
+        _lm_task(tiny_corpus, tie_embeddings=True, embedding_size=9)

@@ -83,6 +83,8 @@ class ExperimentConfig:
     num_layers: int = 1  # stacked recurrent layers (paper: 1 for sMNIST, 2 for LM)
     embedding_size: int | None = None  # language models: word-vector size; None: the
     # hidden size (as in Zaremba et al.; the paper does not say)
+    tie_embeddings: bool = False  # language models: the decoder's weight is the word
+    # vectors (Press & Wolf 2017; the setup of Melis et al. 2017); needs embedding = hidden
     forget_bias: float = 1.0  # initial forget-gate bias (paper: 1); phi for fix-subLSTM
 
     # -- data ------------------------------------------------------------------------
@@ -240,8 +242,14 @@ class ExperimentConfig:
         _real("min_lr", self.min_lr, low=0.0)
         for name in ("input_dropout", "output_dropout", "update_dropout", "dropout"):
             _real(name, getattr(self, name), low=0.0, high=1.0, high_open=True)
-        for name in ("download", "tensorboard", "progress", "amp"):
+        for name in ("download", "tensorboard", "progress", "amp", "tie_embeddings"):
             _boolean(name, getattr(self, name))
+        if self.tie_embeddings and self.embedding_size not in (None, self.hidden_size):
+            raise ValueError(
+                f"tie_embeddings=True needs the word vectors as wide as the hidden state "
+                f"(embedding_size None or {self.hidden_size}), got embedding_size="
+                f"{self.embedding_size}"
+            )
         if self.amp and self.device == "cpu":
             raise ValueError("amp=True needs a CUDA device, got device='cpu'; set amp=false")
         for name in ("data_dir", "run_name"):

@@ -83,7 +83,13 @@ class LanguageModelTask:
     def build_model(self) -> nn.Module:
         embedding = self.config.embedding_size or self.config.hidden_size
         rnn = make_recurrent_stack(self.config, input_size=embedding)
-        model = LanguageModel(rnn, self.vocab_size, self.config.hidden_size, embedding)
+        model = LanguageModel(
+            rnn,
+            self.vocab_size,
+            self.config.hidden_size,
+            embedding,
+            tie_embeddings=self.config.tie_embeddings,
+        )
         return model.to(self.device)
 
     def steps_per_epoch(self) -> int:

@@ -67,20 +67,37 @@ class LanguageModel(nn.Module):
         vocab_size: number of words.
         hidden_size: hidden size (the decoder's input).
         embedding_size: word-vector size; ``None``: ``hidden_size``.
+        tie_embeddings: the decoder's weight is the embedding matrix (one parameter,
+            ``(V, H)``; its gradient is the sum of both uses); needs ``embedding_size``
+            equal to ``hidden_size``.
     """
 
     def __init__(
-        self, rnn: nn.Module, vocab_size: int, hidden_size: int, embedding_size: int | None = None
+        self,
+        rnn: nn.Module,
+        vocab_size: int,
+        hidden_size: int,
+        embedding_size: int | None = None,
+        *,
+        tie_embeddings: bool = False,
     ) -> None:
         super().__init__()
-        self.embedding = nn.Embedding(vocab_size, embedding_size or hidden_size)
+        embedding_size = embedding_size or hidden_size
+        if tie_embeddings and embedding_size != hidden_size:
+            raise ValueError(
+                f"tie_embeddings needs embedding_size == hidden_size, got {embedding_size} "
+                f"and {hidden_size}"
+            )
+        self.embedding = nn.Embedding(vocab_size, embedding_size)
         self.rnn = rnn
         self.decoder = nn.Linear(hidden_size, vocab_size)
         # Small uniform embeddings (as in Zaremba et al. 2014); Glorot decoder as the
-        # paper's weights; zero output bias.
+        # paper's weights (tied: the embedding's init); zero output bias.
         nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
         nn.init.xavier_uniform_(self.decoder.weight)
         nn.init.zeros_(self.decoder.bias)
+        if tie_embeddings:
+            self.decoder.weight = self.embedding.weight
 
     def forward(
         self,
