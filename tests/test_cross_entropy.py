@@ -168,3 +168,14 @@ def test_linear_cross_entropy_falls_back_without_grad_and_checks_targets():
         linear_cross_entropy(x, w, b, targets[:5])
     with pytest.raises(RuntimeError, match="linear_cross_entropy gives first-order"):
         torch.autograd.grad(linear_cross_entropy(x, w, b, targets), x, create_graph=True)
+
+
+def test_linear_cross_entropy_under_cpu_autocast_takes_the_unfused_float32_path():
+    """Under autocast the decoder runs in bfloat16; the loss is then computed from the
+    float32 logits as before (the fused function would keep bfloat16 probabilities)."""
+    x, w, b, targets = _linear_case(dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = linear_cross_entropy(x, w, b, targets)
+        ref = F.cross_entropy(F.linear(x, w, b).float(), targets)
+    assert ours.dtype == torch.float32
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-6)

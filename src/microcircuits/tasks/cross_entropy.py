@@ -148,7 +148,9 @@ def _check_targets(targets: Tensor, rows: int, classes: int) -> None:
 def _autocast_on(device_type: str) -> bool:
     try:
         return bool(torch.is_autocast_enabled(device_type))
-    except TypeError:  # older torch: no device argument
+    except TypeError:  # older torch: no device argument, one query per device type
+        if device_type == "cpu":
+            return bool(torch.is_autocast_cpu_enabled())
         return bool(torch.is_autocast_enabled()) if device_type == "cuda" else False
 
 
