@@ -52,7 +52,7 @@ def rows(results: Path) -> list[str]:
             metric = r["metric"]
             lm = task in ("ptb", "wikitext2")
             name = f"{label}, size {r['size']}" if lm else f"{label}, {r['size']} units"
-            epochs = f"{round(float(r['epochs'] or 0), 2):g}"
+            epochs = f"{round(float(r['epochs'] or 0), 1):g}"
             cells = [
                 name,
                 CELLS.get(r["cell"], r["cell"]),
