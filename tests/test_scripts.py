@@ -86,7 +86,7 @@ def test_readme_results_table_comes_from_the_reports(tmp_path: Path) -> None:
     # LSTM before subLSTM within a size; values rounded; a run without a test shows a dash
     rows = [line for line in lines if line.startswith("| PTB") or line.startswith("| sMNIST")]
     assert rows == [
-        "| PTB, size 10 | LSTM | in progress (epoch 1) | 0.19 | — | — | 215.93 |",
+        "| PTB, size 10 | LSTM | in progress (epoch 1) | 0.2 | — | — | 215.93 |",
         "| PTB, size 10 | subLSTM | early stop | 24 | 277.7 | 273.4 | 222.80 |",
         "| sMNIST, 100 units | fix-subLSTM | paused at epoch 2 of 100 | 2 | 31.0 % | 30.2 % "
         "| 97.27 % |",
