@@ -86,7 +86,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
         probs = torch.softmax(logits_of(inputs), dim=1)  # (N, V); the logits are freed
         nll = _nll_from_probs(probs, targets, lambda rows: logits_of(inputs[rows]))
-        ctx.has_bias = bias is not None
         ctx.save_for_backward(probs, inputs, weight, targets)
         return nll.mean()
 
@@ -102,7 +101,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if need_w:  # (V, H); with few units (H, N) @ (N, V) transposed is the faster
             narrow = inputs.shape[1] <= _NARROW  # product on CPU (3x at H = 10)
             grad_w = (inputs.t() @ g).t() if narrow else g.t() @ inputs
-        grad_b = g.sum(0) if need_b and ctx.has_bias else None
+        grad_b = g.sum(0) if need_b else None  # need_b: a bias was given
         return grad_x, grad_w, grad_b, None
 
 
