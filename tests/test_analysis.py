@@ -23,7 +23,7 @@ from microcircuits.analysis import (
     record_module,
     simulate_lif_rate,
 )
-from microcircuits.analysis.balance import pearson_over_time
+from microcircuits.analysis.balance import TRACE_STEPS, pearson_over_time, plot_balance
 from microcircuits.cells import CELLS
 
 CELL_NAMES = ["lstm", "sublstm", "fix_sublstm"]
@@ -332,6 +332,24 @@ def test_balance_quantities():
 def test_balance_refuses_lstm():
     with pytest.raises(ValueError, match="subtractive"):
         excitation_inhibition_balance([mc.LSTM(2, 3)], torch.zeros(3, 1, 2))
+
+
+def test_balance_trace_panel_shows_a_readable_window():
+    """Panel f plots the first TRACE_STEPS steps of long traces and says so; the data
+    (and the CSV) keep every step."""
+    x, _ = _adding_batch(TRACE_STEPS + 30, 2)
+    data = excitation_inhibition_balance([_randomise(mc.SubLSTM(2, 3))], x)
+    assert data.cells[0].trace["z"].size == TRACE_STEPS + 30
+    figure = plot_balance(data)
+    panel = figure.axes[5]
+    assert [line.get_xydata().shape[0] for line in panel.get_lines()] == [TRACE_STEPS] * 4
+    np.testing.assert_allclose(
+        panel.get_lines()[0].get_ydata(), data.cells[0].trace["z"][:TRACE_STEPS]
+    )
+    assert f"first {TRACE_STEPS} of {TRACE_STEPS + 30} steps" in panel.get_title()
+    short = plot_balance(excitation_inhibition_balance([_randomise(mc.SubLSTM(2, 3))], x[:20]))
+    assert short.axes[5].get_lines()[0].get_xydata().shape[0] == 20
+    assert "first" not in short.axes[5].get_title()
 
 
 def test_pearson_over_time_matches_numpy():

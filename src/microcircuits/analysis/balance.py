@@ -44,6 +44,9 @@ __all__ = [
 ]
 
 DEFAULT_CELLS = ("sublstm", "fix_sublstm")
+TRACE_STEPS = 50
+"""Panel f plots at most this many steps of the unit's traces (the CSV keeps them all):
+longer windows (e.g. 100 words of a language model) are an unreadable tangle."""
 
 
 @dataclass
@@ -210,7 +213,8 @@ def excitation_inhibition_balance(
 @style.styled
 def plot_balance(data: BalanceData):
     """Six panels: net input and output distributions, closed fractions, E-I
-    correlations, memory time constants, and one unit's drives over time."""
+    correlations, memory time constants, and one unit's drives over
+    time (its first ``TRACE_STEPS`` steps)."""
     fig, axes = style.new_figure(3, 2, width=7.2, height=2.4)
     (ax_in, ax_out, ax_closed), (ax_corr, ax_tau, ax_trace) = axes
     # models of one cell share a colour; the repeat (e.g. trained after initial) is dashed
@@ -305,20 +309,23 @@ def plot_balance(data: BalanceData):
 
     if data.cells:
         cell = data.cells[-1]  # the last model given (the trained one, when both are)
-        steps = np.arange(cell.trace["z"].size)
-        ax_trace.plot(steps, cell.trace["z"], color=style.COLORS["excitation"], label="E: z")
-        ax_trace.plot(steps, cell.trace["i"], color=style.COLORS["inhibition"], label="I: i")
+        total = cell.trace["z"].size
+        trace = {name: values[:TRACE_STEPS] for name, values in cell.trace.items()}
+        steps = np.arange(trace["z"].size)
+        ax_trace.plot(steps, trace["z"], color=style.COLORS["excitation"], label="E: z")
+        ax_trace.plot(steps, trace["i"], color=style.COLORS["inhibition"], label="I: i")
         ax_trace.plot(
             steps,
-            cell.trace["sigma_c"],
+            trace["sigma_c"],
             color=style.COLORS["excitation"],
             linestyle="--",
             label=r"E: $\sigma(c)$",
         )
         ax_trace.plot(
-            steps, cell.trace["o"], color=style.COLORS["inhibition"], linestyle="--", label="I: o"
+            steps, trace["o"], color=style.COLORS["inhibition"], linestyle="--", label="I: o"
         )
-        ax_trace.set_title(f"{cell.label}: unit {cell.trace_unit}", fontsize="small")
+        shown = f", first {steps.size} of {total} steps" if total > steps.size else ""
+        ax_trace.set_title(f"{cell.label}: unit {cell.trace_unit}{shown}", fontsize="small")
         low, high = ax_trace.get_ylim()
         ax_trace.set_ylim(low, high + 0.45 * (high - low))
         ax_trace.legend(loc="upper center", ncols=4, columnspacing=0.8, handlelength=1.5)
