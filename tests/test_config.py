@@ -73,7 +73,8 @@ def test_sequential_mnist_preset_follows_section_4_1() -> None:
             config = load_config(task, cell)
             assert config.task == task
             assert (config.hidden_size, config.num_layers, config.lr) == (100, 1, 1e-4)
-            assert config.optimizer == "rmsprop" and config.momentum > 0
+            # "RMSProp with momentum" as Adam (bias-corrected), as for the LMs
+            assert config.optimizer == "adam" and config.adam_beta1 > 0
 
 
 def test_size_sets_hidden_units_where_there_is_no_table() -> None:
