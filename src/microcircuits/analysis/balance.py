@@ -324,12 +324,14 @@ def plot_balance(data: BalanceData):
         ax_trace.plot(
             steps, trace["o"], color=style.COLORS["inhibition"], linestyle="--", label="I: o"
         )
-        shown = f", first {steps.size} of {total} steps" if total > steps.size else ""
-        ax_trace.set_title(f"{cell.label}: unit {cell.trace_unit}{shown}", fontsize="small")
+        ax_trace.set_title(f"{cell.label}: unit {cell.trace_unit}", fontsize="small")
+        if total > steps.size:
+            ax_trace.set_xlabel(f"time step (first {steps.size} of {total})")
         low, high = ax_trace.get_ylim()
         ax_trace.set_ylim(low, high + 0.45 * (high - low))
         ax_trace.legend(loc="upper center", ncols=4, columnspacing=0.8, handlelength=1.5)
-    ax_trace.set_xlabel("time step")
+    if not ax_trace.get_xlabel():
+        ax_trace.set_xlabel("time step")
     ax_trace.set_ylabel("activation (a.u.)")
     for ax, letter in zip(axes.ravel(), "abcdef"):
         style.panel_label(ax, letter)
