@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from microcircuits.config import load_config
-from microcircuits.report import find_runs, paper_result, summarize_run, write_report
+from microcircuits.report import (
+    Comparison,
+    comparisons,
+    find_runs,
+    paper_result,
+    summarize_run,
+    write_report,
+)
 from microcircuits.train import train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -102,8 +109,10 @@ def test_report_on_finished_and_running_runs(tmp_path: Path) -> None:
     assert "| 200 (230) | fix-subLSTM | in progress (epoch 3) | 99.50 | — | 81.97 |" in markdown
     assert "Delayed addition" in markdown and "Penn Treebank" in markdown
 
+    # ours against the paper's: only finished runs that the paper has a number for
+    assert comparisons(files.summaries) == [Comparison("ptb", "sublstm", 200, 95.25, 79.59)]
     names = sorted(p.name for p in files.figures)
-    assert names == ["curves_adding_4.png", "curves_ptb_200.png"]
+    assert names == ["comparison_ptb.png", "curves_adding_4.png", "curves_ptb_200.png"]
     for figure in files.figures:
         assert figure.read_bytes()[:8] == PNG_MAGIC
 
@@ -135,6 +144,24 @@ def test_accuracy_is_shown_in_percent(tmp_path: Path) -> None:
     files = write_report([run], tmp_path / "out", plots=False)
     assert "| 100 | LSTM | in progress (epoch 1) | 43.21 | — | 97.96 |" in files.text
     assert files.figures == []
+
+
+def test_the_comparison_shows_accuracy_in_percent(tmp_path: Path) -> None:
+    run = tmp_path / "smnist"
+    run.mkdir()
+    config = load_config("smnist", "fix_sublstm")
+    (run / "config.json").write_text(json.dumps(config.to_dict()))
+    results = {
+        "task": "smnist", "cell": "fix_sublstm", "size": 100, "hidden_size": 100,
+        "metric": "accuracy", "best_valid": 0.91, "test": 0.9025, "epochs_done": 3.0,
+        "steps_done": 1650, "wall_time_s": 60.0, "stopped": "completed", "parameters": 31,
+    }  # fmt: skip
+    (run / "results.json").write_text(json.dumps(results))
+    files = write_report([run], tmp_path / "out")
+    [point] = comparisons(files.summaries)
+    assert (point.ours, point.paper) == (pytest.approx(90.25), 97.27)
+    assert [p.name for p in files.figures] == ["comparison_smnist.png"]  # no curves logged
+    assert files.figures[0].read_bytes()[:8] == PNG_MAGIC
 
 
 def test_no_runs_is_a_clear_error(tmp_path: Path) -> None:

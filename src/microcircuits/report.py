@@ -7,7 +7,9 @@
   paper's test number (``configs/paper_results.toml``, the one place they live);
 - ``results.csv``: the same rows, machine-readable;
 - ``curves_<task>_<size>.png`` (and ``.pdf``): training loss and validation metric
-  against epochs, one line per cell.
+  against epochs, one line per cell;
+- ``comparison_<task>.png`` (and ``.pdf``): each finished run's test metric against the
+  paper's, one point per cell and size, beside the line where the two are equal.
 
 A run without ``results.json`` is still reported, from its ``metrics.jsonl``, and
 marked "in progress (epoch k)"; a run stopped by a non-finite loss is marked "failed".
@@ -36,7 +38,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 __all__ = [
+    "Comparison",
     "RunSummary",
+    "comparisons",
     "find_runs",
     "format_table",
     "paper_result",
@@ -370,6 +374,98 @@ def _plot_curves(summaries: Sequence[RunSummary], out_dir: Path) -> list[Path]:
     return paths
 
 
+# -- ours against the paper's ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One point of the comparison figure: a finished run's test metric and the paper's.
+
+    ``ours`` and ``paper`` are in the table's units (accuracy in %, perplexity as is).
+    """
+
+    task: str
+    cell: str
+    size: int
+    ours: float
+    paper: float
+
+
+def comparisons(summaries: Sequence[RunSummary]) -> list[Comparison]:
+    """The runs that have both a test result and a paper number, in table order."""
+    points = []
+    for s in sorted(summaries, key=_sort_key):
+        if s.test is None or s.paper is None or not math.isfinite(s.test):
+            continue
+        ours = 100.0 * s.test if s.metric == "accuracy" else s.test
+        points.append(Comparison(s.task, s.cell, s.size, ours, s.paper))
+    return points
+
+
+_SIZE_MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
+def _plot_comparisons(points: Sequence[Comparison], out_dir: Path) -> list[Path]:
+    """One figure per task: our test metric (y) against the paper's (x), log axes for
+    perplexity; points below the diagonal beat the paper (above, for accuracy)."""
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    from .analysis.style import cell_color, new_figure, save_figure, styled
+
+    @styled
+    def plot(task: str, rows: list[Comparison]) -> list[Path]:
+        fig, axes = new_figure(1, width=3.6, height=3.3)
+        ax = axes[0][0]
+        sizes = sorted({p.size for p in rows})
+        for p in rows:
+            marker = _SIZE_MARKERS[sizes.index(p.size) % len(_SIZE_MARKERS)]
+            ax.scatter(p.paper, p.ours, color=cell_color(p.cell), marker=marker, s=28, zorder=3)
+        values = [v for p in rows for v in (p.ours, p.paper)]
+        accuracy = _TASK_METRIC.get(task, ("",))[0] == "accuracy"
+        if accuracy:
+            pad = max(1.0, 0.1 * (max(values) - min(values)))
+            low, high = min(values) - pad, min(100.0, max(values) + pad)
+        else:
+            low, high = min(values) / 1.15, max(values) * 1.15
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            for axis in (ax.xaxis, ax.yaxis):  # plain numbers (80, 100, 150, ...)
+                axis.set_major_locator(LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
+                axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                axis.set_minor_formatter(NullFormatter())
+        ax.plot([low, high], [low, high], color="grey", linestyle="--", linewidth=0.8)
+        ax.set_xlim(low, high)
+        ax.set_ylim(low, high)
+        ax.set_aspect("equal")
+        unit = "accuracy (%)" if accuracy else "perplexity"
+        better = "above" if accuracy else "below"
+        ax.set(xlabel=f"paper, test {unit}", ylabel=f"ours, test {unit}")
+        ax.set_title(
+            f"{_TASK_TITLES.get(task, task).split(' (')[0]}\n"
+            f"dashed: equal; {better} it: ours is better",
+            fontsize=8,
+        )
+        handles = [
+            Line2D([], [], color=cell_color(c), marker="o", linestyle="", label=cell_kind(c).label)
+            for c in dict.fromkeys(p.cell for p in rows)
+        ] + [
+            Line2D([], [], color="grey", marker=_SIZE_MARKERS[i % len(_SIZE_MARKERS)],
+                   linestyle="", label=f"size {size}")
+            for i, size in enumerate(sizes)
+        ]  # fmt: skip
+        ax.legend(handles=handles, loc="upper left" if not accuracy else "lower right")
+        return save_figure(fig, out_dir, f"comparison_{task}")
+
+    paths: list[Path] = []
+    by_task: dict[str, list[Comparison]] = {}
+    for p in points:
+        by_task.setdefault(p.task, []).append(p)
+    for task, rows in by_task.items():
+        paths.extend(p for p in plot(task, rows) if p.suffix == ".png")
+    return paths
+
+
 # -- the report -------------------------------------------------------------------------
 
 
@@ -395,7 +491,7 @@ def write_report(
     Args:
         paths: run directories, or folders searched for them.
         out_dir: where ``results.md``, ``results.csv`` and the curves go (created).
-        plots: also draw the learning curves.
+        plots: also draw the learning curves and the comparison with the paper.
 
     Returns:
         The files written, the Markdown text and the per-run summaries.
@@ -409,5 +505,8 @@ def write_report(
     markdown = out_dir / "results.md"
     markdown.write_text(text, encoding="utf-8")
     csv_path = write_csv(out_dir / "results.csv", CSV_COLUMNS, _csv_rows(summaries, out_dir))
-    figures = _plot_curves(summaries, out_dir) if plots else []
+    figures = []
+    if plots:
+        figures = _plot_curves(summaries, out_dir)
+        figures += _plot_comparisons(comparisons(summaries), out_dir)
     return ReportFiles(markdown, csv_path, figures, text, summaries)
