@@ -110,7 +110,9 @@ def test_report_on_finished_and_running_runs(tmp_path: Path) -> None:
     assert "Delayed addition" in markdown and "Penn Treebank" in markdown
 
     # ours against the paper's: only finished runs that the paper has a number for
-    assert comparisons(files.summaries) == [Comparison("ptb", "sublstm", 200, 95.25, 79.59)]
+    assert comparisons(files.summaries) == [
+        Comparison("ptb", "sublstm", 200, "perplexity", 95.25, 79.59)
+    ]
     names = sorted(p.name for p in files.figures)
     assert names == ["comparison_ptb.png", "curves_adding_4.png", "curves_ptb_200.png"]
     for figure in files.figures:

@@ -249,12 +249,17 @@ def summarize_run(run_dir: str | os.PathLike[str]) -> RunSummary:
 # -- formatting -------------------------------------------------------------------------
 
 
+def _in_table_units(metric: str, value: float) -> float:
+    """A metric in the units the table and figures show: accuracy in %, others as is."""
+    return 100.0 * value if metric == "accuracy" else value
+
+
 def _display(metric: str, value: float | None) -> str:
     """A metric as the table shows it: accuracy in %, perplexity to 2 decimals."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "—"
     if metric == "accuracy":
-        return f"{100.0 * value:.2f}"
+        return f"{_in_table_units(metric, value):.2f}"
     if metric == "perplexity":
         return f"{value:.2f}"
     return f"{value:.4g}"
@@ -336,7 +341,6 @@ def _plot_curves(summaries: Sequence[RunSummary], out_dir: Path) -> list[Path]:
         fig, axes = new_figure(2, width=7.0, height=2.6)
         train_ax, valid_ax = axes[0]
         metric = runs[0].metric
-        scale = 100.0 if metric == "accuracy" else 1.0
         for s in runs:
             label = f"{cell_kind(s.cell).label} ({s.hidden_size})"
             if len({r.seed for r in runs}) > 1:
@@ -347,7 +351,8 @@ def _plot_curves(summaries: Sequence[RunSummary], out_dir: Path) -> list[Path]:
                 train_ax.plot(x, y, color=color, label=label, alpha=0.85)
             if s.curves["valid"]:
                 x, y = zip(*s.curves["valid"])
-                valid_ax.plot(x, [v * scale for v in y], color=color, marker=".", label=label)
+                y = [_in_table_units(metric, v) for v in y]
+                valid_ax.plot(x, y, color=color, marker=".", label=label)
             if s.paper is not None:
                 valid_ax.axhline(s.paper, color=color, linestyle=":", linewidth=1.0)
         train_ax.set(xlabel="epoch", ylabel="training loss", title=f"{task}, size {size}")
@@ -387,6 +392,7 @@ class Comparison:
     task: str
     cell: str
     size: int
+    metric: str
     ours: float
     paper: float
 
@@ -397,8 +403,8 @@ def comparisons(summaries: Sequence[RunSummary]) -> list[Comparison]:
     for s in sorted(summaries, key=_sort_key):
         if s.test is None or s.paper is None or not math.isfinite(s.test):
             continue
-        ours = 100.0 * s.test if s.metric == "accuracy" else s.test
-        points.append(Comparison(s.task, s.cell, s.size, ours, s.paper))
+        ours = _in_table_units(s.metric, s.test)
+        points.append(Comparison(s.task, s.cell, s.size, s.metric, ours, s.paper))
     return points
 
 
@@ -422,7 +428,7 @@ def _plot_comparisons(points: Sequence[Comparison], out_dir: Path) -> list[Path]
             marker = _SIZE_MARKERS[sizes.index(p.size) % len(_SIZE_MARKERS)]
             ax.scatter(p.paper, p.ours, color=cell_color(p.cell), marker=marker, s=28, zorder=3)
         values = [v for p in rows for v in (p.ours, p.paper)]
-        accuracy = _TASK_METRIC.get(task, ("",))[0] == "accuracy"
+        accuracy = rows[0].metric == "accuracy"
         if accuracy:
             pad = max(1.0, 0.1 * (max(values) - min(values)))
             low, high = min(values) - pad, min(100.0, max(values) + pad)
