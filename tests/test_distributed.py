@@ -87,7 +87,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, folder: str) -> None:
         command = ["train", "adding", *ADDING, "--out", str(Path(folder) / "adding")]
         assert main([*command, "--name", "whole"]) == 0
         assert main([*command, "--name", "split", "--max-steps", "3"]) == 0
-        stopped = Path(folder) / "adding" / "split" / "checkpoints" / "last.pt"
+        stopped = Path(folder) / "adding" / "split" / "checkpoints" / "last.safetensors"
         if rank == 0:
             torch.save(load_checkpoint(stopped), Path(folder) / "stopped.pt")
         assert main([*command, "--name", "split", "--resume"]) == 0
@@ -120,8 +120,8 @@ def test_two_processes_train_the_parameters_one_process_does(tmp_path, two_ranks
     _train_language_model(tmp_path, "one")
     ranks = [two_ranks / "rank0", two_ranks / "rank1"]
 
-    one = load_checkpoint(tmp_path / "one" / "checkpoints" / "last.pt")
-    two = load_checkpoint(ranks[0] / "ddp" / "checkpoints" / "last.pt")
+    one = load_checkpoint(tmp_path / "one" / "checkpoints" / "last.safetensors")
+    two = load_checkpoint(ranks[0] / "ddp" / "checkpoints" / "last.safetensors")
     assert one["global_step"] == two["global_step"] > 10
     for key, value in one["model"].items():
         torch.testing.assert_close(two["model"][key], value, rtol=1e-5, atol=1e-6)
@@ -147,8 +147,8 @@ def test_a_multi_process_run_resumes_exactly(two_ranks) -> None:
     assert len(stopped["rank_rng_states"]) == 2
     assert not torch.equal(*(s["torch"] for s in stopped["rank_rng_states"]))
 
-    whole = load_checkpoint(runs / "whole" / "checkpoints" / "last.pt")
-    resumed = load_checkpoint(runs / "split" / "checkpoints" / "last.pt")
+    whole = load_checkpoint(runs / "whole" / "checkpoints" / "last.safetensors")
+    resumed = load_checkpoint(runs / "split" / "checkpoints" / "last.safetensors")
     assert whole["global_step"] == resumed["global_step"] == 8
     for key, value in whole["model"].items():
         assert torch.equal(resumed["model"][key], value), key
@@ -170,8 +170,8 @@ def test_torchrun_launches_the_same_training(tmp_path, two_ranks) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    launched = load_checkpoint(tmp_path / "tr" / "checkpoints" / "last.pt")
-    spawned = load_checkpoint(two_ranks / "adding" / "whole" / "checkpoints" / "last.pt")
+    launched = load_checkpoint(tmp_path / "tr" / "checkpoints" / "last.safetensors")
+    spawned = load_checkpoint(two_ranks / "adding" / "whole" / "checkpoints" / "last.safetensors")
     for key, value in spawned["model"].items():
         difference = (launched["model"][key] - value).abs().max().item()
         assert torch.equal(launched["model"][key], value), (key, difference)

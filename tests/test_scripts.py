@@ -54,8 +54,53 @@ def test_queue_runs_in_turn_resumes_and_reports_failures(tmp_path: Path) -> None
         cwd=work, env=_env(RUNS=str(out)), capture_output=True, text=True, check=True,
     )  # fmt: skip
     copied = work / "results" / "adding" / run.name
-    assert (copied / "metrics.jsonl").is_file() and not (copied / "checkpoints").exists()
+    assert (copied / "metrics.jsonl").is_file() and not (copied / "tensorboard").exists()
+    # paused after 2 of the preset's 30 epochs: its resumable state is kept with its weights
+    assert sorted(p.name for p in (copied / "checkpoints").iterdir()) == [
+        "best.safetensors",
+        "last.safetensors",
+    ]
     assert "| 4 | LSTM |" in (work / "results" / "adding" / "results.md").read_text()
+
+    # Another machine: a fresh runs/ folder; the queue continues from the committed state
+    elsewhere = tmp_path / "elsewhere"
+    moved = subprocess.run(
+        [*queue, f"adding lstm 4 --epochs 3 {TINY}"], cwd=work,
+        env=_env(OUT=str(elsewhere)), capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert "continue results/adding/adding-lstm-4-seed0 (committed state)" in moved.stdout
+    continued = elsewhere / run.name
+    assert json.loads((continued / "results.json").read_text())["epochs_done"] == 3
+    assert len(json.loads((continued / "meta.json").read_text())["resumes"]) == 2
+    # the same three epochs as one uninterrupted run
+    straight = tmp_path / "straight"
+    subprocess.run(
+        [*queue, f"adding lstm 4 --epochs 3 {TINY}"], cwd=tmp_path,
+        env=_env(OUT=str(straight)), capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert (
+        json.loads((continued / "results.json").read_text())["test"]
+        == json.loads((straight / run.name / "results.json").read_text())["test"]
+    )
+
+    # a run that ended (the preset's 30 tiny epochs) keeps only its best weights, and the
+    # queue on another machine does not train it again
+    subprocess.run(
+        [*queue, f"adding sublstm 4 {TINY}"],
+        env=_env(OUT=str(out)), capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    subprocess.run(
+        [str(ROOT / "scripts" / "collect_results.sh"), "adding"],
+        cwd=work, env=_env(RUNS=str(out)), capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    ended = work / "results" / "adding" / "adding-sublstm-4-seed0"
+    assert [p.name for p in (ended / "checkpoints").iterdir()] == ["best.safetensors"]
+    again = subprocess.run(
+        [*queue, f"adding sublstm 4 {TINY}"], cwd=work,
+        env=_env(OUT=str(tmp_path / "third")), capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert "skip adding-sublstm-4-seed0: finished" in again.stdout
+    assert not (tmp_path / "third" / "adding-sublstm-4-seed0").exists()
 
 
 def test_readme_results_table_comes_from_the_reports(tmp_path: Path) -> None:

@@ -166,7 +166,7 @@ def test_a_killed_search_resumes_and_retries_the_dead_trial(tmp_path: Path) -> N
         "--out", str(tmp_path), "--heartbeat", "1", "--pruner", "none", *settings,
     ]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    checkpoint = tmp_path / "trials" / "trial-0001" / "checkpoints" / "last.pt"
+    checkpoint = tmp_path / "trials" / "trial-0001" / "checkpoints" / "last.safetensors"
     try:
         _wait_for(lambda: checkpoint.exists() or process.poll() is not None, 120, "trial 1")
         process.send_signal(signal.SIGKILL)  # no chance to clean up: a crash

@@ -281,7 +281,7 @@ def test_lm_loss_summed_over_time_scales_the_gradient_steps_take(tiny_corpus, tm
         start = {k: v.clone() for k, v in task.build_model().state_dict().items()}
         train(task.config, task=task)
         run = tmp_path / f"summed-{summed}"
-        end = load_checkpoint(run / "checkpoints" / "last.pt")["model"]
+        end = load_checkpoint(run / "checkpoints" / "last.safetensors")["model"]
         moved[summed] = end["decoder.weight"] - start["decoder.weight"]
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         logged[summed] = next(r["loss"] for r in records if r["kind"] == "train")

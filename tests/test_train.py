@@ -71,15 +71,15 @@ def test_a_run_writes_its_directory(tmp_path: Path) -> None:
     records = _records(run)
     assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1, 2, 3]
     assert [r["step"] for r in records if r["kind"] == "train"][:3] == [2, 4, 6]
-    assert (run / "checkpoints" / "last.pt").is_file()
-    assert (run / "checkpoints" / "best.pt").is_file()
+    assert (run / "checkpoints" / "last.safetensors").is_file()
+    assert (run / "checkpoints" / "best.safetensors").is_file()
     assert any((run / "tensorboard").iterdir())
     assert "valid" in (run / "train.log").read_text()
 
 
 def test_best_checkpoint_is_the_one_tested(tmp_path: Path) -> None:
     result = train(_adding(tmp_path))
-    best = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
+    best = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.safetensors")
     assert best["global_step"] == result.best_step
     valid = [r for r in _records(tmp_path / "run") if r["kind"] == "valid"]
     assert result.best_valid == pytest.approx(min(r["mse"] for r in valid), rel=1e-6)
@@ -90,7 +90,7 @@ def test_best_checkpoint_is_the_one_tested(tmp_path: Path) -> None:
 
 
 def _final_state(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
+    return load_checkpoint(run_dir / "checkpoints" / "last.safetensors")["model"]
 
 
 def _comparable(result: RunResult) -> dict:
@@ -192,7 +192,8 @@ def test_language_model_resume_restores_the_carried_state(tmp_path: Path) -> Non
 
     whole = run("whole", seed=0)
     run("split", seed=0, max_steps=7)  # mid-epoch: the hidden state is carried
-    assert load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")["carry"] is not None
+    split_last = tmp_path / "split" / "checkpoints" / "last.safetensors"
+    assert load_checkpoint(split_last)["carry"] is not None
     config = load_config("ptb", "sublstm", 10, overrides | {"run_name": "split"})
     resumed = train(
         config, resume=True, task=LanguageModelTask(config, torch.device("cpu"), corpus=corpus)
@@ -222,7 +223,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path: Pat
     with pytest.raises(NonFiniteLossError, match=r"loss became nan at step 6 .*step 4\) is kept"):
         train(config, task=task)
     run = tmp_path / "run"
-    last = load_checkpoint(run / "checkpoints" / "last.pt")
+    last = load_checkpoint(run / "checkpoints" / "last.safetensors")
     assert last["global_step"] == 4
     assert all(torch.isfinite(t).all() for t in last["model"].values())
     assert not (run / "results.json").exists()

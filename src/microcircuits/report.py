@@ -111,7 +111,13 @@ class RunSummary:
 
     @property
     def finished(self) -> bool:
+        """It has test numbers (also a stage of a longer run: ``paused at epoch k``)."""
         return self.test is not None
+
+    @property
+    def ended(self) -> bool:
+        """It will not train further: all its epochs are done, or early stopping ended it."""
+        return self.status in ("done", "early stop")
 
 
 # -- reading runs -----------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Finished (or running) training runs back as objects, for analyses and figures.
 
 A run directory written by :func:`microcircuits.train.train` holds ``config.json`` and
-``checkpoints/{best,last}.pt``; :func:`load_run` rebuilds its task and model from them
+``checkpoints/{best,last}.safetensors``; :func:`load_run` rebuilds its task and model from them
 (checkpoints are read with ``weights_only=True``: no code from the file runs).
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import load_checkpoint
+from .checkpoint import checkpoint_file, load_checkpoint
 from .config import ExperimentConfig
 from .tasks import Task, make_task
 
@@ -75,7 +75,7 @@ def load_run(
     config_path = run_dir / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory: {config_path} is missing")
-    path = run_dir / "checkpoints" / f"{checkpoint}.pt"
+    path = checkpoint_file(run_dir / "checkpoints", checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"run {run_dir} has no {checkpoint} checkpoint ({path})")
     config = ExperimentConfig.from_dict(json.loads(config_path.read_text()))

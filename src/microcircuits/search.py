@@ -55,6 +55,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from .checkpoint import checkpoint_file
 from .config import ExperimentConfig, config_fields, load_config, write_preset_file
 
 if sys.version_info >= (3, 11):
@@ -522,7 +523,7 @@ class _Objective:
         trial.set_user_attr("seed", seed)
         trial.set_user_attr("run_dir", str(run_dir.resolve()))
         trial.set_user_attr("worker", f"pid {os.getpid()}")
-        resumes = original is not None and (run_dir / "checkpoints" / "last.pt").exists()
+        resumes = original is not None and checkpoint_file(run_dir / "checkpoints", "last").exists()
         return config, resumes
 
     def __call__(self, trial: optuna.Trial) -> float:

@@ -10,21 +10,21 @@
                          "valid" (every validation), "epoch" (every epoch end), "error"
       tensorboard/       the same scalars as TensorBoard events
       train.log          the run's log messages
-      checkpoints/last.pt   everything needed to resume (see below)
-      checkpoints/best.pt   the model of the best validation so far
+      checkpoints/last.safetensors   everything needed to resume (see below)
+      checkpoints/best.safetensors   the model of the best validation so far
       results.json       written at the end: best validation metric, test metric of the
                          best-validation checkpoint, epochs/steps done, wall time
 
-Exact resume: ``last.pt`` holds the model, optimiser, plateau/early-stopping state,
+Exact resume: ``last.safetensors`` holds the model, optimiser, plateau/early-stopping state,
 the position (epoch, step in epoch, global step), torch's RNG state (dropout masks),
 the data generator's state at the start of the epoch, and the state carried between
 batches (the LM's hidden state). ``train(config, resume=True)`` restores all of it,
 replays the data generator to the same batch and goes on, so on CPU a resumed run ends
-with the same numbers as an uninterrupted one. ``last.pt`` is written every
+with the same numbers as an uninterrupted one. ``last.safetensors`` is written every
 ``checkpoint_every`` steps, at every epoch end and when ``max_steps`` stops the run.
 
 A non-finite training loss stops the run with :class:`NonFiniteLossError`, naming the
-step and the loss; no checkpoint is written after it, so ``last.pt`` stays the last
+step and the loss; no checkpoint is written after it, so ``last.safetensors`` stays the last
 good one.
 
 Observers: ``train(config, on_validation=callback)`` calls ``callback(step, epoch,
@@ -65,7 +65,7 @@ import torch
 from torch import Tensor, nn
 
 from . import __version__
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_file, load_checkpoint, save_checkpoint
 from .config import ExperimentConfig
 from .distributed import (
     DistributedContext,
@@ -121,7 +121,7 @@ class RunResult:
         run_dir: the run directory.
         task, cell, size, hidden_size: what was trained (``size``: the paper's nominal size).
         metric: the task's metric name; ``higher_is_better`` its direction.
-        best_valid: best validation metric seen (of the checkpoint ``best.pt``).
+        best_valid: best validation metric seen (of the checkpoint ``best.safetensors``).
         best_valid_loss: validation loss of that checkpoint.
         best_step, best_epoch: where it was reached.
         test: test metric of the best-validation checkpoint.
@@ -131,7 +131,7 @@ class RunResult:
         wall_time_s: training time, summed over resumptions.
         stopped: ``"completed"``, ``"early_stop"`` or ``"max_steps"``.
         parameters: number of trainable parameters.
-        evaluated: ``"best"`` when test/valid come from ``best.pt``, ``"last"`` when no
+        evaluated: ``"best"`` when test/valid come from ``best.safetensors``, ``"last"`` when no
             validation had happened and the current model was evaluated.
     """
 
@@ -440,7 +440,7 @@ def _prepare_run_dir(
     config: ExperimentConfig, run_dir: Path, *, resume: bool, overwrite: bool
 ) -> bool:
     """Create or check the run directory; return whether a checkpoint is resumed."""
-    last = run_dir / "checkpoints" / "last.pt"
+    last = checkpoint_file(run_dir / "checkpoints", "last")
     saved_config = run_dir / "config.json"
     if resume and last.exists():
         if saved_config.exists():
@@ -492,7 +492,7 @@ def train(
 
     Args:
         config: the experiment (validated here).
-        resume: continue from ``checkpoints/last.pt`` of the run directory if it exists
+        resume: continue from ``checkpoints/last.safetensors`` of the run directory if it exists
             (else start afresh); the config may differ only in :data:`RESUMABLE_CHANGES`.
         overwrite: replace an existing run directory instead of refusing.
         task: use this task instead of ``make_task(config, device)`` (e.g. a tiny corpus).
@@ -550,8 +550,8 @@ class _Trainer:
         self.context = context
         self.on_validation = on_validation
         self.checkpoints = run_dir / "checkpoints"
-        self.last_path = self.checkpoints / "last.pt"
-        self.best_path = self.checkpoints / "best.pt"
+        self.last_path = checkpoint_file(self.checkpoints, "last")
+        self.best_path = checkpoint_file(self.checkpoints, "best")
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
         self.device = device
@@ -631,7 +631,7 @@ class _Trainer:
         _write_json(self.run_dir / "task.json", self.task.artifacts())
 
     def _checkpoint_payload(self) -> dict[str, Any] | None:
-        """What ``last.pt`` holds; collective under torchrun, ``None`` on ranks other than 0."""
+        """What ``last.safetensors`` holds (collective under torchrun; ``None`` off rank 0)."""
         pos, context = self.position, self.context
         carry = None if pos.carry is None else list(pos.carry)
         extra: dict[str, Any] = {"world_size": context.world_size}
