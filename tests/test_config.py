@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
+from microcircuits import LSTM, FixSubLSTM, SubLSTM
 from microcircuits.config import (
     TASKS,
     ExperimentConfig,
@@ -72,9 +74,26 @@ def test_sequential_mnist_preset_follows_section_4_1() -> None:
         for cell in ("lstm", "sublstm", "fix_sublstm"):
             config = load_config(task, cell)
             assert config.task == task
-            assert (config.hidden_size, config.num_layers, config.lr) == (100, 1, 1e-4)
+            units = 115 if cell == "fix_sublstm" else 100  # parameter-matched, as below
+            assert (config.hidden_size, config.num_layers, config.lr) == (units, 1, 1e-4)
             # "RMSProp with momentum" as Adam (bias-corrected), as for the LMs
             assert config.optimizer == "adam" and config.adam_beta1 > 0
+
+
+def test_sequential_mnist_fix_sublstm_has_the_others_parameter_count() -> None:
+    """Section 4's rule: fix-subLSTM gets the units that hold the parameter count constant."""
+
+    def parameters(cell: str) -> int:
+        config = load_config("smnist", cell, 100)
+        module = {"lstm": LSTM, "sublstm": SubLSTM, "fix_sublstm": FixSubLSTM}[cell]
+        rnn = module(1, config.hidden_size)
+        readout = torch.nn.Linear(config.hidden_size, 10)
+        return sum(p.numel() for m in (rnn, readout) for p in m.parameters())
+
+    lstm, fix = parameters("lstm"), parameters("fix_sublstm")
+    assert lstm == parameters("sublstm") == 42_210
+    assert abs(fix - lstm) / lstm < 0.01  # 41,985: the nearest unit count
+    assert load_config("smnist", "fix_sublstm", 64).hidden_size == 64  # other sizes as given
 
 
 def test_size_sets_hidden_units_where_there_is_no_table() -> None:

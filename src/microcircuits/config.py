@@ -146,7 +146,7 @@ class ExperimentConfig:
     # -- logging, evaluation, checkpoints --------------------------------------------
     log_every: int = 10  # steps between training-loss records (metrics + progress)
     eval_every: int | None = None  # steps between validations; None: at epoch ends only
-    checkpoint_every: int | None = 200  # steps between checkpoints/last.pt (also at
+    checkpoint_every: int | None = 200  # steps between checkpoints/last.safetensors (also at
     # every epoch end); None: epoch ends only
     tensorboard: bool = True  # also write TensorBoard event files
     progress: bool = True  # tqdm progress bar on stderr
@@ -628,8 +628,13 @@ def load_config(
             extra["note"] = note
         values["size"] = size
     elif size is not None:
+        # the size is the hidden size, except where the preset matches a cell's
+        # parameter count to the LSTM's at that size ([hidden_size.<cell>] "<size>" = units)
         values["size"] = size
-        values["hidden_size"] = size
+        matched = table.get("hidden_size", {}).get(kind.name, {})
+        values["hidden_size"] = matched.get(str(size), size)
+        if str(size) in matched:
+            extra["row"] = f"{kind.name} {size}: {matched[str(size)]} units, parameter-matched"
     _check_known_keys(values, f"preset {task}.toml")
     if user_preset is not None:
         values.update(user_preset.config)
