@@ -1,8 +1,9 @@
 """Finished (or running) training runs back as objects, for analyses and figures.
 
-A run directory written by :func:`microcircuits.train.train` holds ``config.json`` and
-``checkpoints/{best,last}.safetensors``; :func:`load_run` rebuilds its task and model from them
-(checkpoints are read with ``weights_only=True``: no code from the file runs).
+A run directory written by :func:`microcircuits.train.train` (or one committed under
+``results/TASK/``) holds ``config.json`` and ``checkpoints/{best,last}.safetensors``;
+:func:`load_run` rebuilds its task and model from them (safetensors + JSON: no code from
+the file runs).
 """
 
 from __future__ import annotations
