@@ -456,7 +456,7 @@ def test_kernels_compile_for_sm90_without_gpu(cell):
         if old is not None:
             os.environ["TRITON_INTERPRET"] = old
     memory, readout, grads = ns.equations[cell]
-    code = tp._KIND_CODE[cell]
+    code = CELLS[cell].code
     common = dict(KIND=code, HAS_MASK=True, HAS_ACTIVE=True, CDT=tl.float32, BLOCK_B=4,
                   BLOCK_H=128)  # fmt: skip
     variants = [

@@ -273,19 +273,28 @@ def fix_sublstm_step(
     return _step(fix_sublstm_pointwise, x, state, weights, update_mask)
 
 
+Update = Callable[[Gates, Tensor, "Tensor | None"], LSTMState]
+
+
 @dataclass(frozen=True)
 class CellKind:
-    """What distinguishes the cells, for code that handles all of them.
+    """What distinguishes the cells: the one table every layer reads (see :data:`CELLS`).
 
     Attributes:
         name: registry key (``"lstm"``, ``"sublstm"``, ``"fix_sublstm"``).
-        label: name for tables and plots.
+        label: name for tables and plots (``"subLSTM"``).
         num_gates: gate blocks in ``W``, ``R``, ``b`` (``G``).
         gate_names: block order.
         learned_decay: whether the layer owns ``forget_l{k}`` (phi).
         activate: gate values ``Gates(i, f, z, o)`` from pre-activations (and phi).
         pointwise: the nonlinearity of one step.
         step: one whole step, projection included.
+        update: the second half of ``pointwise``: memory and read-out from the gate
+            values, ``pointwise(pre, c, phi, m) == update(activate(pre, phi), c, m)``.
+        code: the cell's number in the compiled kernels (``enum Kind`` of
+            ``kernels/csrc/step_loops.cpp``, ``KIND`` of ``kernels/triton_pointwise.py``),
+            which cannot read this table.
+        aliases: other spellings :func:`cell_kind` accepts (besides any case).
     """
 
     name: str
@@ -296,41 +305,66 @@ class CellKind:
     activate: Callable[[Tensor, Tensor | None], Gates]
     pointwise: Pointwise
     step: Callable[..., tuple[Tensor, LSTMState]]
+    update: Update
+    code: int
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def subtractive(self) -> bool:
+        """Whether inhibition is subtractive (subLSTM, fix-subLSTM), not multiplicative."""
+        return self.update is subtractive_update
 
 
-CELLS: dict[str, CellKind] = {
-    "lstm": CellKind(
-        "lstm", "LSTM", 4, ("i", "f", "z", "o"), False, lstm_gates, lstm_pointwise, lstm_step
+_KINDS = (
+    CellKind(
+        name="lstm",
+        label="LSTM",
+        num_gates=4,
+        gate_names=("i", "f", "z", "o"),
+        learned_decay=False,
+        activate=lstm_gates,
+        pointwise=lstm_pointwise,
+        step=lstm_step,
+        update=multiplicative_update,
+        code=0,
     ),
-    "sublstm": CellKind(
-        "sublstm",
-        "subLSTM",
-        4,
-        ("i", "f", "z", "o"),
-        False,
-        sublstm_gates,
-        sublstm_pointwise,
-        sublstm_step,
+    CellKind(
+        name="sublstm",
+        label="subLSTM",
+        num_gates=4,
+        gate_names=("i", "f", "z", "o"),
+        learned_decay=False,
+        activate=sublstm_gates,
+        pointwise=sublstm_pointwise,
+        step=sublstm_step,
+        update=subtractive_update,
+        code=1,
+        aliases=("sub-lstm",),
     ),
-    "fix_sublstm": CellKind(
-        "fix_sublstm",
-        "fix-subLSTM",
-        3,
-        ("i", "z", "o"),
-        True,
-        fix_sublstm_gates,
-        fix_sublstm_pointwise,
-        fix_sublstm_step,
+    CellKind(
+        name="fix_sublstm",
+        label="fix-subLSTM",
+        num_gates=3,
+        gate_names=("i", "z", "o"),
+        learned_decay=True,
+        activate=fix_sublstm_gates,
+        pointwise=fix_sublstm_pointwise,
+        step=fix_sublstm_step,
+        update=subtractive_update,
+        code=2,
+        aliases=("fix-sublstm", "fixsublstm"),
     ),
-}
-
-_ALIASES = {"fix-sublstm": "fix_sublstm", "fixsublstm": "fix_sublstm", "sub-lstm": "sublstm"}
+)
+CELLS: dict[str, CellKind] = {kind.name: kind for kind in _KINDS}
+"""Every cell by name, in the order tables, plots and ``--cells`` list them."""
+_ALIASES = {alias: kind.name for kind in _KINDS for alias in kind.aliases}
 
 
 def cell_kind(name: str) -> CellKind:
-    """Look a cell up by name (case-insensitive; ``fix-sublstm`` and ``fix_sublstm`` both work).
+    """Look a cell up by name (case-insensitive; aliases such as ``fix-sublstm`` work too).
 
     Raises:
+        TypeError: ``name`` is not a str.
         ValueError: naming the valid choices when ``name`` is unknown.
     """
     if not isinstance(name, str):

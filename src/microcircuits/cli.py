@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .cells import CELLS, cell_kind
 from .config import DEVICES, TASKS
 
 __all__ = [
@@ -50,7 +51,7 @@ logger = logging.getLogger("microcircuits.cli")
 CommandAdder = Callable[[Any], None]
 """Adds one subcommand to the ``subparsers`` object of :func:`build_parser`."""
 
-CELL_NAMES = ("lstm", "sublstm", "fix_sublstm")
+CELL_NAMES = tuple(CELLS)
 
 
 # -- shared options ---------------------------------------------------------------------
@@ -130,8 +131,6 @@ def _overrides(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
 
 
 def _parse_cells(text: str) -> list[str]:
-    from .cells import cell_kind
-
     cells = [cell_kind(name).name for name in text.split(",") if name.strip()]
     if not cells:
         raise ValueError(f"--cells must name at least one of {list(CELL_NAMES)}, got {text!r}")

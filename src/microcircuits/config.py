@@ -35,7 +35,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .cells import cell_kind
+from .cells import CELLS, cell_kind
+from .task_registry import TASK_KINDS, canonical_task_name
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -57,12 +58,11 @@ __all__ = [
     "write_preset_file",
 ]
 
-TASKS = ("adding", "smnist", "psmnist", "ptb", "wikitext2")
-"""Task names, as accepted by :func:`load_config` and ``microcircuits train``."""
+TASKS = tuple(TASK_KINDS)
+"""Task names, as accepted by :func:`load_config` and ``microcircuits train``
+(:data:`microcircuits.task_registry.TASK_KINDS`)."""
 OPTIMIZERS = ("rmsprop", "adam", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
-LANGUAGE_TASKS = ("ptb", "wikitext2")
-_TASK_ALIASES = {"wikitext-2": "wikitext2", "wt2": "wikitext2", "mnist": "smnist"}
 
 
 @dataclass
@@ -77,7 +77,7 @@ class ExperimentConfig:
 
     # -- what is trained -------------------------------------------------------------
     task: str = "adding"  # one of TASKS
-    cell: str = "lstm"  # "lstm" | "sublstm" | "fix_sublstm"
+    cell: str = "lstm"  # a key of microcircuits.cells.CELLS
     size: int | None = None  # the paper's nominal size (table key); None: = hidden_size
     hidden_size: int = 64  # units per layer (fix-subLSTM: the parameter-matched count)
     num_layers: int = 1  # stacked recurrent layers (paper: 1 for sMNIST, 2 for LM)
@@ -204,7 +204,7 @@ class ExperimentConfig:
         try:
             cell_kind(self.cell)
         except (ValueError, TypeError):
-            _choice("cell", self.cell, ("lstm", "sublstm", "fix_sublstm"))
+            _choice("cell", self.cell, CELLS)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("device", self.device, DEVICES)
         for name in (
@@ -269,10 +269,7 @@ class ExperimentConfig:
 
 
 def _canonical_task(task: object) -> object:
-    if isinstance(task, str):
-        key = task.strip().lower()
-        return _TASK_ALIASES.get(key, key)
-    return task
+    return canonical_task_name(task) if isinstance(task, str) else task
 
 
 def _choice(name: str, value: object, allowed: Iterable[str]) -> None:
@@ -566,8 +563,10 @@ def load_config(
     """Resolve the config of one run from the task's preset, its table row and overrides.
 
     Args:
-        task: one of :data:`TASKS` (aliases ``wikitext-2``, ``wt2``, ``mnist``).
-        cell: ``"lstm"``, ``"sublstm"`` or ``"fix_sublstm"`` (``fix-sublstm`` too).
+        task: one of :data:`TASKS`, or an alias such as ``wt2``
+            (:data:`~microcircuits.task_registry.TASK_KINDS`).
+        cell: ``"lstm"``, ``"sublstm"`` or ``"fix_sublstm"``, or an alias such as
+            ``fix-sublstm`` (:data:`~microcircuits.cells.CELLS`).
             ``None``: the preset file's cell, else ``"lstm"``.
         size: the paper's nominal size. For PTB and WikiText-2 it selects the row of
             Table 2/3 (10, 100, 200 or 650; fix-subLSTM then gets the parameter-matched

@@ -45,7 +45,6 @@ from ._validation import (
     check_tensor,
 )
 from .cells import CellKind, CellWeights, LSTMState, cell_kind
-from .kernels import aten_lstm
 
 __all__ = [
     "FixSubLSTM",
@@ -336,27 +335,29 @@ class _RecurrentSequence(_RecurrentParameters):
         kind = self.cell
         batch = x.shape[1]
         x = F.dropout(x, self.input_dropout, self.training)
-        if self._whole_stack_on_aten(x, h0, c0, lengths):
-            layers = [
-                self._weights(suffix)
-                for layer in range(self.num_layers)
-                for suffix in self._direction_suffixes(layer)
-            ]
-            x, h_n, c_n = aten_lstm.run_stack_aten_lstm(
-                x, h0, c0, layers, self.num_layers, self.num_directions == 2
+        layers = [  # nn.LSTM's order: layer-major, forward before reverse
+            self._weights(suffix)
+            for layer in range(self.num_layers)
+            for suffix in self._direction_suffixes(layer)
+        ]
+        if not self._drops_inside_stack():
+            whole = kernels.run_stack(
+                kind, x, h0, c0, layers, bidirectional=self.num_directions == 2, lengths=lengths
             )
-            return F.dropout(x, self.output_dropout, self.training), h_n, c_n
+            if whole is not None:
+                x, h_n, c_n = whole
+                return F.dropout(x, self.output_dropout, self.training), h_n, c_n
         final_h, final_c = [], []
         for layer in range(self.num_layers):
             outputs = []
-            for direction, suffix in enumerate(self._direction_suffixes(layer)):
+            for direction in range(self.num_directions):
                 index = layer * self.num_directions + direction
                 mask = _update_mask(self.update_dropout, batch, self.hidden_size, x, self.training)
                 out, state = kernels.run_layer(
                     kind,
                     x,
                     LSTMState(h0[index], c0[index]),
-                    self._weights(suffix),
+                    layers[index],
                     lengths=lengths,
                     update_mask=mask,
                     reverse=direction == 1,
@@ -370,29 +371,12 @@ class _RecurrentSequence(_RecurrentParameters):
         x = F.dropout(x, self.output_dropout, self.training)
         return x, torch.stack(final_h), torch.stack(final_c)
 
-    def _whole_stack_on_aten(
-        self, x: Tensor, h0: Tensor, c0: Tensor, lengths: Tensor | None
-    ) -> bool:
-        """Whether the whole stack can run as one ATen LSTM call (as ``torch.nn.LSTM``):
-        an LSTM whose every layer the dispatcher gives to ``aten_lstm``, with no update
-        dropout or dropout between layers active and no variable lengths."""
-        if self.cell.name != "lstm" or lengths is not None:
-            return False
-        if self.training and (
+    def _drops_inside_stack(self) -> bool:
+        """Whether a dropout acts inside the stack now (update dropout, or dropout
+        between layers), so that the layers must run one by one."""
+        return self.training and (
             self.update_dropout > 0 or (self.dropout > 0 and self.num_layers > 1)
-        ):
-            return False
-        if kernels.get_kernel() not in ("auto", "aten_lstm"):
-            return False
-        # x stands in for every layer's input: the checks read its dtype, device and rank
-        for layer in range(self.num_layers):
-            for direction, suffix in enumerate(self._direction_suffixes(layer)):
-                index = layer * self.num_directions + direction
-                state = LSTMState(h0[index], c0[index])
-                weights = self._weights(suffix)
-                if aten_lstm.unsupported_reason(self.cell, x, state, weights, None, None):
-                    return False
-        return True
+        )
 
     @staticmethod
     def _pack_like(output: Tensor, like: PackedSequence) -> PackedSequence:
@@ -569,15 +553,12 @@ class FixSubLSTMCell(_RecurrentCell):
     cell_name = "fix_sublstm"
 
 
+# The module of each cell, keyed by the name it declares (``cell_name``, a key of CELLS).
 _SEQUENCE_MODULES: dict[str, type[_RecurrentSequence]] = {
-    "lstm": LSTM,
-    "sublstm": SubLSTM,
-    "fix_sublstm": FixSubLSTM,
+    module.cell_name: module for module in (LSTM, SubLSTM, FixSubLSTM)
 }
 _CELL_MODULES: dict[str, type[_RecurrentCell]] = {
-    "lstm": LSTMCell,
-    "sublstm": SubLSTMCell,
-    "fix_sublstm": FixSubLSTMCell,
+    module.cell_name: module for module in (LSTMCell, SubLSTMCell, FixSubLSTMCell)
 }
 
 

@@ -28,9 +28,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .cells import cell_kind
+from .cells import CELLS, cell_kind
 from .data import ADDING_BASELINE_MSE
-from .tasks import AddingTask, LanguageModelTask, SequentialMNISTTask
+from .task_registry import TASK_KINDS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -48,25 +48,10 @@ __all__ = [
     "write_report",
 ]
 
-_TASK_METRIC = {
-    task: (cls.metric, cls.higher_is_better)
-    for task, cls in (
-        ("adding", AddingTask),
-        ("smnist", SequentialMNISTTask),
-        ("psmnist", SequentialMNISTTask),
-        ("ptb", LanguageModelTask),
-        ("wikitext2", LanguageModelTask),
-    )
-}
-_TASK_TITLES = {
-    "adding": "Delayed addition (test MSE; always predicting 1 gives 0.1667)",
-    "smnist": "Sequential MNIST (test accuracy, %)",
-    "psmnist": "Permuted sequential MNIST (test accuracy, %)",
-    "ptb": "Penn Treebank (perplexity)",
-    "wikitext2": "WikiText-2 (perplexity)",
-}
-_TASK_ORDER = list(_TASK_METRIC)
-_CELL_ORDER = ["lstm", "sublstm", "fix_sublstm"]
+# How a task's numbers read, after its title in the table heading.
+_METRIC_READINGS = {"mse": "test MSE", "accuracy": "test accuracy, %", "perplexity": "perplexity"}
+_TASK_ORDER = list(TASK_KINDS)
+_CELL_ORDER = list(CELLS)
 
 CSV_COLUMNS = (
     "task", "cell", "size", "hidden_size", "metric", "status", "valid", "test",
@@ -191,7 +176,8 @@ def summarize_run(run_dir: str | os.PathLike[str]) -> RunSummary:
     config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
     task, cell = config["task"], config["cell"]
     size = config.get("size") or config["hidden_size"]
-    metric, higher = _TASK_METRIC.get(task, ("metric", False))
+    kind = TASK_KINDS.get(task)
+    metric, higher = (kind.metric, kind.higher_is_better) if kind else ("metric", False)
     records = _read_metrics(run_dir)
     train_curve = [(r["epoch"], r["loss"]) for r in records if r.get("kind") == "train"]
     valid_records = [r for r in records if r.get("kind") == "valid" and metric in r]
@@ -281,6 +267,21 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def _title(task: str) -> str:
+    """A task's name for headings and plots (``"Penn Treebank"``)."""
+    return TASK_KINDS[task].title if task in TASK_KINDS else task
+
+
+def _heading(task: str) -> str:
+    """A task's table heading: its title and how its numbers read."""
+    if task not in TASK_KINDS:
+        return task
+    reading = _METRIC_READINGS[TASK_KINDS[task].metric]
+    if task == "adding":
+        reading += f"; always predicting 1 gives {ADDING_BASELINE_MSE:.4f}"
+    return f"{_title(task)} ({reading})"
+
+
 def _sort_key(summary: RunSummary) -> tuple:
     task = _TASK_ORDER.index(summary.task) if summary.task in _TASK_ORDER else 99
     cell = _CELL_ORDER.index(summary.cell) if summary.cell in _CELL_ORDER else 99
@@ -293,7 +294,7 @@ def format_table(summaries: Sequence[RunSummary]) -> str:
     ordered = sorted(summaries, key=_sort_key)
     for task in dict.fromkeys(s.task for s in ordered):
         rows = [s for s in ordered if s.task == task]
-        lines.append(f"### {_TASK_TITLES.get(task, task)}")
+        lines.append(f"### {_heading(task)}")
         lines.append("")
         size_label = "size (units)"
         lines.append(
@@ -454,8 +455,7 @@ def _plot_comparisons(points: Sequence[Comparison], out_dir: Path) -> list[Path]
         better = "above" if accuracy else "below"
         ax.set(xlabel=f"paper, test {unit}", ylabel=f"ours, test {unit}")
         ax.set_title(
-            f"{_TASK_TITLES.get(task, task).split(' (')[0]}\n"
-            f"dashed: equal; {better} it: ours is better",
+            f"{_title(task)}\ndashed: equal; {better} it: ours is better",
             fontsize=8,
         )
         handles = [

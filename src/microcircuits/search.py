@@ -57,6 +57,7 @@ from optuna.trial import TrialState
 
 from .checkpoint import checkpoint_file
 from .config import ExperimentConfig, config_fields, load_config, write_preset_file
+from .task_registry import TASK_KINDS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -220,18 +221,9 @@ def _make_sampler(settings: Mapping[str, Any], seed: int | None) -> optuna.sampl
 
 def task_metric(task: str) -> tuple[str, bool]:
     """``(metric, higher_is_better)`` of a task, without loading its data."""
-    from .tasks import AddingTask, LanguageModelTask, SequentialMNISTTask
-
-    classes = {
-        "adding": AddingTask,
-        "smnist": SequentialMNISTTask,
-        "psmnist": SequentialMNISTTask,
-        "ptb": LanguageModelTask,
-        "wikitext2": LanguageModelTask,
-    }
-    if task not in classes:
-        raise ValueError(f"task must be one of {sorted(classes)}, got {task!r}")
-    return classes[task].metric, classes[task].higher_is_better
+    if task not in TASK_KINDS:
+        raise ValueError(f"task must be one of {sorted(TASK_KINDS)}, got {task!r}")
+    return TASK_KINDS[task].metric, TASK_KINDS[task].higher_is_better
 
 
 # -- the settings of one search ---------------------------------------------------------

@@ -65,6 +65,7 @@ import torch
 from torch import Tensor, nn
 
 from . import __version__
+from .cells import CELLS
 from .checkpoint import checkpoint_file, load_checkpoint, save_checkpoint
 from .config import ExperimentConfig
 from .distributed import (
@@ -1072,7 +1073,7 @@ class _Trainer:
 
 def compare_cells(
     task: str,
-    cells: Sequence[str] = ("lstm", "sublstm", "fix_sublstm"),
+    cells: Sequence[str] = tuple(CELLS),
     *,
     size: int | None = None,
     overrides: dict[str, Any] | None = None,

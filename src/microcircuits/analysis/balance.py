@@ -30,6 +30,7 @@ import torch
 from matplotlib.ticker import FuncFormatter
 from torch import Tensor
 
+from ..cells import CELLS
 from . import style
 from ._models import Models, adding_inputs, initial_models, named_models
 from .recording import eval_mode, module_cell, record_module
@@ -43,7 +44,7 @@ __all__ = [
     "write_balance_csv",
 ]
 
-DEFAULT_CELLS = ("sublstm", "fix_sublstm")
+DEFAULT_CELLS = tuple(name for name, kind in CELLS.items() if kind.subtractive)
 TRACE_STEPS = 50
 """Panel f plots at most this many steps of the unit's traces (the CSV keeps them all):
 longer windows (e.g. 100 words of a language model) are an unreadable tangle."""

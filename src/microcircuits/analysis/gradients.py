@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..cells import CellKind
+from ..cells import CELLS, CellKind
 from . import style
 from ._models import Models, adding_inputs, initial_models, named_models
 from .recording import GateRecord, eval_mode, module_cell, record_module
@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 LossFn = Callable[[Tensor], Tensor]
-DEFAULT_CELLS = ("lstm", "sublstm", "fix_sublstm")
+DEFAULT_CELLS = tuple(CELLS)
 
 
 def depth_only_factor(kind: CellKind, gates: GateRecord) -> Tensor:

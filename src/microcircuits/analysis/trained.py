@@ -42,8 +42,9 @@ def _measure(
     parts = []
     for run_dir in run_dirs:
         run = load_run(run_dir, checkpoint)
-        label = cell_kind(run.config.cell).label
-        if name == "balance" and not cell_kind(run.config.cell).name.endswith("sublstm"):
+        kind = cell_kind(run.config.cell)
+        label = kind.label
+        if name == "balance" and not kind.subtractive:
             logger.info("balance: skipping %s (%s has no subtractive gates)", run_dir, label)
             continue
         inputs, loss = run.task.probe(run.model, batch)

@@ -25,17 +25,22 @@ Kernels (:data:`KERNELS`):
     ``torch.nn.LSTM`` runs), for the LSTM cell where its math is exactly ``torch.nn.LSTM``'s
     (no update mask, no variable lengths; CPU).
 
+``run_stack`` runs a whole stack of layers in one call where a kernel can (ATen's LSTM,
+as ``torch.nn.LSTM`` does, saving the per-call overhead of each layer and direction),
+and otherwise returns ``None`` so the caller goes layer by layer through ``run_layer``.
+
 One switch forces the reference path everywhere: ``set_kernel("reference")``, the
 context manager ``use_kernel("reference")``, or the environment variable
 ``MICROCIRCUITS_KERNEL=reference``. Naming a fast kernel the same way forces it, and a
 call it cannot run then raises ``ValueError`` saying why (``"auto"`` falls back
-silently instead). :func:`choose_kernel` tells which kernel a call would take.
+silently instead). :func:`choose_kernel` and :func:`choose_stack_kernel` tell which kernel
+a call would take.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from torch import Tensor
@@ -44,7 +49,16 @@ from ..cells import CellKind, CellWeights, LSTMState
 from . import aten_lstm, cpu_fused, gpu_fused
 from .reference import reverse_within_lengths, run_layer_reference
 
-__all__ = ["KERNELS", "choose_kernel", "get_kernel", "run_layer", "set_kernel", "use_kernel"]
+__all__ = [
+    "KERNELS",
+    "choose_kernel",
+    "choose_stack_kernel",
+    "get_kernel",
+    "run_layer",
+    "run_stack",
+    "set_kernel",
+    "use_kernel",
+]
 
 KERNELS = ("auto", "reference", "cpu_fused", "gpu_fused", "aten_lstm")
 # Fast kernels in the order "auto" tries them.
@@ -177,3 +191,65 @@ def choose_kernel(
             "(select 'auto' to fall back to the reference path)"
         )
     return selected
+
+
+def choose_stack_kernel(
+    kind: CellKind,
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    layers: Sequence[CellWeights],
+    *,
+    lengths: Tensor | None = None,
+) -> str | None:
+    """The kernel that runs the whole stack in one call (:func:`run_stack`), or ``None``.
+
+    Only ``aten_lstm`` takes whole stacks, where the selection allows it and it would
+    run every layer and direction on its own (never raises: a forced kernel that cannot
+    run the stack is left to :func:`run_layer` to report).
+    """
+    if get_kernel() not in ("auto", "aten_lstm"):
+        return None
+    # x stands in for every layer's input: the checks read its dtype, device and rank
+    for index, weights in enumerate(layers):
+        state = LSTMState(h0[index], c0[index])
+        if aten_lstm.unsupported_reason(kind, x, state, weights, lengths, None) is not None:
+            return None
+    return "aten_lstm"
+
+
+def run_stack(
+    kind: CellKind,
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    layers: Sequence[CellWeights],
+    *,
+    bidirectional: bool = False,
+    lengths: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Run a whole stack in one kernel call where one applies; else ``None``.
+
+    Nothing may act between the layers (no dropout between layers, no update dropout):
+    the caller checks that, and on ``None`` runs the layers one by one with
+    :func:`run_layer`.
+
+    Args:
+        kind: which cell.
+        x: input ``(T, B, I)``.
+        h0, c0: initial state ``(L*D, B, H)``, ``D`` 2 if bidirectional else 1.
+        layers: the weights of each layer and direction in ``torch.nn.LSTM``'s order
+            (layer-major, forward before reverse), ``L*D`` of them.
+        bidirectional: whether each layer has a reverse direction.
+        lengths: valid length of each sequence ``(B,)``, or ``None`` when all are ``T``.
+
+    Returns:
+        ``output`` ``(T, B, D*H)`` of the last layer, ``h_n`` and ``c_n``
+        ``(L*D, B, H)``; or ``None`` when no kernel takes the stack.
+    """
+    if choose_stack_kernel(kind, x, h0, c0, layers, lengths=lengths) is None:
+        return None
+    num_directions = 2 if bidirectional else 1
+    return aten_lstm.run_stack_aten_lstm(
+        x, h0, c0, list(layers), len(layers) // num_directions, bidirectional
+    )

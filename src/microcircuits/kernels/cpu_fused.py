@@ -135,14 +135,13 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .. import cells
 from .._autograd import graph_kept
 from ..cells import CellKind, CellWeights, Gates, LSTMState, pointwise_inplace
 from . import native
@@ -162,7 +161,6 @@ _INFERENCE_CHUNK_BYTES = 16 << 20
 _TINY = 1e-30  # float32 gradients below this are flushed to zero in backward
 _SERIAL_POINTWISE_MAX = 1 << 18  # per-step pointwise ops on up to this many elements: 1 thread
 _SUPPORTED_DTYPES = (torch.float32, torch.float64)
-_KIND_IDS = {"lstm": 0, "sublstm": 1, "fix_sublstm": 2}  # the C++ loops' Kind (step_loops.cpp)
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
@@ -455,7 +453,7 @@ def _forward_inference(
             ).view(n, batch, gate_rows)
             if loops is not None:
                 loops.forward_steps(
-                    _KIND_IDS[kind.name], gates, h, c, y[start:stop], rec.w_fwd, rec.onednn,
+                    kind.code, gates, h, c, y[start:stop], rec.w_fwd, rec.onednn,
                     decay, mask_rows, False, rec.serial,
                     [] if batch_sizes is None else batch_sizes[start:stop],
                 )  # fmt: skip
@@ -480,17 +478,6 @@ def _forward_inference(
 
 
 # --------------------------------------------------------------------- training
-
-
-# The second half of each cell's ``pointwise``: ``pointwise(pre, c, phi, m) ==
-# update(kind.activate(pre, phi), c, m)`` (cells.py). Training calls the two halves
-# separately so that the gate activations can be kept for backward without computing
-# the nonlinearities twice.
-_UPDATES: dict[str, Callable[[Gates, Tensor, Tensor | None], LSTMState]] = {
-    "lstm": cells.multiplicative_update,
-    "sublstm": cells.subtractive_update,
-    "fix_sublstm": cells.subtractive_update,
-}
 
 
 def _gate_blocks(kind: CellKind, g: Gates) -> list[Tensor]:
@@ -522,7 +509,8 @@ class _FusedLayer(torch.autograd.Function):
         weights = CellWeights(weight_ih, weight_hh, bias_ih, bias_hh, phi)
         x2d = x.reshape(steps * batch, in_size)
         rec = _Recurrent(weight_hh, batch, forward=True, backward=False)
-        activate, update = kind.activate, _UPDATES[kind.name]
+        # pointwise's two halves, apart, so the activations are kept for backward
+        activate, update = kind.activate, kind.update
         c_all = x.new_empty(steps + 1, batch, hidden)
         c_all[0] = c0
         with _flush_denormals():
@@ -539,7 +527,7 @@ class _FusedLayer(torch.autograd.Function):
                     h_n = h0.detach().clone(memory_format=torch.contiguous_format)
                     decay = None if phi is None else torch.sigmoid(phi.detach())
                     loops.forward_steps(
-                        _KIND_IDS[kind.name], gates, h_n, c_all, y, rec.w_fwd, rec.onednn,
+                        kind.code, gates, h_n, c_all, y, rec.w_fwd, rec.onednn,
                         decay, None if mask is None else mask.contiguous(), True, rec.serial,
                         [] if batch_sizes is None else batch_sizes,
                     )  # fmt: skip
@@ -605,7 +593,7 @@ class _FusedLayer(torch.autograd.Function):
                 if needs[9]:
                     phi_sum = act.new_zeros(hidden, dtype=torch.float64)
                 loops.backward_subtractive(
-                    _KIND_IDS[kind.name], dpre, c_all, y, decay,
+                    kind.code, dpre, c_all, y, decay,
                     None if mask is None else mask.contiguous(),
                     rec.w_bwd, rec.onednn, grad_y, dh0, dc0, phi_sum, needs[3], flush, _TINY,
                     rec.serial, [] if batch_sizes is None else batch_sizes,

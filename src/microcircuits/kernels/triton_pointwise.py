@@ -156,7 +156,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..cells import CellKind, cell_kind
+from ..cells import CELLS, CellKind, cell_kind
 
 try:  # Triton is optional: the GPU path only.
     import triton
@@ -267,12 +267,12 @@ def _sub_grads(dh, dc_next, i, f, z, o, sigma_c, c_prev, m):
     return d_i, d_f, d_z, d_o, dc * f
 
 
-# kind name -> (code, gates, memory, readout, grads)
-_KIND_CODE = {"lstm": 0, "sublstm": 1, "fix_sublstm": 2}
+# cell name -> (memory, readout, grads); the kernels' KIND is the cell's CellKind.code
 _EQUATIONS = {
-    "lstm": (_lstm_memory, _lstm_readout, _lstm_grads),
-    "sublstm": (_sub_memory, _sub_readout, _sub_grads),
-    "fix_sublstm": (_sub_memory, _sub_readout, _sub_grads),
+    name: (_sub_memory, _sub_readout, _sub_grads)
+    if kind.subtractive
+    else (_lstm_memory, _lstm_readout, _lstm_grads)
+    for name, kind in CELLS.items()
 }
 
 
@@ -284,7 +284,7 @@ def _kind_name(kind: str | CellKind) -> str:
 
 
 def _num_gates(name: str) -> int:
-    return 3 if name == "fix_sublstm" else 4
+    return CELLS[name].num_gates
 
 
 def _check_2d(name: str, x: Tensor, rows: int, cols: int) -> None:
@@ -938,7 +938,7 @@ def _launch_forward(name, pre, c_prev, h_prev, forget_phi, update_mask, active, 
         batch, hidden,
         pre.stride(0), c_prev.stride(0), _row_stride(h_prev), _row_stride(update_mask),
         h.stride(0), c.stride(0), _row_stride(act), out.stride(0),
-        KIND=_KIND_CODE[name], MEMORY=memory, READOUT=readout,
+        KIND=CELLS[name].code, MEMORY=memory, READOUT=readout,
         HAS_MASK=update_mask is not None, HAS_ACTIVE=active is not None,
         STORE_ACT=act is not None, WRITE_OUT=write_out,
         CDT=_compute_dtype(pre, c_prev, h_prev, update_mask, forget_phi),
@@ -968,7 +968,7 @@ def _launch_backward(name, act, c_prev, c, forget_phi, update_mask, active, grad
         act.stride(0), c_prev.stride(0), c.stride(0), _row_stride(update_mask),
         _row_stride(grad_h), _row_stride(grad_out), _row_stride(grad_c),
         grad_pre.stride(0), grad_c_prev.stride(0), _row_stride(carry), _row_stride(gphi),
-        KIND=_KIND_CODE[name], GRADS=grads,
+        KIND=CELLS[name].code, GRADS=grads,
         HAS_MASK=update_mask is not None, HAS_ACTIVE=active is not None,
         HAS_GH=grad_h is not None, HAS_GOUT=grad_out is not None, HAS_GC=grad_c is not None,
         ACCUM_PHI=accum,

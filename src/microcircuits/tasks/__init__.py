@@ -1,6 +1,8 @@
 """Tasks of the paper's experiments: each builds its model, batches, loss and metric.
 
-``make_task(config, device)`` picks the task named by ``config.task``:
+``make_task(config, device)`` picks the task named by ``config.task``; the names, titles
+and metrics of all tasks are the table :data:`TASK_KINDS`
+(:mod:`microcircuits.task_registry`):
 
 ============  ====================================  ============  ===========
 task          model                                 loss          metric
@@ -15,9 +17,13 @@ wikitext2     same                                  cross-entr.   perplexity
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 
 from ..config import ExperimentConfig
+from ..task_registry import TASK_KINDS, TaskKind, task_kind
 from .adding import AddingTask
 from .base import Batch, Carry, Evaluation, Task, data_seed
 from .language import LanguageModelTask
@@ -33,23 +39,29 @@ __all__ = [
     "LanguageModelTask",
     "LastStepReadout",
     "SequentialMNISTTask",
+    "TASK_KINDS",
     "Task",
+    "TaskKind",
     "data_seed",
     "make_recurrent_stack",
     "make_task",
+    "task_kind",
 ]
+
+
+# The class that implements each task of TASK_KINDS.
+_TASK_CLASSES: dict[str, Callable[[ExperimentConfig, torch.device], Task]] = {
+    "adding": AddingTask,
+    "smnist": SequentialMNISTTask,
+    "psmnist": partial(SequentialMNISTTask, permuted=True),
+    "ptb": LanguageModelTask,
+    "wikitext2": LanguageModelTask,
+}
 
 
 def make_task(config: ExperimentConfig, device: torch.device | str = "cpu") -> Task:
     """The task of ``config.task``, its data loaded and placed on ``device``."""
     device = torch.device(device)
-    if config.task == "adding":
-        return AddingTask(config, device)
-    if config.task in ("smnist", "psmnist"):
-        return SequentialMNISTTask(config, device, permuted=config.task == "psmnist")
-    if config.task in ("ptb", "wikitext2"):
-        return LanguageModelTask(config, device)
-    raise ValueError(
-        f"task must be one of ['adding', 'smnist', 'psmnist', 'ptb', 'wikitext2'], "
-        f"got {config.task!r}"
-    )
+    if config.task not in TASK_KINDS:
+        raise ValueError(f"task must be one of {list(TASK_KINDS)}, got {config.task!r}")
+    return _TASK_CLASSES[config.task](config, device)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..config import ExperimentConfig
 from ..data import ADDING_BASELINE_MSE, adding_batch
+from ..task_registry import TASK_KINDS
 from .base import Batch, Carry, Evaluation, Probe, check_split
 from .models import LastStepReadout, make_recurrent_stack
 
@@ -29,8 +30,8 @@ class AddingTask:
     """Delayed addition with ``config.seq_len`` steps, 2 input channels, 1 output."""
 
     name = "adding"
-    metric = "mse"
-    higher_is_better = False
+    metric = TASK_KINDS[name].metric
+    higher_is_better = TASK_KINDS[name].higher_is_better
 
     def __init__(self, config: ExperimentConfig, device: torch.device) -> None:
         if config.steps_per_epoch is None:

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ..config import ExperimentConfig
 from ..data import Corpus, batchify, bptt_batches, load_corpus, resolve_data_dir
+from ..task_registry import TASK_KINDS
 from .base import Batch, Carry, Evaluation, Probe, check_split
 from .models import LanguageModel, make_recurrent_stack
 
@@ -53,8 +54,8 @@ class LanguageModelTask:
             tests).
     """
 
-    metric = "perplexity"
-    higher_is_better = False
+    metric = TASK_KINDS["ptb"].metric  # and wikitext2's, the same
+    higher_is_better = TASK_KINDS["ptb"].higher_is_better
 
     def __init__(
         self, config: ExperimentConfig, device: torch.device, *, corpus: Corpus | None = None

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ..config import ExperimentConfig
 from ..data import load_mnist
+from ..task_registry import TASK_KINDS
 from .base import Batch, Carry, Evaluation, Probe, check_split, data_seed
 from .models import LastStepReadout, make_recurrent_stack
 
@@ -31,8 +32,8 @@ CLASSES = 10
 class SequentialMNISTTask:
     """Pixel-by-pixel MNIST (``permuted=True``: in one fixed random pixel order)."""
 
-    metric = "accuracy"
-    higher_is_better = True
+    metric = TASK_KINDS["smnist"].metric  # and psmnist's, the same
+    higher_is_better = TASK_KINDS["smnist"].higher_is_better
 
     def __init__(
         self, config: ExperimentConfig, device: torch.device, *, permuted: bool = False
