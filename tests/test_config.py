@@ -96,6 +96,17 @@ def test_sequential_mnist_fix_sublstm_has_the_others_parameter_count() -> None:
     assert load_config("smnist", "fix_sublstm", 64).hidden_size == 64  # other sizes as given
 
 
+def test_cell_defaults_apply_to_one_cell_at_every_size_and_yield_to_overrides() -> None:
+    # sMNIST: the LSTM keeps the paper's forget bias of 1, the subtractive cells start at 3
+    biases = {
+        c: load_config("smnist", c, 100).forget_bias for c in ("lstm", "sublstm", "fix_sublstm")
+    }
+    assert biases == {"lstm": 1.0, "sublstm": 3.0, "fix_sublstm": 3.0}
+    assert load_config("psmnist", "fix-subLSTM", 64).forget_bias == 3.0
+    assert load_config("smnist", "sublstm", 100, {"forget_bias": "1"}).forget_bias == 1.0
+    assert load_config("ptb", "sublstm", 100).forget_bias == 1.0  # only where a preset says so
+
+
 def test_size_sets_hidden_units_where_there_is_no_table() -> None:
     assert load_config("adding", "sublstm", 24).hidden_size == 24
     assert load_config("smnist", "lstm", 64).hidden_size == 64

@@ -606,6 +606,9 @@ def load_config(
     table = preset_table(task)
     values: dict[str, Any] = {"task": task, "cell": kind.name}
     values.update(table.get("defaults", {}))
+    # values of one cell at every size (e.g. the initial forget bias where the paper
+    # gives it for LSTM units only): [cell_defaults.<cell>]
+    values.update(table.get("cell_defaults", {}).get(kind.name, {}))
     preset = table.get("preset", {})
     rows = table.get("rows", {})
     if size is None:
