@@ -6,6 +6,7 @@ structure, as drop-in replacements for ``torch.nn.LSTM`` / ``torch.nn.LSTMCell``
 """
 
 from .cells import CELLS, CellWeights, LSTMState, cell_kind
+from .cmc import CMCHierarchy, CMCNode
 from .elm import ELM, ELMState
 from .kernels import set_kernel, use_kernel
 from .nn import (
@@ -23,6 +24,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CELLS",
+    "CMCHierarchy",
+    "CMCNode",
     "CellWeights",
     "ELM",
     "ELMState",

@@ -1,0 +1,369 @@
+"""Trainable canonical microcircuits: an image drives the dynamics of
+:mod:`microcircuits.cmc.dynamics`, an ODE solver integrates them and a linear readout
+classifies the trajectory.
+
+The solver is torchdiffeq's (Chen et al., NeurIPS 2018): ``odeint`` for backpropagation
+through the solver's steps and ``odeint_adjoint`` for the adjoint method, fixed-step
+(``euler``, ``midpoint``, ``rk4``) and adaptive (``dopri5``, ``bosh3``, ...) alike.
+
+Douglas (arXiv:2508.06501) integrates the CMC as a neural ODE with fourth-order
+Runge-Kutta and classifies images with one column or a hierarchy of them; how the image
+becomes an input, which states are read out, for how long and at which times are not
+specified there. Our choices, marked "ours" below, are:
+
+* input: the flattened image through a learned affine map, one scalar drive per column,
+  held constant over the integration window and entering the spiny stellate cells as
+  SPM's exogenous input; the columns start at rest (``x = 0``);
+* integration: 100 ms (about 3.5 of the slowest population's 28 ms time constant), RK4
+  with a 1 ms step (the fastest eigenvalues are about -500 / s);
+* readout: the four voltages at ``num_readout_times`` evenly spaced times after the start,
+  flattened, through a learned affine map to the outputs;
+* hierarchy: a chain of nodes, the image driving the first, forward connections up the
+  chain and backward ones down it, read out from the last node.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torchdiffeq import odeint, odeint_adjoint
+
+from .._validation import check_bool, check_matches_parameters, check_positive_int, check_tensor
+from .dynamics import NUM_STATES, cmc_dynamics, cmc_network_dynamics
+
+__all__ = ["ADAPTIVE_METHODS", "FIXED_STEP_METHODS", "CMCHierarchy", "CMCNode"]
+
+FIXED_STEP_METHODS = ("euler", "midpoint", "rk4")
+ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+READOUTS = ("top", "all")
+
+
+def _check_positive_real(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} ({value!r})")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return float(value)
+
+
+class _CMCModel(nn.Module):
+    """What both models share: the encoder, the solver settings and the integration."""
+
+    def __init__(
+        self,
+        input_size: int,
+        drive_size: int,
+        *,
+        integration_time: float,
+        num_readout_times: int,
+        method: str,
+        step_size: float | None,
+        rtol: float,
+        atol: float,
+        adjoint: bool,
+        device: torch.device | str | None,
+        dtype: torch.dtype | None,
+    ) -> None:
+        super().__init__()
+        self.input_size = check_positive_int("input_size", input_size)
+        self.integration_time = _check_positive_real("integration_time", integration_time)
+        self.num_readout_times = check_positive_int("num_readout_times", num_readout_times)
+        methods = FIXED_STEP_METHODS + ADAPTIVE_METHODS
+        if not isinstance(method, str) or method not in methods:
+            raise ValueError(f"method must be one of {list(methods)}, got {method!r}")
+        self.method = method
+        if method in FIXED_STEP_METHODS:
+            if step_size is None:
+                raise ValueError(f"method {method!r} is fixed-step: give step_size (seconds)")
+            self.step_size: float | None = _check_positive_real("step_size", step_size)
+        else:
+            self.step_size = None  # adaptive: rtol and atol decide the steps
+        self.rtol = _check_positive_real("rtol", rtol)
+        self.atol = _check_positive_real("atol", atol)
+        self.adjoint = check_bool("adjoint", adjoint)
+        self.encoder = nn.Linear(self.input_size, drive_size, device=device, dtype=dtype)
+
+    def readout_times(self) -> Tensor:
+        """The times (s) at which the trajectory is read out, ``(num_readout_times,)``."""
+        weight = self.encoder.weight
+        times = torch.linspace(
+            0.0, self.integration_time, self.num_readout_times + 1, dtype=weight.dtype
+        )
+        return times[1:].to(weight.device)
+
+    def _encode(self, images: object) -> Tensor:
+        """``(B, *)`` images, ``input_size`` numbers each -> drive ``(B, drive_size)``."""
+        images = check_tensor("images", images)
+        check_matches_parameters("images", images, self.encoder.weight)
+        if images.dim() < 2 or images[0].numel() != self.input_size:
+            raise ValueError(
+                f"images must have shape (B, ...) with input_size = {self.input_size} numbers "
+                f"per sample, got {tuple(images.shape)}"
+            )
+        return self.encoder(images.flatten(1))
+
+    def _integrate(
+        self, field: Callable[[Tensor, Tensor], Tensor], x0: Tensor, params: Sequence[Tensor]
+    ) -> Tensor:
+        """Solve ``dx/dt = field(t, x)`` from ``x0`` at time 0; the states at time 0 and at
+        :meth:`readout_times`, ``(1 + num_readout_times, *x0.shape)``. ``params`` are the
+        tensors the adjoint differentiates (everything ``field`` uses that needs a grad)."""
+        readout = self.readout_times()
+        times = torch.cat([readout.new_zeros(1), readout])
+        options = {"step_size": self.step_size} if self.step_size is not None else None
+        kwargs = dict(rtol=self.rtol, atol=self.atol, method=self.method, options=options)
+        if self.adjoint and torch.is_grad_enabled():
+            return odeint_adjoint(field, x0, times, adjoint_params=tuple(params), **kwargs)
+        return odeint(field, x0, times, **kwargs)
+
+    def extra_repr(self) -> str:
+        step = f", step_size={self.step_size}" if self.step_size is not None else ""
+        return (
+            f"integration_time={self.integration_time}, num_readout_times="
+            f"{self.num_readout_times}, method={self.method!r}{step}, adjoint={self.adjoint}"
+        )
+
+
+def _log_parameter(
+    module: nn.Module, name: str, shape: tuple[int, ...], learn: bool, device, dtype
+) -> None:
+    """A log-scale parameter at SPM's prior (0), trained or a buffer."""
+    value = torch.zeros(shape, device=device, dtype=dtype)
+    if learn:
+        module.register_parameter(name, nn.Parameter(value))
+    else:
+        module.register_buffer(name, value)
+
+
+class CMCNode(_CMCModel):
+    """One canonical microcircuit column as a classifier: image -> input drive ->
+    CMC dynamics (:func:`~microcircuits.cmc.cmc_dynamics`) -> readout of the trajectory.
+
+    ``u = W_in flatten(image) + b_in`` drives the spiny stellate cells of a column that
+    starts at rest; the four voltages at ``num_readout_times`` evenly spaced times in
+    ``(0, integration_time]`` go through ``W_out`` to the outputs. ``num_columns > 1``
+    (ours) runs that many independent columns side by side, each with its own drive and
+    dynamics parameters, and reads them all out; 1 is the paper's single node.
+
+    Args:
+        input_size: numbers per image (``C * H * W``).
+        output_size: outputs (classes).
+        num_columns: independent columns ``K``.
+        integration_time: seconds to integrate (ours: 0.1).
+        num_readout_times: readout times (ours: 10, every 10 ms).
+        method: a torchdiffeq solver: fixed-step ``euler``, ``midpoint``, ``rk4`` (ours)
+            or adaptive ``dopri5``, ``dopri8``, ``bosh3``, ``fehlberg2``, ``adaptive_heun``.
+        step_size: seconds per step of a fixed-step method (ours: 1e-3).
+        rtol, atol: tolerances of an adaptive method.
+        adjoint: gradients by the adjoint method (memory constant in the number of steps,
+            about twice the compute) instead of backpropagation through the steps. Ours:
+            off, since a column's state is 8 numbers and storing the steps costs little.
+        learn_dynamics: train SPM's log-scale parameters (else fixed at the prior).
+        device, dtype: of the parameters.
+
+    Parameters: ``encoder`` (``Linear(input_size, K)``), ``readout``
+    (``Linear(num_readout_times * K * 4, output_size)``) and, per column, ``log_T``
+    ``(K, 4)``, ``log_G`` ``(K, 4)``, ``log_S`` ``(K,)``, ``log_C`` ``(K,)``, all 0 (SPM's
+    prior) at the start.
+
+    Input: images ``(B, ...)``. Output: ``(B, output_size)``.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        *,
+        num_columns: int = 1,
+        integration_time: float = 0.1,
+        num_readout_times: int = 10,
+        method: str = "rk4",
+        step_size: float | None = 1e-3,
+        rtol: float = 1e-6,
+        atol: float = 1e-8,
+        adjoint: bool = False,
+        learn_dynamics: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        num_columns = check_positive_int("num_columns", num_columns)
+        super().__init__(
+            input_size,
+            num_columns,
+            integration_time=integration_time,
+            num_readout_times=num_readout_times,
+            method=method,
+            step_size=step_size,
+            rtol=rtol,
+            atol=atol,
+            adjoint=adjoint,
+            device=device,
+            dtype=dtype,
+        )
+        self.output_size = check_positive_int("output_size", output_size)
+        self.num_columns = num_columns
+        learn = check_bool("learn_dynamics", learn_dynamics)
+        for name, shape in (
+            ("log_T", (num_columns, 4)),
+            ("log_G", (num_columns, 4)),
+            ("log_S", (num_columns,)),
+            ("log_C", (num_columns,)),
+        ):
+            _log_parameter(self, name, shape, learn, device, dtype)
+        features = self.num_readout_times * num_columns * 4
+        self.readout = nn.Linear(features, self.output_size, device=device, dtype=dtype)
+
+    def trajectory(self, images: Tensor) -> Tensor:
+        """The columns' states at time 0 and at :meth:`readout_times`,
+        ``(1 + num_readout_times, B, num_columns, 8)``."""
+        drive = self._encode(images)  # (B, K)
+        x0 = drive.new_zeros(drive.shape + (NUM_STATES,))
+        dynamics = (self.log_T, self.log_G, self.log_S, self.log_C)
+
+        def field(t: Tensor, x: Tensor) -> Tensor:
+            return cmc_dynamics(x, drive, *dynamics)
+
+        return self._integrate(field, x0, (drive,) + dynamics)
+
+    def forward(self, images: Tensor) -> Tensor:
+        voltages = self.trajectory(images)[1:, ..., 0::2]  # (R, B, K, 4)
+        return self.readout(voltages.movedim(0, 1).flatten(1))
+
+
+def _chain_masks(num_nodes: int) -> tuple[Tensor, Tensor]:
+    forward = torch.zeros(num_nodes, num_nodes, dtype=torch.bool)
+    index = torch.arange(num_nodes - 1)
+    forward[index + 1, index] = True  # node i -> node i + 1 (target, source)
+    return forward, forward.T.clone()
+
+
+def _check_mask(name: str, value: object, num_nodes: int) -> Tensor:
+    value = check_tensor(name, value)
+    if value.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor, got dtype {value.dtype}")
+    if tuple(value.shape) != (num_nodes, num_nodes):
+        raise ValueError(
+            f"{name} must have shape ({num_nodes}, {num_nodes}) (target x source), "
+            f"got {tuple(value.shape)}"
+        )
+    return value.detach().cpu().clone()
+
+
+class CMCHierarchy(_CMCModel):
+    """A hierarchy of canonical microcircuits with learned extrinsic connectivity, as a
+    classifier (:func:`~microcircuits.cmc.cmc_network_dynamics`).
+
+    The image drives the first node's spiny stellate cells (ours); forward connections
+    (sp -> ss and sp -> dp, excitatory) and backward ones (dp -> sp and dp -> ii,
+    inhibitory) link the nodes where ``forward_mask``/``backward_mask`` say, with learned
+    log-scale strengths that start at SPM's prior (0: 200 and 100 / s). By default
+    (ours) the nodes form a chain ``0 -> 1 -> ... -> n-1`` with backward links down it,
+    and the readout sees the voltages of the last node (``readout="top"``) or of every
+    node (``"all"``) at the readout times.
+
+    Args:
+        input_size, output_size: as :class:`CMCNode`.
+        num_nodes: nodes ``n`` (at least 2: one node is a :class:`CMCNode`).
+        forward_mask, backward_mask: bool ``(n, n)``, ``[i, j]`` for a link from node
+            ``j`` to node ``i``; ``None`` for the chain.
+        readout: ``"top"`` or ``"all"``.
+        integration_time, num_readout_times, method, step_size, rtol, atol, adjoint,
+        learn_dynamics, device, dtype: as :class:`CMCNode`.
+
+    Parameters: ``encoder`` (``Linear(input_size, 1)``), ``log_A`` ``(4, n, n)`` (only the
+    masked-in entries are used and trained), per node ``log_T``/``log_G`` ``(n, 4)`` and
+    ``log_S``/``log_C`` ``(n,)``, and ``readout``. Buffer ``extrinsic_mask`` ``(4, n, n)``.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        num_nodes: int = 2,
+        *,
+        forward_mask: Tensor | None = None,
+        backward_mask: Tensor | None = None,
+        readout: str = "top",
+        integration_time: float = 0.1,
+        num_readout_times: int = 10,
+        method: str = "rk4",
+        step_size: float | None = 1e-3,
+        rtol: float = 1e-6,
+        atol: float = 1e-8,
+        adjoint: bool = False,
+        learn_dynamics: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            input_size,
+            1,
+            integration_time=integration_time,
+            num_readout_times=num_readout_times,
+            method=method,
+            step_size=step_size,
+            rtol=rtol,
+            atol=atol,
+            adjoint=adjoint,
+            device=device,
+            dtype=dtype,
+        )
+        self.output_size = check_positive_int("output_size", output_size)
+        self.num_nodes = check_positive_int("num_nodes", num_nodes)
+        if self.num_nodes < 2:
+            raise ValueError(f"num_nodes must be >= 2 (use CMCNode for one), got {num_nodes}")
+        if readout not in READOUTS:
+            raise ValueError(f"readout must be one of {list(READOUTS)}, got {readout!r}")
+        self.readout_nodes = readout
+        chain_forward, chain_backward = _chain_masks(self.num_nodes)
+        forward = (
+            chain_forward
+            if forward_mask is None
+            else _check_mask("forward_mask", forward_mask, self.num_nodes)
+        )
+        backward = (
+            chain_backward
+            if backward_mask is None
+            else _check_mask("backward_mask", backward_mask, self.num_nodes)
+        )
+        mask = torch.stack([forward, forward, backward, backward]).to(device)
+        self.register_buffer("extrinsic_mask", mask)
+        self.log_A = nn.Parameter(
+            torch.zeros(4, self.num_nodes, self.num_nodes, device=device, dtype=dtype)
+        )
+        learn = check_bool("learn_dynamics", learn_dynamics)
+        n = self.num_nodes
+        for name, shape in (("log_T", (n, 4)), ("log_G", (n, 4)), ("log_S", (n,)), ("log_C", (n,))):
+            _log_parameter(self, name, shape, learn, device, dtype)
+        read_nodes = n if readout == "all" else 1
+        features = self.num_readout_times * read_nodes * 4
+        self.readout = nn.Linear(features, self.output_size, device=device, dtype=dtype)
+
+    def extrinsic_log_scales(self) -> Tensor:
+        """``log_A`` with ``-inf`` where the mask has no link, ``(4, n, n)``."""
+        return self.log_A.masked_fill(~self.extrinsic_mask, float("-inf"))
+
+    def trajectory(self, images: Tensor) -> Tensor:
+        """The nodes' states at time 0 and at :meth:`readout_times`,
+        ``(1 + num_readout_times, B, n, 8)``."""
+        drive = self._encode(images)  # (B, 1)
+        inputs = torch.cat([drive, drive.new_zeros(drive.shape[0], self.num_nodes - 1)], 1)
+        x0 = inputs.new_zeros(inputs.shape + (NUM_STATES,))
+        log_A = self.extrinsic_log_scales()
+        dynamics = (self.log_T, self.log_G, self.log_S, self.log_C)
+
+        def field(t: Tensor, x: Tensor) -> Tensor:
+            return cmc_network_dynamics(x, inputs, log_A, *dynamics)
+
+        return self._integrate(field, x0, (inputs, log_A) + dynamics)
+
+    def forward(self, images: Tensor) -> Tensor:
+        states = self.trajectory(images)[1:]  # (R, B, n, 8)
+        if self.readout_nodes == "top":
+            states = states[:, :, -1:]
+        voltages = states[..., 0::2]  # (R, B, nodes read, 4)
+        return self.readout(voltages.movedim(0, 1).flatten(1))
