@@ -300,11 +300,17 @@ def test_training_saves_only_gates_memory_and_output(cell):
         out, _ = kernels.run_layer(kind, x, state, weights)
     node = out.grad_fn
     assert type(node).__name__ == "_FusedLayerBackward"
-    saved = [t for t in node.saved_tensors if t is not None]
+    # memory held, each storage once (x is saved as given and as a (T*B, I) view of it)
+    storages = {}
+    for t in node.saved_tensors:
+        if t is not None:
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes() // t.element_size()
     G = kind.num_gates
     activations = T * B * G * H + (T + 1) * B * H + T * B * H  # gates, c, output
-    inputs = T * B * I + B * H + G * H * (I + H) + (H if kind.learned_decay else 0)
-    assert sum(t.numel() for t in saved) <= activations + inputs
+    # x, h0, c0 (c0 for the create_graph recomputation), W, R, both biases, phi
+    inputs = T * B * I + 2 * B * H + G * H * (I + H + 2) + (H if kind.learned_decay else 0)
+    assert sum(storages.values()) <= activations + inputs
 
 
 # -- ATen's LSTM for the LSTM cell ------------------------------------------------------
@@ -595,15 +601,91 @@ def test_autocast_takes_the_reference_path_and_trains(cell):
     assert torch.isfinite(grad).all()
 
 
+def _hessian_vector_product(kernel, kind, inputs, run):
+    """Gradients (with a graph) of a loss on ``run()``'s outputs, and their product with a
+    fixed random vector differentiated again, under ``kernel``."""
+    with kernels.use_kernel(kernel):
+        out, (h, c) = run()
+    grads = torch.autograd.grad(out.pow(2).sum() + (h * c).sum(), inputs, create_graph=True)
+    gen = torch.Generator().manual_seed(2)
+    dot = sum((g * torch.randn(g.shape, generator=gen, dtype=g.dtype)).sum() for g in grads)
+    return grads, torch.autograd.grad(dot, inputs)
+
+
 @pytest.mark.parametrize("cell", CELL_NAMES)
-def test_higher_order_gradients_ask_for_the_reference_path(cell):
-    kind, x, state, weights, update_mask = _layer(cell)
+@pytest.mark.parametrize("lengths", ["full", "unsorted"])
+def test_second_order_gradients_through_the_fused_kernel_match_the_reference(cell, lengths):
+    """``create_graph=True``: the fused backward recomputes on the reference path, so its
+    gradients carry a graph and a Hessian-vector product equals the reference path's."""
+    kind, x, state, weights, update_mask = _layer(cell, mask=True)
+    inputs = _inputs(x, state, weights)
+
+    def run():
+        return kernels.run_layer(
+            kind, x, state, weights, lengths=LENGTHS[lengths], update_mask=update_mask,
+            reverse=True,
+        )  # fmt: skip
+
+    fused_grads, fused_hvp = _hessian_vector_product("cpu_fused", kind, inputs, run)
+    ref_grads, ref_hvp = _hessian_vector_product("reference", kind, inputs, run)
+    for got, want in zip(fused_grads + fused_hvp, ref_grads + ref_hvp):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("cell", CELL_NAMES)
+def test_gpu_kernel_function_second_order_matches_the_reference(cell):
+    """The GPU kernel's Function (with its PyTorch pointwise twins, on the CPU) too."""
+    from microcircuits.kernels import gpu_fused
+
+    kind, x, state, weights, update_mask = _layer(cell, mask=True)
+    inputs = _inputs(x, state, weights)
+    lens = LENGTHS["unsorted"]
+
+    def fused():
+        return gpu_fused.run_layer_gpu_fused(
+            kind, x, state, weights, lens, update_mask, reverse=True, pointwise="torch"
+        )
+
+    def reference():
+        return kernels.run_layer(
+            kind, x, state, weights, lengths=lens, update_mask=update_mask, reverse=True
+        )
+
+    got = _hessian_vector_product("auto", kind, inputs, fused)
+    want = _hessian_vector_product("reference", kind, inputs, reference)
+    for a, b in zip(got[0] + got[1], want[0] + want[1]):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("cell", CELL_NAMES)
+@pytest.mark.parametrize("lengths", [None, torch.tensor([3, 1, 2])])
+def test_fused_kernel_gradgradcheck(cell, lengths):
+    """Second derivatives of the fused kernel against float64 finite differences."""
+    kind, x, state, weights, update_mask = _layer(cell, T=3, B=3, I=2, H=2, mask=True)
+
+    def layer(x, h, c, *params):
+        w = CellWeights(*params[:4], params[4] if len(params) > 4 else None)
+        with kernels.use_kernel("cpu_fused"):
+            out, (hn, cn) = kernels.run_layer(
+                kind, x, LSTMState(h, c), w, lengths=lengths, update_mask=update_mask
+            )
+        return out, hn, cn
+
+    assert torch.autograd.gradgradcheck(layer, _inputs(x, state, weights))
+
+
+def test_first_order_backward_never_recomputes(monkeypatch):
+    """The recomputation is for ``create_graph=True`` only: a plain backward keeps to the
+    hand-written one (no cost added to training)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("first-order backward took the reference recomputation")
+
+    monkeypatch.setattr(cpu_fused, "reference_layer_gradients", refuse)
+    kind, x, state, weights, update_mask = _layer("sublstm", mask=True)
     with kernels.use_kernel("cpu_fused"):
-        out, _ = kernels.run_layer(kind, x, state, weights, update_mask=update_mask)
-    with pytest.raises(RuntimeError, match="use_kernel\\('reference'\\)"):
+        out, (h, c) = kernels.run_layer(kind, x, state, weights, update_mask=update_mask)
+    out.sum().backward(retain_graph=True)
+    assert x.grad is not None
+    with pytest.raises(AssertionError, match="reference recomputation"):
         torch.autograd.grad(out.sum(), x, create_graph=True)
-    with kernels.use_kernel("reference"):  # the advertised way works
-        out, _ = kernels.run_layer(kind, x, state, weights, update_mask=update_mask)
-    (g,) = torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
-    (gg,) = torch.autograd.grad(g.sum(), weights.weight_hh)
-    assert torch.isfinite(gg).all()

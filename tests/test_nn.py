@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 import microcircuits as mc
 from microcircuits import nn as mcnn
@@ -439,6 +439,64 @@ def test_zero_state_by_default(cell):
     torch.testing.assert_close(m(x)[0], m(x, (zeros, zeros))[0], atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("cell", CELL_NAMES)
+@pytest.mark.parametrize(
+    "shape,batch_first", [((0, 2, 3), False), ((2, 0, 3), True), ((0, 3), False)]
+)
+def test_zero_length_sequences_are_refused_as_torch_does(cell, shape, batch_first):
+    x = torch.randn(*shape)
+    with pytest.raises(RuntimeError, match="sequence length"):  # torch's type
+        torch.nn.LSTM(3, 4, batch_first=batch_first)(x)
+    with pytest.raises(RuntimeError, match="sequence length 0"):
+        mc.make_rnn(cell, 3, 4, batch_first=batch_first)(x)
+
+
+@pytest.mark.parametrize("cell", CELL_NAMES)
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_forget_bias_must_be_finite(cell, value):
+    with pytest.raises(ValueError, match="forget_bias"):
+        mc.make_rnn(cell, 3, 4, forget_bias=value)
+    with pytest.raises(ValueError, match="forget_bias"):
+        mc.make_cell(cell, 3, 4, forget_bias=value)
+
+
+def _hessian_vector_product(module, x):
+    """Gradients (with a graph) of a loss on ``module(x)`` w.r.t. its parameters, and the
+    gradients of their product with a fixed random vector (a Hessian-vector product)."""
+    params = list(module.parameters())
+    out, (h, c) = module(x)
+    if isinstance(out, PackedSequence):
+        out = out.data
+    grads = torch.autograd.grad(out.pow(2).sum() + (h * c).sum(), params, create_graph=True)
+    gen = torch.Generator().manual_seed(3)
+    dot = sum((g * torch.randn(g.shape, generator=gen, dtype=g.dtype)).sum() for g in grads)
+    return grads, torch.autograd.grad(dot, params)
+
+
+def test_lstm_second_order_gradients_match_torch_lstm():
+    """Packed sequences take the fused kernel, whose backward recomputes on the reference
+    path for ``create_graph=True``; torch.nn.LSTM supports second order too."""
+    ours = _randomise(mc.LSTM(3, 4, num_layers=2, bidirectional=True, dtype=torch.float64))
+    theirs = torch.nn.LSTM(3, 4, num_layers=2, bidirectional=True, dtype=torch.float64)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(5, 3, 3, dtype=torch.float64)
+    packed = pack_padded_sequence(x, torch.tensor([5, 2, 4]), enforce_sorted=False)
+    got, want = _hessian_vector_product(ours, packed), _hessian_vector_product(theirs, packed)
+    for a, b in zip(got[0] + got[1], want[0] + want[1]):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("cell", ["sublstm", "fix_sublstm"])
+def test_subtractive_second_order_gradients_match_the_reference_kernel(cell):
+    m = _randomise(mc.make_rnn(cell, 3, 4, num_layers=2, batch_first=True))
+    x = torch.randn(3, 5, 3)
+    got = _hessian_vector_product(m, x)
+    with mc.use_kernel("reference"):
+        want = _hessian_vector_product(m, x)
+    for a, b in zip(got[0] + got[1], want[0] + want[1]):
+        torch.testing.assert_close(a, b)
+
+
 def test_empty_batch_and_single_step():
     m = mc.SubLSTM(3, 4)
     out, (h, c) = m(torch.randn(1, 2, 3))
@@ -538,8 +596,8 @@ def test_jit_trace(cell):
 
 @pytest.mark.parametrize("cell", CELL_NAMES)
 def test_torch_compile_traces_the_module(cell):
-    """Under ``torch.compile`` the fused kernels step aside (LSTM keeps ATen's op, which
-    dynamo records as it is) and the compiled module agrees with the eager one."""
+    """Under ``torch.compile`` the layers run eagerly in a graph break (tests/test_export.py)
+    and the compiled module agrees with the eager one, gradients included."""
     m = mc.make_rnn(cell, 3, 4, num_layers=2)
     compiled = torch.compile(m, backend="aot_eager")
     x = torch.randn(4, 2, 3, requires_grad=True)

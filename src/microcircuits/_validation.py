@@ -3,6 +3,7 @@ the argument, the value it got and what is allowed."""
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -37,6 +38,14 @@ def check_real(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} ({value!r})")
     return float(value)
+
+
+def check_finite_real(name: str, value: object) -> float:
+    """Return ``value`` as a float if it is a finite real number (no nan/inf), else raise."""
+    number = check_real(name, value)
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite real number, got {value!r}")
+    return number
 
 
 def check_tensor(name: str, value: object) -> Tensor:

@@ -38,10 +38,10 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 from . import kernels
 from ._validation import (
     check_bool,
+    check_finite_real,
     check_matches_parameters,
     check_positive_int,
     check_probability,
-    check_real,
     check_tensor,
 )
 from .cells import CellKind, CellWeights, LSTMState, cell_kind
@@ -166,7 +166,7 @@ class _RecurrentSequence(_RecurrentParameters):
         self.input_dropout = check_probability("input_dropout", input_dropout)
         self.output_dropout = check_probability("output_dropout", output_dropout)
         self.update_dropout = check_probability("update_dropout", update_dropout)
-        self.forget_bias = check_real("forget_bias", forget_bias)
+        self.forget_bias = check_finite_real("forget_bias", forget_bias)
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
         if self.dropout > 0 and self.num_layers == 1:
@@ -224,6 +224,19 @@ class _RecurrentSequence(_RecurrentParameters):
 
     def flatten_parameters(self) -> None:
         """No-op, for code written for ``torch.nn.LSTM`` (which compacts cuDNN weights)."""
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script``'s hook: refuse at once, with the ways that work.
+
+        The forward picks a kernel in Python per call (and takes packed sequences),
+        which TorchScript cannot compile. (``torch.nn.LSTM`` scripts in torch 2.13 but
+        the result has no callable ``forward``.)
+        """
+        raise RuntimeError(
+            f"torch.jit.script cannot compile {type(self).__name__}: its forward picks a "
+            "kernel in Python at run time; use torch.jit.trace, torch.export or "
+            "torch.onnx.export instead (README, 'Export')"
+        )
 
     def extra_repr(self) -> str:
         text = f"{self.input_size}, {self.hidden_size}"
@@ -306,6 +319,12 @@ class _RecurrentSequence(_RecurrentParameters):
         if x.shape[-1] != self.input_size:
             raise ValueError(
                 f"input.size(-1) must be equal to input_size={self.input_size}, got {x.shape[-1]}"
+            )
+        if x.shape[0] == 0:  # RuntimeError, as torch.nn.LSTM raises for it
+            raise RuntimeError(
+                f"input has sequence length 0 (shape {tuple(input.shape)}); a recurrent "
+                "network needs at least one step (torch.nn.LSTM: 'Expected sequence length "
+                "to be larger than 0 in RNN')"
             )
         batch = x.shape[1]
         if hx is None:
@@ -452,7 +471,7 @@ class _RecurrentCell(_RecurrentParameters):
         self.input_size = check_positive_int("input_size", input_size)
         self.hidden_size = check_positive_int("hidden_size", hidden_size)
         self.bias = check_bool("bias", bias)
-        self.forget_bias = check_real("forget_bias", forget_bias)
+        self.forget_bias = check_finite_real("forget_bias", forget_bias)
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
         self._make_parameters(

@@ -29,6 +29,19 @@ Kernels (:data:`KERNELS`):
 as ``torch.nn.LSTM`` does, saving the per-call overhead of each layer and direction),
 and otherwise returns ``None`` so the caller goes layer by layer through ``run_layer``.
 
+While a graph is recorded -- ``torch.jit.trace``, ``torch.onnx.export`` (either
+exporter) -- ``"auto"`` takes only kernels that are single ATen ops (``aten_lstm``, which
+records as ``aten::lstm`` and so keeps the sequence length free), else the reference
+path, whose plain torch ops record and export as they are (unrolled over the traced
+steps). The fused kernels are Python loops around hand-written backwards that a
+recorded graph would capture wrongly; under ``torch.compile`` they step aside the same
+way under ``torch.export``. Under ``torch.compile`` (not exporting) each layer, or the
+whole stack, runs eagerly between compiled graphs -- a graph break, the one
+``torch.nn.LSTM`` takes too -- so the fast kernels run as they are and the sequence
+length stays out of the compiled graphs. Their backwards
+are first-order; asked for a graph (``create_graph=True``) they recompute the layer on
+the reference path and differentiate that (see ``reference_layer_gradients``).
+
 One switch forces the reference path everywhere: ``set_kernel("reference")``, the
 context manager ``use_kernel("reference")``, or the environment variable
 ``MICROCIRCUITS_KERNEL=reference``. Naming a fast kernel the same way forces it, and a
@@ -40,9 +53,11 @@ a call would take.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import TypeVar
 
+import torch
 from torch import Tensor
 
 from ..cells import CellKind, CellWeights, LSTMState
@@ -63,6 +78,9 @@ __all__ = [
 KERNELS = ("auto", "reference", "cpu_fused", "gpu_fused", "aten_lstm")
 # Fast kernels in the order "auto" tries them.
 _AUTO_ORDER = ("aten_lstm", "cpu_fused", "gpu_fused")
+# Kernels that are one ATen op: jit.trace and the ONNX exporters record them as they are.
+_RECORDABLE = ("aten_lstm",)
+_T = TypeVar("_T")
 _selected: str | None = None  # None: read MICROCIRCUITS_KERNEL, default "auto"
 
 
@@ -98,6 +116,18 @@ def use_kernel(name: str) -> Iterator[None]:
         _selected = previous
 
 
+def _compiling_outside_export() -> bool:
+    """Whether ``torch.compile`` (and not ``torch.export``) is tracing now."""
+    compiler = torch.compiler
+    return compiler.is_compiling() and not compiler.is_exporting()
+
+
+def _eagerly(function: Callable[..., _T]) -> Callable[..., _T]:
+    """``function`` run outside ``torch.compile``'s graph. Made where dynamo traces it (not
+    at import, which would load dynamo), so it costs nothing once compiled."""
+    return torch.compiler.disable(function, recursive=True)
+
+
 def run_layer(
     kind: CellKind,
     x: Tensor,
@@ -125,6 +155,11 @@ def run_layer(
         ``output`` ``(T, B, H)`` (zero at padding steps), and the final state, taken
         at each sequence's last processed step.
     """
+    if _compiling_outside_export():  # a graph break: ATen's LSTM and the fused kernels
+        # fail inside inductor's graph or trace into it step by step
+        return _eagerly(run_layer)(
+            kind, x, state, weights, lengths=lengths, update_mask=update_mask, reverse=reverse
+        )
     name = choose_kernel(kind, x, state, weights, lengths=lengths, update_mask=update_mask)
     if name == "cpu_fused":
         return cpu_fused.run_layer_cpu_fused(
@@ -144,6 +179,16 @@ def run_layer(
     return output, final
 
 
+def recording_reason() -> str | None:
+    """What is recording a graph of torch ops now (``torch.jit.trace``, ONNX export), or
+    ``None``; then only the kernels of ``_RECORDABLE`` and the reference path may run."""
+    if torch.jit.is_tracing():  # also the TorchScript-based ONNX exporter
+        return "torch.jit.trace is recording a graph"
+    if torch.onnx.is_in_onnx_export():  # the torch.export-based ONNX exporter
+        return "torch.onnx.export is recording a graph"
+    return None
+
+
 def _unsupported_reason(
     name: str,
     kind: CellKind,
@@ -153,6 +198,10 @@ def _unsupported_reason(
     lengths: Tensor | None,
     update_mask: Tensor | None,
 ) -> str | None:
+    if name not in _RECORDABLE:
+        recording = recording_reason()
+        if recording is not None:
+            return f"{recording} (the reference path records as plain torch ops)"
     if name == "cpu_fused":
         return cpu_fused.unsupported_reason(x, state, weights, lengths, update_mask)
     if name == "gpu_fused":
@@ -247,6 +296,10 @@ def run_stack(
         ``output`` ``(T, B, D*H)`` of the last layer, ``h_n`` and ``c_n``
         ``(L*D, B, H)``; or ``None`` when no kernel takes the stack.
     """
+    if _compiling_outside_export():  # a graph break, as in run_layer
+        return _eagerly(run_stack)(
+            kind, x, h0, c0, layers, bidirectional=bidirectional, lengths=lengths
+        )
     if choose_stack_kernel(kind, x, h0, c0, layers, lengths=lengths) is None:
         return None
     num_directions = 2 if bidirectional else 1

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .._autograd import first_order_only as _first_order_only
 from ..cells import CellWeights, LSTMState
 
 
@@ -89,9 +88,3 @@ def common_unsupported_reason(
     if not tracing and functorch_wrapped(tensors):
         return "functorch-transformed tensors (vmap/grad/jvp)"
     return None
-
-
-first_order_only = _first_order_only(
-    "a fused microcircuits kernel", "run the model under microcircuits.use_kernel('reference')"
-)
-"""Decorator for the fused kernels' ``backward``: ``create_graph=True`` fails clearly."""

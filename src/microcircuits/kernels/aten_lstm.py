@@ -49,6 +49,17 @@ def unsupported_reason(
     )
 
 
+def _train_flag(x: Tensor, h0: Tensor, c0: Tensor, params: list[Tensor]) -> bool:
+    """``torch.lstm``'s ``train``: keep what backward needs only when a gradient may be asked.
+
+    Under ``torch.jit.trace`` grad mode is left out: the flag becomes a constant of the
+    recorded graph, which must not depend on whether it was recorded (or checked, which
+    ``trace`` does under ``no_grad``) with gradients on, and must allow backward later.
+    """
+    wants_grad = any(t.requires_grad for t in (x, h0, c0, *params))
+    return wants_grad and (torch.is_grad_enabled() or torch.jit.is_tracing())
+
+
 def run_layer_aten_lstm(
     kind: CellKind, x: Tensor, state: LSTMState, weights: CellWeights, reverse: bool = False
 ) -> tuple[Tensor, LSTMState]:
@@ -58,7 +69,7 @@ def run_layer_aten_lstm(
     params = [weights.weight_ih, weights.weight_hh]
     if has_bias:
         params += [weights.bias_ih, weights.bias_hh]
-    train = torch.is_grad_enabled() and any(t.requires_grad for t in (x, state.h, state.c, *params))
+    train = _train_flag(x, state.h, state.c, params)
     if reverse:
         x = x.flip(0)
     hx = (state.h.unsqueeze(0), state.c.unsqueeze(0))
@@ -93,5 +104,5 @@ def run_stack_aten_lstm(
     params = []
     for w in layers:
         params += [w.weight_ih, w.weight_hh] + ([w.bias_ih, w.bias_hh] if has_bias else [])
-    train = torch.is_grad_enabled() and any(t.requires_grad for t in (x, h0, c0, *params))
+    train = _train_flag(x, h0, c0, params)
     return _LSTM(x, (h0, c0), params, has_bias, num_layers, 0.0, train, bidirectional, False)

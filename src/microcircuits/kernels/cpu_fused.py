@@ -56,8 +56,10 @@ weights, both biases (or none) and phi; ``update_mask`` ``(B, H)`` without gradi
 ``lengths``; ``reverse`` (via :func:`~microcircuits.kernels.reference.reverse_within_lengths`).
 :func:`unsupported_reason` says why a call does not qualify (e.g. another dtype or
 device, a mask that requires grad, autocast, functorch transforms, ``torch.compile``
-tracing); the dispatcher then falls back to the reference path. Backward is first-order
-only: ``create_graph=True`` raises, naming the reference path (``use_kernel``).
+tracing); the dispatcher then falls back to the reference path. The hand-written
+backward is first-order; asked for a graph (``create_graph=True``) the Function runs the
+layer again on the reference path and returns autograd's gradients of it, which carry a
+graph (slower, but Hessian-vector products and gradient penalties work).
 
 Measurements behind the choices below: 2-vCPU AMD EPYC (Zen 3, AVX2, 1 MiB L2 per core,
 32 MiB L3), torch 2.13 CPU (MKL 2024.2, oneDNN 3.12), shared with other jobs, so
@@ -145,9 +147,13 @@ from torch.autograd.function import once_differentiable
 from .._autograd import graph_kept
 from ..cells import CellKind, CellWeights, Gates, LSTMState, pointwise_inplace
 from . import native
-from ._checks import call_tensors, common_unsupported_reason, first_order_only, off_cpu_reason
+from ._checks import call_tensors, common_unsupported_reason, off_cpu_reason
 from ._projection import combined_bias, input_projection
-from .reference import reverse_within_lengths
+from .reference import (
+    lengths_of_batch_sizes,
+    reference_layer_gradients,
+    reverse_within_lengths,
+)
 
 __all__ = [
     "gemm_backend",
@@ -561,14 +567,42 @@ class _FusedLayer(torch.autograd.Function):
                     h_n, c_n = h, c_all[steps].clone()
         ctx.kind = kind
         ctx.batch_sizes = batch_sizes
-        ctx.save_for_backward(x2d, h0, weight_ih, weight_hh, phi, mask, gates, c_all, y)
+        # the call's own inputs last: only a backward with a graph reads them (references)
+        ctx.save_for_backward(
+            x2d, h0, weight_ih, weight_hh, phi, mask, gates, c_all, y, x, c0, bias_ih, bias_hh
+        )
         return y, h_n, c_n
 
     @staticmethod
-    @first_order_only
-    @once_differentiable
     def backward(ctx, grad_y: Tensor, grad_hn: Tensor, grad_cn: Tensor):  # type: ignore[override]
-        x2d, h0, weight_ih, weight_hh, phi, mask, act, c_all, y = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the reference path
+            return _FusedLayer._backward_with_graph(ctx, grad_y, grad_hn, grad_cn)
+        return _FusedLayer._backward_first_order(ctx, grad_y, grad_hn, grad_cn)
+
+    @staticmethod
+    def _backward_with_graph(ctx, grad_y: Tensor, grad_hn: Tensor, grad_cn: Tensor):
+        """Gradients that carry a graph (second order), from the reference path."""
+        _, h0, weight_ih, weight_hh, phi, mask, _, _, _, x, c0, bias_ih, bias_hh = ctx.saved_tensors
+        batch_sizes: list[int] | None = ctx.batch_sizes
+        lengths = None
+        if batch_sizes is not None:
+            lengths = lengths_of_batch_sizes(batch_sizes, x.shape[1], x.device)
+        grads = reference_layer_gradients(
+            ctx.kind,
+            x,
+            LSTMState(h0, c0),
+            CellWeights(weight_ih, weight_hh, bias_ih, bias_hh, phi),
+            lengths,
+            mask,
+            (grad_y, grad_hn, grad_cn),
+            ctx.needs_input_grad[2:10],
+        )
+        return (None, None, *grads, None)
+
+    @staticmethod
+    @once_differentiable
+    def _backward_first_order(ctx, grad_y: Tensor, grad_hn: Tensor, grad_cn: Tensor):
+        x2d, h0, weight_ih, weight_hh, phi, mask, act, c_all, y = ctx.saved_tensors[:9]
         kind: CellKind = ctx.kind
         batch_sizes: list[int] | None = ctx.batch_sizes
         steps, batch, gate_rows = act.shape

@@ -51,9 +51,9 @@ from torch.autograd.function import once_differentiable
 from .._autograd import graph_kept
 from ..cells import CellKind, CellWeights, LSTMState
 from . import triton_pointwise as tp
-from ._checks import call_tensors, common_unsupported_reason, first_order_only
+from ._checks import call_tensors, common_unsupported_reason
 from ._projection import combined_bias, input_projection
-from .reference import reverse_within_lengths
+from .reference import reference_layer_gradients, reverse_within_lengths
 
 __all__ = ["POINTWISE_IMPLS", "run_layer_gpu_fused", "unsupported_reason"]
 
@@ -125,14 +125,41 @@ class _GPUFusedLayer(torch.autograd.Function):
         h = h0.detach().clone() if active is not None else h0.detach()
         h = _loop_forward(fwd, kind, gates, cbuf, y, h, weight_hh, phi, mask, active, True)
         ctx.kind, ctx.impl = kind, impl
-        ctx.save_for_backward(x2d, h0, weight_ih, weight_hh, phi, mask, active, gates, cbuf, y)
+        # the call's own inputs last: only a backward with a graph reads them (references)
+        ctx.save_for_backward(
+            x2d, h0, weight_ih, weight_hh, phi, mask, active, gates, cbuf, y,
+            x, c0, bias_ih, bias_hh,
+        )  # fmt: skip
         return y, h.clone(), cbuf[steps].clone()
 
     @staticmethod
-    @first_order_only
-    @once_differentiable
     def backward(ctx, grad_y: Tensor, grad_hn: Tensor, grad_cn: Tensor):  # type: ignore[override]
-        x2d, h0, weight_ih, weight_hh, phi, mask, active, gates, cbuf, y = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the reference path
+            return _GPUFusedLayer._backward_with_graph(ctx, grad_y, grad_hn, grad_cn)
+        return _GPUFusedLayer._backward_first_order(ctx, grad_y, grad_hn, grad_cn)
+
+    @staticmethod
+    def _backward_with_graph(ctx, grad_y: Tensor, grad_hn: Tensor, grad_cn: Tensor):
+        """Gradients that carry a graph (second order), from the reference path."""
+        saved = ctx.saved_tensors
+        h0, weight_ih, weight_hh, phi, mask, active = saved[1:7]
+        x, c0, bias_ih, bias_hh = saved[10:]
+        grads = reference_layer_gradients(
+            ctx.kind,
+            x,
+            LSTMState(h0, c0),
+            CellWeights(weight_ih, weight_hh, bias_ih, bias_hh, phi),
+            None if active is None else active.sum(0),
+            mask,
+            (grad_y, grad_hn, grad_cn),
+            ctx.needs_input_grad[3:11],
+        )
+        return (None, None, None, *grads, None)
+
+    @staticmethod
+    @once_differentiable
+    def _backward_first_order(ctx, grad_y: Tensor, grad_hn: Tensor, grad_cn: Tensor):
+        x2d, h0, weight_ih, weight_hh, phi, mask, active, gates, cbuf, y = ctx.saved_tensors[:10]
         kind: CellKind = ctx.kind
         _, bwd = _pointwise(gates.device, ctx.impl)
         steps, batch, gate_rows = gates.shape

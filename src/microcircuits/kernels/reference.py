@@ -7,6 +7,8 @@ step (its output there is zero, as ``pad_packed_sequence`` gives for padding).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -69,3 +71,56 @@ def run_layer_reference(
     if not outputs:
         return x.new_zeros(x.shape[:2] + (state.h.shape[-1],)), state
     return torch.stack(outputs), state
+
+
+def reference_layer_gradients(
+    kind: CellKind,
+    x: Tensor,
+    state: LSTMState,
+    weights: CellWeights,
+    lengths: Tensor | None,
+    update_mask: Tensor | None,
+    grads: tuple[Tensor, Tensor, Tensor],
+    needs: Sequence[bool],
+) -> list[Tensor | None]:
+    """Gradients of one layer call, recomputed on this path with a graph of their own.
+
+    For the hand-written backwards of the fused kernels when the autograd engine asks for
+    a graph (``create_graph=True``: Hessian-vector products, gradient penalties): the
+    layer runs again from the call's own inputs (connected to their graph) and autograd
+    differentiates the step functions, so the gradients returned are differentiable
+    again. The first-order backwards never come here.
+
+    Args:
+        kind, x, state, weights, lengths, update_mask: the layer call, as
+            :func:`run_layer_reference` takes it (``x`` in the order it was run).
+        grads: gradients of ``output`` ``(T, B, H)``, ``h_n`` and ``c_n`` ``(B, H)``.
+        needs: whether each of ``x``, ``h0``, ``c0``, ``weight_ih``, ``weight_hh``,
+            ``bias_ih``, ``bias_hh``, ``forget`` wants a gradient.
+
+    Returns:
+        One gradient (or ``None``) per entry of ``needs``.
+    """
+    inputs = [x, state.h, state.c, *weights]
+    wanted = [i for i, (t, need) in enumerate(zip(inputs, needs)) if need and t is not None]
+    result: list[Tensor | None] = [None] * len(inputs)
+    if not wanted:
+        return result
+    with torch.enable_grad():
+        output, final = run_layer_reference(kind, x, state, weights, lengths, update_mask)
+        got = torch.autograd.grad(
+            (output, final.h, final.c),
+            [inputs[i] for i in wanted],
+            grads,
+            create_graph=True,
+            allow_unused=True,
+        )
+    for i, grad in zip(wanted, got):
+        result[i] = torch.zeros_like(inputs[i]) if grad is None else grad
+    return result
+
+
+def lengths_of_batch_sizes(batch_sizes: Sequence[int], batch: int, device: torch.device) -> Tensor:
+    """Lengths ``(B,)`` of length-sorted sequences from the rows alive at each step."""
+    sizes = torch.tensor(list(batch_sizes), device=device)  # (T,)
+    return (sizes[:, None] > torch.arange(batch, device=device)[None, :]).sum(0)
