@@ -10,6 +10,7 @@ import pytest
 from microcircuits import cli, make_cell, make_rnn, tasks
 from microcircuits.cells import CELLS, cell_kind
 from microcircuits.config import ExperimentConfig, load_config
+from microcircuits.model_registry import LSTM_FAMILY, MODEL_FAMILIES, MODELS, model_kind
 from microcircuits.task_registry import TASK_KINDS, task_kind
 
 
@@ -76,3 +77,20 @@ def test_an_unknown_task_is_refused_naming_every_task():
         load_config("cifar")
     with pytest.raises(TypeError, match="str"):
         task_kind(3)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_every_model_spelling_means_the_same_model_in_config_and_cli(name):
+    kind = MODELS[name]
+    task = "adding" if kind.tasks is None else kind.tasks[0]
+    for spelling in _spellings(kind):
+        assert model_kind(spelling) is kind
+        assert load_config(task, spelling).cell == name
+        assert cli._parse_cells(f"{spelling},") == [name]
+    assert name in cli.CELL_NAMES
+
+
+def test_the_lstm_family_models_are_the_cells_and_every_family_has_a_builder():
+    assert [n for n, k in MODELS.items() if k.family == LSTM_FAMILY] == list(CELLS)
+    assert {k.family for k in MODELS.values()} == set(MODEL_FAMILIES)
+    assert set(tasks.models.LAST_STEP_BUILDERS) == set(MODEL_FAMILIES)

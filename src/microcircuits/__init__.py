@@ -9,6 +9,7 @@ from .cells import CELLS, CellWeights, LSTMState, cell_kind
 from .cmc import CMCHierarchy, CMCNode
 from .elm import ELM, ELMState
 from .kernels import set_kernel, use_kernel
+from .model_registry import MODELS, model_kind
 from .nn import (
     LSTM,
     FixSubLSTM,
@@ -34,12 +35,14 @@ __all__ = [
     "LSTM",
     "LSTMCell",
     "LSTMState",
+    "MODELS",
     "SubLSTM",
     "SubLSTMCell",
     "__version__",
     "cell_kind",
     "make_cell",
     "make_rnn",
+    "model_kind",
     "set_kernel",
     "use_kernel",
 ]

@@ -5,7 +5,7 @@
     microcircuits train TASK [--cell C] [--size N] [--epochs N] [--set key=value ...]
                              [--data-dir DIR] [--out DIR] [--name NAME] [--resume]
                              [--device cpu|cuda|auto] [--seed N] [--no-progress]
-    microcircuits compare TASK [--cells lstm,sublstm,fix_sublstm] [same options]
+    microcircuits compare TASK [--cells lstm,sublstm,fix_sublstm,elm] [same options]
     microcircuits report RUNS... --out DIR
     microcircuits search TASK [--cell C] [--size N] --trials N [--workers K]
                               [--storage URL] [--study-name NAME] [--out DIR]
@@ -32,8 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .cells import CELLS, cell_kind
+from .cells import CELLS
 from .config import DEVICES, TASKS
+from .model_registry import MODELS, model_kind
 
 __all__ = [
     "COMMANDS",
@@ -51,7 +52,10 @@ logger = logging.getLogger("microcircuits.cli")
 CommandAdder = Callable[[Any], None]
 """Adds one subcommand to the ``subparsers`` object of :func:`build_parser`."""
 
-CELL_NAMES = tuple(CELLS)
+CELL_NAMES = tuple(MODELS)
+"""What ``--cell`` and ``--cells`` accept (:data:`~microcircuits.model_registry.MODELS`)."""
+COMPARED_CELLS = tuple(CELLS)
+"""What ``compare`` trains unless ``--cells`` says otherwise: the LSTM-family cells."""
 
 
 # -- shared options ---------------------------------------------------------------------
@@ -131,7 +135,7 @@ def _overrides(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
 
 
 def _parse_cells(text: str) -> list[str]:
-    cells = [cell_kind(name).name for name in text.split(",") if name.strip()]
+    cells = [model_kind(name).name for name in text.split(",") if name.strip()]
     if not cells:
         raise ValueError(f"--cells must name at least one of {list(CELL_NAMES)}, got {text!r}")
     return cells
@@ -176,7 +180,7 @@ def _run_train(args: argparse.Namespace) -> int:
 def add_compare_command(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "compare",
-        help="train LSTM, subLSTM and fix-subLSTM with the same seed; print a table",
+        help="train LSTM, subLSTM and fix-subLSTM (or --cells) with the same seed; print a table",
         description="Train each cell on TASK with the same seed and settings (each with "
         "its own preset row), then print and write a results table and learning curves. "
         "`microcircuits compare adding` is the quick demonstration (a few minutes on 2 CPU "
@@ -185,8 +189,9 @@ def add_compare_command(subparsers: Any) -> None:
     _add_run_options(parser)
     parser.add_argument(
         "--cells",
-        default=",".join(CELL_NAMES),
-        help="comma-separated cells to train (default: all three)",
+        default=",".join(COMPARED_CELLS),
+        help=f"comma-separated cells to train, of {list(CELL_NAMES)} (default: "
+        f"{','.join(COMPARED_CELLS)})",
     )
     parser.add_argument(
         "--out",

@@ -35,7 +35,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .cells import CELLS, cell_kind
+from .model_registry import LSTM_FAMILY, MODELS, ModelKind, model_kind
 from .task_registry import TASK_KINDS, canonical_task_name
 
 if sys.version_info >= (3, 11):
@@ -77,15 +77,36 @@ class ExperimentConfig:
 
     # -- what is trained -------------------------------------------------------------
     task: str = "adding"  # one of TASKS
-    cell: str = "lstm"  # a key of microcircuits.cells.CELLS
+    cell: str = "lstm"  # a key of microcircuits.model_registry.MODELS: an LSTM-family
+    # cell (microcircuits.cells.CELLS) or the ELM neuron ("elm", "branch_elm")
     size: int | None = None  # the paper's nominal size (table key); None: = hidden_size
-    hidden_size: int = 64  # units per layer (fix-subLSTM: the parameter-matched count)
+    hidden_size: int = 64  # units per layer (fix-subLSTM: the parameter-matched count);
+    # the ELM: its memory units (the paper's d_m)
     num_layers: int = 1  # stacked recurrent layers (paper: 1 for sMNIST, 2 for LM)
     embedding_size: int | None = None  # language models: word-vector size; None: the
     # hidden size (as in Zaremba et al.; the paper does not say)
     tie_embeddings: bool = False  # language models: the decoder's weight is the word
     # vectors (Press & Wolf 2017; the setup of Melis et al. 2017); needs embedding = hidden
     forget_bias: float = 1.0  # initial forget-gate bias (paper: 1); phi for fix-subLSTM
+
+    # -- the ELM neuron (cells "elm" and "branch_elm"; Spieler et al., ICLR 2024) ------
+    # Refused for the LSTM-family cells unless left at these defaults, which are those of
+    # microcircuits.ELM and of the published code.
+    elm_version: int = 1  # 1: a trace per synapse (the paper's equations, the released
+    # models); 2: a trace per branch, memory gain 1 - exp(-lambda / tau_m)
+    elm_mlp_hidden_size: int | None = None  # width of the MLP's hidden layers; None:
+    # 2 * hidden_size
+    elm_mlp_num_layers: int = 1  # hidden layers of the MLP (0: one linear map)
+    elm_memory_tau_min: float = 1.0  # memory time constants, in steps, log-spaced from
+    elm_memory_tau_max: float = 1000.0  # tau_min to tau_max (> tau_min)
+    elm_learn_memory_tau: bool = False  # also train the memory time constants
+    elm_lambda: float = 5.0  # lambda: how fast the memory is written relative to its decay
+    elm_trace_tau: float = 5.0  # time constant of the input trace, in steps
+    elm_num_branch: int | None = None  # Branch-ELM ("branch_elm" only): branches N; the
+    # ELM ("elm") has one per input (None)
+    elm_synapses_per_branch: int = 1  # Branch-ELM: synapses per branch
+    elm_routing: str | None = None  # Branch-ELM: which input feeds each synapse, "random"
+    # or "neuronio" (microcircuits.elm.routing)
 
     # -- data ------------------------------------------------------------------------
     batch_size: int = 50  # sequences per training step (paper LM: 20)
@@ -167,7 +188,7 @@ class ExperimentConfig:
         self.task = _canonical_task(self.task)
         if isinstance(self.cell, str):
             try:
-                self.cell = cell_kind(self.cell).name
+                self.cell = model_kind(self.cell).name
             except ValueError:
                 pass  # validate() reports it with the field's name
 
@@ -202,9 +223,11 @@ class ExperimentConfig:
         """
         _choice("task", self.task, TASKS)
         try:
-            cell_kind(self.cell)
+            model = model_kind(self.cell)
         except (ValueError, TypeError):
-            _choice("cell", self.cell, CELLS)
+            _choice("cell", self.cell, MODELS)
+            raise
+        _check_model_task(model, self.task)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("device", self.device, DEVICES)
         for name in (
@@ -262,7 +285,84 @@ class ExperimentConfig:
             raise ValueError(f"run_name must be a plain name without '/', got {self.run_name!r}")
         if not isinstance(self.extra, dict):
             raise TypeError(f"extra must be a dict, got {type(self.extra).__name__}")
+        self._validate_model_fields(model)
         return self
+
+    def _validate_model_fields(self, model: ModelKind) -> None:
+        """Refuse the fields of other model families; check the ELM's own."""
+        if model.family == LSTM_FAMILY:
+            changed = self._changed_from_defaults(_ELM_FIELDS)
+            if changed:
+                raise ValueError(
+                    f"{', '.join(changed)}: the elm_* fields shape the ELM neuron only; cell "
+                    f"{self.cell!r} ({model.label}) does not use them (choose --cell elm or "
+                    "branch_elm, or drop them)"
+                )
+            return
+        # The ELM is one neuron without gates: the LSTM-family options do not apply.
+        changed = self._changed_from_defaults(_LSTM_ONLY_FIELDS)
+        if changed:
+            defaults = _field_defaults()
+            kept = ", ".join(f"{name}={defaults[name]!r}" for name in _LSTM_ONLY_FIELDS)
+            raise ValueError(
+                f"{', '.join(changed)}: cell {self.cell!r} ({model.label}) does not use these "
+                f"LSTM-family options (one neuron, no gates, no dropout); leave {kept}"
+            )
+        _integer("elm_version", self.elm_version, low=1)
+        _choice("elm_version", self.elm_version, (1, 2))
+        if self.elm_mlp_hidden_size is not None:
+            _positive_int("elm_mlp_hidden_size", self.elm_mlp_hidden_size)
+        _integer("elm_mlp_num_layers", self.elm_mlp_num_layers, low=0)
+        _real("elm_memory_tau_min", self.elm_memory_tau_min, low=0.0)
+        tau_min = self.elm_memory_tau_min
+        _real("elm_memory_tau_max", self.elm_memory_tau_max, low=tau_min, low_open=True)
+        _boolean("elm_learn_memory_tau", self.elm_learn_memory_tau)
+        _real("elm_lambda", self.elm_lambda, low=0.0, low_open=True)
+        _real("elm_trace_tau", self.elm_trace_tau, low=0.0)
+        _positive_int("elm_synapses_per_branch", self.elm_synapses_per_branch)
+        _choice("elm_routing", self.elm_routing, _ELM_ROUTINGS)
+        if self.cell == "branch_elm":
+            if self.elm_num_branch is None or self.elm_routing is None:
+                raise ValueError(
+                    f"cell 'branch_elm' needs elm_num_branch and elm_routing, got "
+                    f"elm_num_branch={self.elm_num_branch!r}, elm_routing={self.elm_routing!r}; "
+                    "e.g. --set elm_num_branch=4 --set elm_routing=random"
+                )
+            _positive_int("elm_num_branch", self.elm_num_branch)
+        else:
+            changed = self._changed_from_defaults(_BRANCH_FIELDS)
+            if changed:
+                raise ValueError(
+                    f"{', '.join(changed)}: these make a Branch-ELM; use --cell branch_elm"
+                )
+
+    def _changed_from_defaults(self, names: Iterable[str]) -> list[str]:
+        """``"name=value"`` of each field in ``names`` that differs from its default."""
+        defaults = _field_defaults()
+        return [f"{n}={getattr(self, n)!r}" for n in names if getattr(self, n) != defaults[n]]
+
+
+def _check_model_task(model: ModelKind, task: str) -> None:
+    if model.tasks is not None and task not in model.tasks:
+        raise ValueError(
+            f"cell {model.name!r} ({model.label}) has a model for the tasks "
+            f"{list(model.tasks)} only, got task {task!r}"
+        )
+
+
+_ELM_FIELDS = tuple(
+    f.name for f in dataclasses.fields(ExperimentConfig) if f.name.startswith("elm_")
+)
+_LSTM_ONLY_FIELDS = (
+    "num_layers", "forget_bias", "dropout", "input_dropout", "output_dropout", "update_dropout",
+)  # fmt: skip
+_BRANCH_FIELDS = ("elm_num_branch", "elm_synapses_per_branch", "elm_routing")
+_ELM_ROUTINGS = (None, "random", "neuronio")  # microcircuits.elm.routing.ROUTINGS
+
+
+def _field_defaults() -> dict[str, Any]:
+    fields = dataclasses.fields(ExperimentConfig)
+    return {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
 
 
 # -- field checks -----------------------------------------------------------------------
@@ -415,7 +515,7 @@ def preset_table(task: str) -> dict[str, Any]:
 
 def available_sizes(task: str, cell: str) -> list[int]:
     """Sizes that have a row in ``task``'s preset for ``cell`` (empty: any size allowed)."""
-    rows = preset_table(task).get("rows", {}).get(cell_kind(cell).name, {})
+    rows = preset_table(task).get("rows", {}).get(model_kind(cell).name, {})
     return sorted(int(size) for size in rows)
 
 
@@ -484,7 +584,7 @@ def read_preset_file(path: str | os.PathLike[str]) -> PresetFile:
         raise ValueError(f"[preset] task of {path} must be one of {list(TASKS)}, got {task!r}")
     cell = header.get("cell")
     if cell is not None:
-        cell = cell_kind(cell).name
+        cell = model_kind(cell).name
     size = header.get("size")
     if size is not None:
         _positive_int(f"[preset] size of {path}", size)
@@ -565,8 +665,9 @@ def load_config(
     Args:
         task: one of :data:`TASKS`, or an alias such as ``wt2``
             (:data:`~microcircuits.task_registry.TASK_KINDS`).
-        cell: ``"lstm"``, ``"sublstm"`` or ``"fix_sublstm"``, or an alias such as
-            ``fix-sublstm`` (:data:`~microcircuits.cells.CELLS`).
+        cell: ``"lstm"``, ``"sublstm"``, ``"fix_sublstm"``, ``"elm"`` or ``"branch_elm"``,
+            or an alias such as ``fix-sublstm``
+            (:data:`~microcircuits.model_registry.MODELS`).
             ``None``: the preset file's cell, else ``"lstm"``.
         size: the paper's nominal size. For PTB and WikiText-2 it selects the row of
             Table 2/3 (10, 100, 200 or 650; fix-subLSTM then gets the parameter-matched
@@ -596,7 +697,8 @@ def load_config(
             raise ValueError(f"preset file {preset} is for task {user_preset.task!r}, not {task!r}")
         cell = cell if cell is not None else user_preset.cell
         size = size if size is not None else user_preset.size
-    kind = cell_kind(cell if cell is not None else "lstm")
+    kind = model_kind(cell if cell is not None else "lstm")
+    _check_model_task(kind, task)
     if size is not None:
         _positive_int("size", size)
     overrides = dict(overrides or {})

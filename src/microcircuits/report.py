@@ -28,8 +28,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .cells import CELLS, cell_kind
 from .data import ADDING_BASELINE_MSE
+from .model_registry import MODELS, model_kind
 from .task_registry import TASK_KINDS
 
 if sys.version_info >= (3, 11):
@@ -51,7 +51,7 @@ __all__ = [
 # How a task's numbers read, after its title in the table heading.
 _METRIC_READINGS = {"mse": "test MSE", "accuracy": "test accuracy, %", "perplexity": "perplexity"}
 _TASK_ORDER = list(TASK_KINDS)
-_CELL_ORDER = list(CELLS)
+_CELL_ORDER = list(MODELS)
 
 CSV_COLUMNS = (
     "task", "cell", "size", "hidden_size", "metric", "status", "valid", "test",
@@ -154,7 +154,7 @@ def _paper_results() -> dict[str, Any]:
 def paper_result(task: str, cell: str, size: int) -> float | None:
     """The paper's test number (accuracy in %, or perplexity), or ``None`` if it has none."""
     table = _paper_results().get(task, {})
-    return table.get(cell_kind(cell).name, {}).get(str(size))
+    return table.get(model_kind(cell).name, {}).get(str(size))
 
 
 def _preset_epochs(config: dict[str, Any]) -> int | None:
@@ -307,7 +307,7 @@ def format_table(summaries: Sequence[RunSummary]) -> str:
             paper = "—" if s.paper is None else f"{s.paper:.2f}"
             epochs = "—" if s.epochs is None else f"{s.epochs:.3g}"
             lines.append(
-                f"| {units} | {cell_kind(s.cell).label} | {s.status} | "
+                f"| {units} | {model_kind(s.cell).label} | {s.status} | "
                 f"{_display(s.metric, s.valid)} | {_display(s.metric, s.test)} | {paper} | "
                 f"{epochs} | {_duration(s.wall_time_s)} | "
                 f"{'—' if s.parameters is None else f'{s.parameters:,}'} |"
@@ -349,7 +349,7 @@ def _plot_curves(summaries: Sequence[RunSummary], out_dir: Path) -> list[Path]:
         train_ax, valid_ax = axes[0]
         metric = runs[0].metric
         for s in runs:
-            label = f"{cell_kind(s.cell).label} ({s.hidden_size})"
+            label = f"{model_kind(s.cell).label} ({s.hidden_size})"
             if len({r.seed for r in runs}) > 1:
                 label += f" seed {s.seed}"
             color = cell_color(s.cell)
@@ -459,7 +459,7 @@ def _plot_comparisons(points: Sequence[Comparison], out_dir: Path) -> list[Path]
             fontsize=8,
         )
         handles = [
-            Line2D([], [], color=cell_color(c), marker="o", linestyle="", label=cell_kind(c).label)
+            Line2D([], [], color=cell_color(c), marker="o", linestyle="", label=model_kind(c).label)
             for c in dict.fromkeys(p.cell for p in rows)
         ] + [
             Line2D([], [], color="grey", marker=_SIZE_MARKERS[i % len(_SIZE_MARKERS)],

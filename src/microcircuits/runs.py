@@ -45,9 +45,9 @@ class TrainedRun:
 
     @property
     def label(self) -> str:
-        from .cells import cell_kind
+        from .model_registry import model_kind
 
-        return f"{cell_kind(self.config.cell).label} ({self.config.task}, trained)"
+        return f"{model_kind(self.config.cell).label} ({self.config.task}, trained)"
 
 
 def load_run(

@@ -57,6 +57,7 @@ from optuna.trial import TrialState
 
 from .checkpoint import checkpoint_file
 from .config import ExperimentConfig, config_fields, load_config, write_preset_file
+from .model_registry import model_kind
 from .task_registry import TASK_KINDS
 
 if sys.version_info >= (3, 11):
@@ -174,6 +175,7 @@ def load_search_space(
         FileNotFoundError: ``path`` does not exist.
         ValueError: a malformed file, or a range of a field that is not a float.
     """
+    cell = model_kind(cell).name  # the key of its [cells.<cell>] tables
     if path is None:
         source = "search_space.toml"
         text = resources.files("microcircuits").joinpath("configs", source).read_text("utf-8")

@@ -1084,7 +1084,9 @@ def compare_cells(
     """Train one run per cell with the same seed and settings; return their results.
 
     Each cell gets its own preset row (LM tasks) and its run directory under
-    ``overrides["out_dir"]``. A ``preset`` file's values apply to every cell.
+    ``overrides["out_dir"]``. A ``preset`` file's values apply to every cell. ``cells``
+    may name any model of :data:`~microcircuits.model_registry.MODELS` (e.g. ``"elm"``);
+    the default is the LSTM family.
     """
     from .config import load_config
 

@@ -40,6 +40,8 @@ COLORS: dict[str, str] = {
     "lstm": "#000000",
     "sublstm": "#D55E00",
     "fix_sublstm": "#0072B2",
+    "elm": "#CC79A7",
+    "branch_elm": "#E69F00",
     "excitation": "#C0392B",
     "inhibition": "#2E86C1",
     "net": "#555555",
@@ -67,7 +69,8 @@ PNG_DPI = 200
 
 
 def cell_color(name: str) -> str:
-    """Colour of a cell by registry name (``"lstm"``, ``"sublstm"``, ``"fix_sublstm"``)."""
+    """Colour of a model by registry name (``"lstm"``, ..., ``"elm"``; the keys of
+    :data:`~microcircuits.model_registry.MODELS`)."""
     return COLORS.get(name, COLORS["net"])
 
 

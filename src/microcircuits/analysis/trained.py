@@ -10,6 +10,7 @@ is rebuilt from the run's seed and measured on the same input through the same h
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from ..cells import cell_kind
+from ..model_registry import LSTM_FAMILY, model_kind
 from ..runs import load_run
 from .figures import _REGISTRY
 from .style import save_figure
@@ -41,6 +43,12 @@ def _measure(
     compute = _REGISTRY[name].compute
     parts = []
     for run_dir in run_dirs:
+        model = model_kind(json.loads((Path(run_dir) / "config.json").read_text())["cell"])
+        if model.family != LSTM_FAMILY:
+            raise ValueError(
+                f"the {name!r} figure measures the gates of LSTM-family cells; {run_dir} "
+                f"trained a {model.label}, which has none"
+            )
         run = load_run(run_dir, checkpoint)
         kind = cell_kind(run.config.cell)
         label = kind.label

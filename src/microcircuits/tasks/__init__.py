@@ -13,6 +13,9 @@ psmnist       same, pixels in a fixed random order  cross-entr.   accuracy
 ptb           embedding -> RNN -> decoder           cross-entr.   perplexity
 wikitext2     same                                  cross-entr.   perplexity
 ============  ====================================  ============  ===========
+
+"RNN" is the model of ``config.cell``: an LSTM-family stack, or on the last-step tasks
+(adding, smnist, psmnist) the ELM neuron (:func:`~.models.make_last_step_model`).
 """
 
 from __future__ import annotations
@@ -28,12 +31,19 @@ from .adding import AddingTask
 from .base import Batch, Carry, Evaluation, Task, data_seed
 from .language import LanguageModelTask
 from .mnist import SequentialMNISTTask
-from .models import LanguageModel, LastStepReadout, make_recurrent_stack
+from .models import (
+    ELMLastStep,
+    LanguageModel,
+    LastStepReadout,
+    make_last_step_model,
+    make_recurrent_stack,
+)
 
 __all__ = [
     "AddingTask",
     "Batch",
     "Carry",
+    "ELMLastStep",
     "Evaluation",
     "LanguageModel",
     "LanguageModelTask",
@@ -43,6 +53,7 @@ __all__ = [
     "Task",
     "TaskKind",
     "data_seed",
+    "make_last_step_model",
     "make_recurrent_stack",
     "make_task",
     "task_kind",

@@ -19,7 +19,7 @@ from ..config import ExperimentConfig
 from ..data import ADDING_BASELINE_MSE, adding_batch
 from ..task_registry import TASK_KINDS
 from .base import Batch, Carry, Evaluation, Probe, check_split
-from .models import LastStepReadout, make_recurrent_stack
+from .models import make_last_step_model
 
 __all__ = ["AddingTask"]
 
@@ -41,8 +41,7 @@ class AddingTask:
         self._fixed: dict[str, tuple[Tensor, Tensor]] = {}
 
     def build_model(self) -> nn.Module:
-        rnn = make_recurrent_stack(self.config, input_size=2)
-        return LastStepReadout(rnn, self.config.hidden_size, 1).to(self.device)
+        return make_last_step_model(self.config, input_size=2, out_features=1).to(self.device)
 
     def steps_per_epoch(self) -> int:
         return self.config.steps_per_epoch

@@ -20,7 +20,7 @@ from ..config import ExperimentConfig
 from ..data import load_mnist
 from ..task_registry import TASK_KINDS
 from .base import Batch, Carry, Evaluation, Probe, check_split, data_seed
-from .models import LastStepReadout, make_recurrent_stack
+from .models import make_last_step_model
 
 __all__ = ["SequentialMNISTTask", "VALIDATION_SIZE"]
 
@@ -68,8 +68,7 @@ class SequentialMNISTTask:
         return x, lambda output: F.cross_entropy(model.readout(output[-1]), y)
 
     def build_model(self) -> nn.Module:
-        rnn = make_recurrent_stack(self.config, input_size=1)
-        return LastStepReadout(rnn, self.config.hidden_size, CLASSES).to(self.device)
+        return make_last_step_model(self.config, input_size=1, out_features=CLASSES).to(self.device)
 
     def steps_per_epoch(self) -> int:
         full = self._splits["train"][1].numel() // self.config.batch_size  # drop the tail

@@ -1,14 +1,36 @@
-"""Model heads around a recurrent stack: last-step readout, and the language model."""
+"""The tasks' models: a recurrent stack or an ELM neuron under each task's head.
+
+The last-step tasks (adding, sequential MNIST) build their model with
+:func:`make_last_step_model`, which asks the family of ``config.cell``
+(:data:`~microcircuits.model_registry.MODELS`) for its builder in
+:data:`LAST_STEP_BUILDERS`: the LSTM-family cells become a recurrent stack
+(:func:`make_recurrent_stack`) under a linear readout (:class:`LastStepReadout`); the ELM
+becomes :class:`ELMLastStep`, whose own readout is the task's. A new family (e.g. a
+canonical-microcircuit model) adds an entry to the registry and a builder here. The
+language model wraps an LSTM-family stack only.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from torch import Tensor, nn
 
 from ..config import ExperimentConfig
+from ..elm import ELM
+from ..model_registry import LSTM_FAMILY, model_kind
 from ..nn import make_rnn
 from .cross_entropy import linear_cross_entropy
 
-__all__ = ["LanguageModel", "LastStepReadout", "make_recurrent_stack"]
+__all__ = [
+    "ELMLastStep",
+    "LAST_STEP_BUILDERS",
+    "LanguageModel",
+    "LastStepReadout",
+    "make_elm",
+    "make_last_step_model",
+    "make_recurrent_stack",
+]
 
 
 def make_recurrent_stack(config: ExperimentConfig, input_size: int) -> nn.Module:
@@ -52,6 +74,83 @@ class LastStepReadout(nn.Module):
         """Map ``x`` ``(T, B, I)`` to the readout of the last step, ``(B, out_features)``."""
         output, _ = self.rnn(x)  # (T, B, H)
         return self.readout(output[-1])
+
+
+def make_elm(config: ExperimentConfig, input_size: int, output_size: int) -> ELM:
+    """The ELM neuron of ``config`` (its ``elm_*`` fields; ``hidden_size`` memory units).
+
+    Time-major, as the recurrent stacks. A Branch-ELM (``elm_num_branch`` set) routes its
+    synapses with ``elm_routing``.
+    """
+    return ELM(
+        input_size,
+        output_size,
+        num_memory=config.hidden_size,
+        version=config.elm_version,
+        lambda_value=config.elm_lambda,
+        mlp_num_layers=config.elm_mlp_num_layers,
+        mlp_hidden_size=config.elm_mlp_hidden_size,
+        trace_tau=config.elm_trace_tau,
+        memory_tau_min=config.elm_memory_tau_min,
+        memory_tau_max=config.elm_memory_tau_max,
+        learn_memory_tau=config.elm_learn_memory_tau,
+        num_branch=config.elm_num_branch,
+        num_synapse_per_branch=config.elm_synapses_per_branch,
+        input_to_synapse_routing=config.elm_routing,
+    )
+
+
+class ELMLastStep(nn.Module):
+    """An ELM neuron whose output at the last step is the task's output.
+
+    The ELM's own linear readout ``y_t = W_y m_t + b_y`` of its memory is the task's
+    readout (no second linear layer), initialised as in the published code.
+
+    Args:
+        elm: a time-major :class:`~microcircuits.elm.ELM` with ``out_features`` outputs.
+    """
+
+    def __init__(self, elm: ELM) -> None:
+        super().__init__()
+        self.elm = elm
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Map ``x`` ``(T, B, I)`` to the ELM's output at the last step, ``(B, O)``."""
+        output, _ = self.elm(x)  # (T, B, O)
+        return output[-1]
+
+
+def _lstm_last_step(config: ExperimentConfig, input_size: int, out_features: int) -> nn.Module:
+    rnn = make_recurrent_stack(config, input_size)
+    return LastStepReadout(rnn, config.hidden_size, out_features)
+
+
+def _elm_last_step(config: ExperimentConfig, input_size: int, out_features: int) -> nn.Module:
+    return ELMLastStep(make_elm(config, input_size, out_features))
+
+
+LastStepBuilder = Callable[[ExperimentConfig, int, int], nn.Module]
+
+LAST_STEP_BUILDERS: dict[str, LastStepBuilder] = {
+    LSTM_FAMILY: _lstm_last_step,
+    "elm": _elm_last_step,
+}
+"""For each model family, ``build(config, input_size, out_features)``: the model of a
+task read out at the last step."""
+
+
+def make_last_step_model(config: ExperimentConfig, input_size: int, out_features: int) -> nn.Module:
+    """The model of ``config.cell`` for a task read out at the last step.
+
+    Args:
+        config: the run's config (cell and its family's fields).
+        input_size: input features per step.
+        out_features: outputs at the last step (1 for adding, 10 classes for sMNIST).
+
+    Returns:
+        A module mapping ``(T, B, input_size)`` to ``(B, out_features)``.
+    """
+    return LAST_STEP_BUILDERS[model_kind(config.cell).family](config, input_size, out_features)
 
 
 class LanguageModel(nn.Module):
