@@ -23,6 +23,7 @@ from .._validation import (
     check_real,
     check_tensor,
 )
+from . import fused
 from .equations import (
     ACTIVATIONS,
     ELMState,
@@ -418,6 +419,25 @@ class ELM(nn.Module):
                 state = ELMState(state.trace.unsqueeze(0), state.memory.unsqueeze(0))
 
         weights = self.step_weights()
+        if fused.unsupported_reason(self, x, state, weights) is None:
+            output, state = fused.elm_sequence_fused(self, x, state, weights)
+        else:
+            output, state = self._forward_reference(x, state, weights)
+
+        if not batched:
+            return output.squeeze(1), ELMState(state.trace.squeeze(0), state.memory.squeeze(0))
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        return output, state
+
+    def _forward_reference(
+        self, x: Tensor, state: ELMState, weights: ELMWeights
+    ) -> tuple[Tensor, ELMState]:
+        """The reference loop over :func:`~microcircuits.elm.equations.elm_state_step`, one
+        autograd node per op and step: ``x`` ``(T, B, I)`` -> ``(T, B, O)``, final state.
+        The oracle of the fused path (:mod:`microcircuits.elm.fused`) and the path for what
+        it does not cover."""
+        batch = x.shape[1]
         synapse_weight = self.synapse_weight
         if self.synapse_mask is not None:
             synapse_weight = synapse_weight * self.synapse_mask
@@ -435,11 +455,6 @@ class ELM(nn.Module):
             output = elm_readout(torch.stack(memories), weights)  # (T, B, O)
         else:
             output = x.new_zeros(0, batch, self.output_size)
-
-        if not batched:
-            return output.squeeze(1), ELMState(state.trace.squeeze(0), state.memory.squeeze(0))
-        if self.batch_first:
-            output = output.transpose(0, 1)
         return output, state
 
     def extra_repr(self) -> str:

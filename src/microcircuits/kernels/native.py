@@ -32,7 +32,11 @@ __all__ = ["NATIVE_ENV_VAR", "build_directory", "step_loops"]
 
 NATIVE_ENV_VAR = "MICROCIRCUITS_NATIVE"
 CACHE_ENV_VAR = "MICROCIRCUITS_CACHE"
-_SOURCE = Path(__file__).with_name("csrc") / "step_loops.cpp"
+# step_loops.cpp holds the extension's Python module; elm_loops.cpp registers the ELM
+# neuron's loops as torch operators (torch.ops.microcircuits_elm, see elm.fused).
+_SOURCES = tuple(
+    Path(__file__).with_name("csrc") / name for name in ("step_loops.cpp", "elm_loops.cpp")
+)
 _OFF = ("0", "off", "false", "no")
 
 log = logging.getLogger(__name__)
@@ -45,7 +49,9 @@ def enabled() -> bool:
 
 def _module_name() -> str:
     """A name unique to this source and torch build: a change of either rebuilds."""
-    digest = hashlib.sha256(_SOURCE.read_bytes())
+    digest = hashlib.sha256()
+    for source in _SOURCES:
+        digest.update(source.read_bytes())
     digest.update(torch.__version__.encode())
     return f"microcircuits_step_loops_{digest.hexdigest()[:12]}"
 
@@ -89,7 +95,7 @@ def step_loops() -> ModuleType | None:
             log.info("building the C++ step loops once (about a minute) in %s", directory)
         return load(
             name=name,
-            sources=[str(_SOURCE)],
+            sources=[str(source) for source in _SOURCES],
             build_directory=str(directory),
             extra_cflags=["-O3"],
             verbose=False,

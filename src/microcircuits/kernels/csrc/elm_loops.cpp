@@ -1,0 +1,347 @@
+// The step loops of the ELM neuron's fused path (microcircuits/elm/fused.py), in C++.
+//
+// On the published Branch-ELM shapes (batch 8, 20 memory units, MLP 65 -> 40 -> 20) a
+// step is a few thousand flops; from Python each of its ~10 ops costs 3-8 us of
+// interpreter and dispatch time, more than the arithmetic. Here a step is its GEMMs
+// (ATen's addmm/mm, i.e. BLAS) and plain loops for everything else. The equations are
+// those of microcircuits/elm/equations.py, split as fused.py explains:
+//   trace:   b_t = k_b b_{t-1} + d_t
+//   memory:  a_0 = pre_t + W_0m (k_m m_{t-1}),  a_k = W_k act(a_{k-1}) + c_k,
+//            u_t = tanh(2/3 a_L),  m_t = k_m m_{t-1} + gain 1.7159 u_t
+// and backward the reverse sweeps written out in fused.py (its Python loops are the same
+// arithmetic, and both are tested against the reference loop in tests/test_elm_fused.py).
+//
+// Built into the same extension as step_loops.cpp (microcircuits/kernels/native.py), whose
+// PYBIND11_MODULE is the extension's Python module; these functions are registered as
+// torch operators instead, torch.ops.microcircuits_elm.*, when the library is loaded.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+constexpr double kTanhScale = 1.7159;
+enum Activation : int64_t { kRelu = 0, kSilu = 1 };
+
+// Per-step products smaller than this (multiply-adds) run on one thread: on the
+// NeuronIO shape (8 x 20 @ 20 x 40) two threads made the loops 3x slower on a shared
+// 2-core machine (OpenMP hand-offs and stalls), see microcircuits/elm/fused.py.
+constexpr int64_t kSerialProductMax = int64_t(1) << 20;
+
+// Sets torch's threads to one for its lifetime when `serial`.
+class SerialThreads {
+ public:
+  explicit SerialThreads(bool serial) : serial_(serial), all_(at::get_num_threads()) {
+    if (serial_) at::set_num_threads(1);
+  }
+  ~SerialThreads() {
+    if (serial_) at::set_num_threads(all_);
+  }
+
+ private:
+  bool serial_;
+  int all_;
+};
+
+bool small_products(int64_t batch, const std::vector<at::Tensor>& weights) {
+  int64_t largest = 0;
+  for (const auto& w : weights) largest = std::max(largest, batch * w.size(0) * w.size(1));
+  return largest < kSerialProductMax;
+}
+
+// out = rows of `add` (broadcast (C,) or (B, C)) + a w, via a plain copy and addmm_ in
+// place (addmm_out's own copy of a broadcast bias costs more than the product here).
+template <typename scalar_t>
+void add_product(at::Tensor& out, const at::Tensor& add, const at::Tensor& a, const at::Tensor& w) {
+  scalar_t* o = out.data_ptr<scalar_t>();
+  const scalar_t* s = add.data_ptr<scalar_t>();
+  const int64_t n = out.numel();
+  if (add.dim() == 1) {
+    const int64_t cols = out.size(1);
+    for (int64_t i = 0; i < n; ++i) o[i] = s[i % cols];
+  } else {
+    for (int64_t i = 0; i < n; ++i) o[i] = s[i];
+  }
+  out.addmm_(a, w);
+}
+
+template <typename scalar_t>
+void trace_forward_impl(const at::Tensor& drive, const at::Tensor& branch0,
+                        const at::Tensor& decay, at::Tensor& out) {
+  const int64_t steps = drive.size(0), row = drive.size(1) * drive.size(2);
+  const int64_t size = drive.size(2);
+  const scalar_t* d = drive.data_ptr<scalar_t>();
+  const scalar_t* k = decay.data_ptr<scalar_t>();
+  const scalar_t* prev = branch0.data_ptr<scalar_t>();
+  scalar_t* o = out.data_ptr<scalar_t>();
+  for (int64_t t = 0; t < steps; ++t) {
+    const scalar_t* dt = d + t * row;
+    scalar_t* ot = o + t * row;
+    for (int64_t r = 0; r < row; r += size) {
+      for (int64_t j = 0; j < size; ++j) ot[r + j] = k[j] * prev[r + j] + dt[r + j];
+    }
+    prev = ot;
+  }
+}
+
+template <typename scalar_t>
+void trace_backward_impl(const at::Tensor& grad, const at::Tensor& decay, at::Tensor& out) {
+  const int64_t steps = grad.size(0), row = grad.size(1) * grad.size(2);
+  const int64_t size = grad.size(2);
+  const scalar_t* g = grad.data_ptr<scalar_t>();
+  const scalar_t* k = decay.data_ptr<scalar_t>();
+  scalar_t* o = out.data_ptr<scalar_t>();
+  for (int64_t n = 0; n < row; ++n) o[(steps - 1) * row + n] = g[(steps - 1) * row + n];
+  for (int64_t t = steps - 2; t >= 0; --t) {
+    const scalar_t* gt = g + t * row;
+    const scalar_t* next = o + (t + 1) * row;
+    scalar_t* ot = o + t * row;
+    for (int64_t r = 0; r < row; r += size) {
+      for (int64_t j = 0; j < size; ++j) ot[r + j] = gt[r + j] + k[j] * next[r + j];
+    }
+  }
+}
+
+void check(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+}  // namespace
+
+// out[t] = decay * out[t-1] + drive[t], out[-1] = branch0; all (T, B, N) / (B, N) / (N,).
+void elm_trace_forward(const at::Tensor& drive, const at::Tensor& branch0,
+                       const at::Tensor& decay, const at::Tensor& out_) {
+  at::Tensor out = out_;
+  check(drive, "drive");
+  check(branch0, "branch0");
+  check(decay, "decay");
+  check(out, "out");
+  if (drive.size(0) == 0) return;
+  AT_DISPATCH_FLOATING_TYPES(drive.scalar_type(), "elm_trace_forward",
+                             [&] { trace_forward_impl<scalar_t>(drive, branch0, decay, out); });
+}
+
+// The transposed scan: out[t] = grad[t] + decay * out[t+1].
+void elm_trace_backward(const at::Tensor& grad, const at::Tensor& decay,
+                        const at::Tensor& out_) {
+  at::Tensor out = out_;
+  check(grad, "grad");
+  check(decay, "decay");
+  check(out, "out");
+  if (grad.size(0) == 0) return;
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "elm_trace_backward",
+                             [&] { trace_backward_impl<scalar_t>(grad, decay, out); });
+}
+
+namespace {
+
+template <typename scalar_t>
+void activate(const scalar_t* a, scalar_t* h, int64_t size, int64_t activation) {
+  if (activation == kRelu) {
+    for (int64_t n = 0; n < size; ++n) h[n] = a[n] > 0 ? a[n] : scalar_t(0);
+  } else {
+    for (int64_t n = 0; n < size; ++n) h[n] = a[n] / (scalar_t(1) + std::exp(-a[n]));
+  }
+}
+
+// g *= act'(a), in place.
+template <typename scalar_t>
+void times_activation_grad(const scalar_t* a, scalar_t* g, int64_t size, int64_t activation) {
+  if (activation == kRelu) {
+    for (int64_t n = 0; n < size; ++n) {
+      if (!(a[n] > 0)) g[n] = 0;
+    }
+  } else {
+    for (int64_t n = 0; n < size; ++n) {
+      const scalar_t s = scalar_t(1) / (scalar_t(1) + std::exp(-a[n]));
+      g[n] *= s * (scalar_t(1) + a[n] * (scalar_t(1) - s));
+    }
+  }
+}
+
+template <typename scalar_t>
+void memory_forward_impl(const at::Tensor& pre, const at::Tensor& memory0,
+                         const at::Tensor& decay, const at::Tensor& gain,
+                         const std::vector<at::Tensor>& weights,
+                         const std::vector<at::Tensor>& biases, int64_t activation,
+                         at::Tensor& memories, const std::vector<at::Tensor>& hidden,
+                         const at::Tensor& tanh_out) {
+  const int64_t steps = pre.size(0), batch = pre.size(1), size = memory0.size(1);
+  const int64_t layers = static_cast<int64_t>(weights.size());
+  const bool save = tanh_out.defined() && tanh_out.numel() > 0;
+  const SerialThreads threads(small_products(batch, weights));
+  const scalar_t* k = decay.data_ptr<scalar_t>();
+  const scalar_t* gamma = gain.data_ptr<scalar_t>();
+  std::vector<at::Tensor> transposed;
+  for (const auto& w : weights) transposed.push_back(w.t());
+  at::Tensor decayed = at::empty({batch, size}, memory0.options());
+  at::Tensor last = at::empty({batch, size}, memory0.options());  // a_L when not saved
+  std::vector<at::Tensor> a_buffers, h_buffers;                   // when not saved
+  for (int64_t l = 0; l + 1 < layers; ++l) {
+    a_buffers.push_back(at::empty({batch, weights[l].size(0)}, pre.options()));
+    h_buffers.push_back(at::empty({batch, weights[l].size(0)}, pre.options()));
+  }
+  scalar_t* dec = decayed.data_ptr<scalar_t>();
+  const scalar_t* prev = memory0.data_ptr<scalar_t>();
+  scalar_t* mem = memories.data_ptr<scalar_t>();
+  const int64_t mrow = batch * size;
+  for (int64_t t = 0; t < steps; ++t) {
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t j = 0; j < size; ++j) dec[b * size + j] = k[j] * prev[b * size + j];
+    }
+    // a_0 = pre_t + decayed W_0m^T, then the other layers
+    at::Tensor a = layers > 1 ? (save ? hidden[0].select(0, t) : a_buffers[0])
+                              : (save ? tanh_out.select(0, t) : last);
+    add_product<scalar_t>(a, pre.select(0, t), decayed, transposed[0]);
+    for (int64_t l = 1; l < layers; ++l) {
+      at::Tensor& h = h_buffers[l - 1];
+      activate<scalar_t>(a.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), h.numel(), activation);
+      at::Tensor next = l + 1 < layers ? (save ? hidden[l].select(0, t) : a_buffers[l])
+                                       : (save ? tanh_out.select(0, t) : last);
+      add_product<scalar_t>(next, biases[l - 1], h, transposed[l]);
+      a = next;
+    }
+    // u = tanh(2/3 a_L) in place of a_L (a_L is not saved), m_t = decayed + gain 1.7159 u
+    a.mul_(scalar_t(2) / scalar_t(3));
+    at::tanh_out(a, a);
+    const scalar_t* u = a.data_ptr<scalar_t>();
+    scalar_t* m = mem + t * mrow;
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t j = 0; j < size; ++j) {
+        const int64_t n = b * size + j;
+        m[n] = dec[n] + gamma[j] * scalar_t(kTanhScale) * u[n];
+      }
+    }
+    prev = m;
+  }
+}
+
+template <typename scalar_t>
+std::vector<at::Tensor> memory_backward_impl(const at::Tensor& grad, const at::Tensor& memories,
+                                             const at::Tensor& tanh_saved,
+                                             const std::vector<at::Tensor>& hidden,
+                                             const at::Tensor& decay, const at::Tensor& gain,
+                                             const std::vector<at::Tensor>& weights,
+                                             int64_t activation, std::vector<at::Tensor>& da) {
+  const int64_t steps = grad.size(0), batch = grad.size(1), size = grad.size(2);
+  const int64_t layers = static_cast<int64_t>(weights.size());
+  const int64_t mrow = batch * size;
+  const SerialThreads threads(small_products(batch, weights));
+  const scalar_t* k = decay.data_ptr<scalar_t>();
+  const scalar_t* gamma = gain.data_ptr<scalar_t>();
+  at::Tensor carry = at::zeros({batch, size}, grad.options());
+  at::Tensor g = at::empty({batch, size}, grad.options());
+  at::Tensor dd = at::empty({batch, size}, grad.options());
+  at::Tensor grad_decay = at::zeros({size}, grad.options());
+  at::Tensor grad_gain = at::zeros({size}, grad.options());
+  scalar_t* c = carry.data_ptr<scalar_t>();
+  scalar_t* gp = g.data_ptr<scalar_t>();
+  scalar_t* ddp = dd.data_ptr<scalar_t>();
+  scalar_t* gk = grad_decay.data_ptr<scalar_t>();
+  scalar_t* gg = grad_gain.data_ptr<scalar_t>();
+  const scalar_t* gr = grad.data_ptr<scalar_t>();
+  const scalar_t* us = tanh_saved.data_ptr<scalar_t>();
+  const scalar_t* ms = memories.data_ptr<scalar_t>();
+  const scalar_t slope = scalar_t(kTanhScale * 2.0 / 3.0);
+  for (int64_t t = steps - 1; t >= 0; --t) {
+    const scalar_t* gt = gr + t * mrow;
+    const scalar_t* u = us + t * mrow;
+    at::Tensor d_last = da[layers - 1].select(0, t);
+    scalar_t* dl = d_last.data_ptr<scalar_t>();
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t j = 0; j < size; ++j) {
+        const int64_t n = b * size + j;
+        const scalar_t gn = gt[n] + c[n];
+        gp[n] = gn;
+        gg[j] += gn * u[n] * scalar_t(kTanhScale);
+        dl[n] = gn * gamma[j] * slope * (scalar_t(1) - u[n] * u[n]);
+      }
+    }
+    for (int64_t l = layers - 1; l > 0; --l) {
+      at::Tensor below = da[l - 1].select(0, t);
+      at::mm_out(below, da[l].select(0, t), weights[l]);
+      times_activation_grad<scalar_t>(hidden[l - 1].select(0, t).data_ptr<scalar_t>(),
+                                      below.data_ptr<scalar_t>(), below.numel(), activation);
+    }
+    add_product<scalar_t>(dd, g, da[0].select(0, t), weights[0]);
+    const scalar_t* mp = ms + t * mrow;  // m_{t-1}
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t j = 0; j < size; ++j) {
+        const int64_t n = b * size + j;
+        gk[j] += ddp[n] * mp[n];
+        c[n] = ddp[n] * k[j];
+      }
+    }
+  }
+  return {carry, grad_decay, grad_gain};
+}
+
+}  // namespace
+
+// The memory recursion over all steps (see fused.py, _MemoryLoop). Writes m_1..m_T into
+// `memories` (T, B, M); when `tanh_out` is non-empty also u_t into it (T, B, M) and each
+// hidden layer's pre-activation into `hidden` (T, B, H).
+void elm_memory_forward(const at::Tensor& pre, const at::Tensor& memory0,
+                        const at::Tensor& decay, const at::Tensor& gain,
+                        const std::vector<at::Tensor>& weights,
+                        const std::vector<at::Tensor>& biases, int64_t activation,
+                        const at::Tensor& memories_, const std::vector<at::Tensor>& hidden,
+                        const at::Tensor& tanh_out) {
+  at::Tensor memories = memories_;
+  check(pre, "pre");
+  check(memory0, "memory0");
+  check(decay, "decay");
+  check(gain, "gain");
+  check(memories, "memories");
+  for (const auto& w : weights) check(w, "weight");
+  for (const auto& h : hidden) check(h, "hidden");
+  AT_DISPATCH_FLOATING_TYPES(pre.scalar_type(), "elm_memory_forward", [&] {
+    memory_forward_impl<scalar_t>(pre, memory0, decay, gain, weights, biases, activation,
+                                  memories, hidden, tanh_out);
+  });
+}
+
+// The reverse sweep: writes da[l][t] (gradient of layer l's pre-activation) for every
+// layer and step; returns the gradients of m_0, k_m and gain.
+std::vector<at::Tensor> elm_memory_backward(const at::Tensor& grad, const at::Tensor& memories,
+                                            const at::Tensor& tanh_saved,
+                                            const std::vector<at::Tensor>& hidden,
+                                            const at::Tensor& decay, const at::Tensor& gain,
+                                            const std::vector<at::Tensor>& weights,
+                                            int64_t activation,
+                                            const std::vector<at::Tensor>& da_) {
+  std::vector<at::Tensor> da = da_;
+  check(grad, "grad");
+  check(memories, "memories");
+  check(tanh_saved, "tanh");
+  for (const auto& d : da) check(d, "da");
+  std::vector<at::Tensor> result;
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "elm_memory_backward", [&] {
+    result = memory_backward_impl<scalar_t>(grad, memories, tanh_saved, hidden,
+                                            decay.contiguous(), gain.contiguous(), weights,
+                                            activation, da);
+  });
+  return result;
+}
+
+TORCH_LIBRARY_FRAGMENT(microcircuits_elm, m) {
+  m.def(
+      "elm_trace_forward(Tensor drive, Tensor branch0, Tensor decay, Tensor(a!) out) -> ()",
+      &elm_trace_forward);
+  m.def("elm_trace_backward(Tensor grad, Tensor decay, Tensor(a!) out) -> ()",
+        &elm_trace_backward);
+  m.def(
+      "elm_memory_forward(Tensor pre, Tensor memory0, Tensor decay, Tensor gain, "
+      "Tensor[] weights, Tensor[] biases, int activation, Tensor(a!) memories, "
+      "Tensor(b!)[] hidden, Tensor(c!) tanh_out) -> ()",
+      &elm_memory_forward);
+  m.def(
+      "elm_memory_backward(Tensor grad, Tensor memories, Tensor tanh_saved, Tensor[] hidden, "
+      "Tensor decay, Tensor gain, Tensor[] weights, int activation, Tensor(a!)[] da) "
+      "-> Tensor[]",
+      &elm_memory_backward);
+}
