@@ -150,3 +150,50 @@ def test_train_ptb_on_a_slice(tmp_path: Path) -> None:
     assert results["metric"] == "perplexity" and results["size"] == 10
     # An untrained model over a 10,000-word vocabulary: perplexity near 10,000.
     assert 1000 < results["test"] < 40000
+
+
+# -- file system errors: one line naming the path and the cause, exit status 2 ----------
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
+
+
+def test_out_that_is_a_file_is_one_line(tmp_path: Path, capsys) -> None:
+    (tmp_path / "afile").write_text("mine")
+    assert main(["train", "adding", "--out", str(tmp_path / "afile"), *TINY]) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith("microcircuits: error: ") and str(tmp_path / "afile") in line
+    assert "Not a directory" in line
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_a_full_disk_names_errno_28_and_the_file(tmp_path: Path, capsys, monkeypatch) -> None:
+    """The disk fills at the first checkpoint, under a wrapper that hides the cause."""
+    import microcircuits.train as train_module
+
+    def full_disk(path, payload):
+        try:
+            raise OSError(28, "No space left on device", str(path))
+        except OSError as exc:
+            raise RuntimeError("writing the checkpoint failed") from exc
+
+    monkeypatch.setattr(train_module, "save_checkpoint", full_disk)
+    assert main(["train", "adding", "--out", str(tmp_path), *TINY]) == 2
+    line = _one_error_line(capsys)
+    assert "No space left on device (errno 28)" in line and ".safetensors" in line
+
+
+def test_a_bogus_storage_url_is_one_line(tmp_path: Path, capsys) -> None:
+    args = ["search", "adding", "--trials", "1", "--storage", "bogus://x", "--out", str(tmp_path)]
+    assert main(args) == 2
+    assert "storage 'bogus://x' is not a database URL" in _one_error_line(capsys)
+
+
+def test_a_huge_hidden_size_names_the_value(tmp_path: Path, capsys) -> None:
+    args = ["train", "adding", "--out", str(tmp_path), *TINY, "--set", "hidden_size=3000000"]
+    assert main(args) == 2
+    assert "hidden_size=3000000" in _one_error_line(capsys)

@@ -258,8 +258,8 @@ def test_an_existing_run_is_neither_overwritten_nor_resumed_silently(tmp_path: P
     train(_adding(tmp_path, epochs=1))
     with pytest.raises(FileExistsError, match=r"already holds a run; resume it \(--resume\)"):
         train(_adding(tmp_path, epochs=1))
-    with pytest.raises(ValueError, match=r"different config \(lr: 0.01 -> 0.02\)"):
-        train(_adding(tmp_path, epochs=1, lr=0.02), resume=True)
+    with pytest.raises(ValueError, match=r"different config \(hidden_size: 6 -> 7\)"):
+        train(_adding(tmp_path, epochs=1, hidden_size=7), resume=True)
     more = train(_adding(tmp_path, epochs=2), resume=True)  # more epochs: allowed
     assert more.epochs_done == 2
     fresh = train(_adding(tmp_path, epochs=1, lr=0.02), overwrite=True)
@@ -316,3 +316,149 @@ def test_add_weight_decay_and_clip_for_a_loop_of_ones_own() -> None:
     w.grad = torch.tensor([6.0, 8.0])
     assert add_weight_decay_and_clip_([w], weight_decay=0.5, clip_norm=None) is None
     torch.testing.assert_close(w.grad, torch.tensor([7.5, 10.0]))
+
+
+# -- a run directory left by a crash -----------------------------------------------------
+
+
+def test_resume_tolerates_a_torn_last_line_of_metrics(tmp_path: Path) -> None:
+    whole = train(_adding(tmp_path, "whole"))
+    train(_adding(tmp_path, "split", max_steps=9))
+    with (tmp_path / "split" / "metrics.jsonl").open("a") as handle:
+        handle.write('{"kind": "train", "step": 10, "lo')  # killed mid-write
+    resumed = train(_adding(tmp_path, "split"), resume=True)
+    assert _comparable(resumed) == _comparable(whole)
+    records = _records(tmp_path / "split")  # every line parses
+    assert [r["step"] for r in records if r["kind"] == "valid"] == [
+        r["step"] for r in _records(tmp_path / "whole") if r["kind"] == "valid"
+    ]
+
+
+def test_a_failed_checkpoint_write_does_not_duplicate_records(tmp_path: Path, monkeypatch) -> None:
+    """The checkpoint at step 6 is written mid-epoch, then the epoch ends (validation)
+    and its checkpoint write fails: the resume redoes the epoch end, logged once."""
+    import microcircuits.train as train_module
+
+    whole = train(_adding(tmp_path, "whole", checkpoint_every=6))
+    real_save = train_module.save_checkpoint
+    writes = []
+
+    def full_disk(path, payload):
+        if Path(path).name == "last.safetensors":
+            writes.append(payload["global_step"])
+            if len(writes) == 2:
+                raise OSError(28, "No space left on device", str(path))
+        return real_save(path, payload)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        train(_adding(tmp_path, "split", checkpoint_every=6))
+    assert writes == [6, 6]
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    resumed = train(_adding(tmp_path, "split", checkpoint_every=6), resume=True)
+    assert _comparable(resumed) == _comparable(whole)
+    for kind in ("valid", "epoch", "train"):
+        steps = [r["step"] for r in _records(tmp_path / "split") if r["kind"] == kind]
+        assert steps == [r["step"] for r in _records(tmp_path / "whole") if r["kind"] == kind]
+
+
+def test_stale_temporary_files_of_the_run_are_removed_on_resume(tmp_path: Path) -> None:
+    train(_adding(tmp_path, max_steps=4))
+    run, checkpoints = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    ours = [
+        checkpoints / ".last.safetensors.x1y2z3.tmp",
+        checkpoints / ".best.safetensors.abc_9.tmp",
+        run / ".results.json.tmp",
+        run / ".metrics.jsonl.tmp",
+    ]
+    others = [checkpoints / ".notes.tmp", run / "mine.tmp", checkpoints / "last.safetensors.tmp"]
+    for path in ours + others:
+        path.write_bytes(b"half")
+    train(_adding(tmp_path), resume=True)
+    assert not any(path.exists() for path in ours)
+    assert all(path.exists() for path in others)
+
+
+# -- diverged parameters -----------------------------------------------------------------
+
+
+class _BlownUpAdding(AddingTask):
+    """One recurrent weight jumps to 1e20 before training step 5: the loss stays finite
+    (the gate it feeds saturates), the weights have diverged."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.calls = 0
+
+    def train_loss(self, model, batch, carry):
+        self.calls += 1
+        if self.calls == 5:
+            name, weight = next((n, p) for n, p in model.named_parameters() if "hh" in n)
+            with torch.no_grad():
+                weight[0, 0] = 1e20
+        return super().train_loss(model, batch, carry)
+
+
+def test_diverged_parameters_are_never_checkpointed(tmp_path: Path) -> None:
+    config = _adding(tmp_path, log_every=1)
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"reached 1e\+20 \(diverged\) at step [68] .*\(step 4\) is kept; resume from it "
+        r"with a lower lr \(the same command with --resume --set lr=0\.001\)",
+    ):
+        train(config, task=_BlownUpAdding(config, torch.device("cpu")))
+    run = tmp_path / "run"
+    for name in ("last", "best"):
+        path = run / "checkpoints" / f"{name}.safetensors"
+        if path.exists():
+            model = load_checkpoint(path)["model"]
+            assert all(t.abs().max() < 1e3 for t in model.values()), name
+    assert load_checkpoint(run / "checkpoints" / "last.safetensors")["global_step"] == 4
+    assert _records(run)[-1]["kind"] == "error"
+    # The advice works: the run goes on from step 4 with the lower lr.
+    resumed = train(_adding(tmp_path, log_every=1, lr=0.001), resume=True)
+    assert resumed.completed and math.isfinite(resumed.test)
+
+
+def test_a_non_finite_parameter_stops_the_run(tmp_path: Path) -> None:
+    class _Inf(_BlownUpAdding):
+        def train_loss(self, model, batch, carry):
+            loss, carry = super().train_loss(model, batch, carry)
+            if self.calls == 4:
+                with torch.no_grad():
+                    next(model.parameters())[0, 0] = float("inf")
+                loss = loss.detach().requires_grad_()  # the loss of this step was finite
+            return loss, carry
+
+    config = _adding(tmp_path, checkpoint_every=2)
+    with pytest.raises(NonFiniteLossError, match=r"became inf at step 4 .*\(step 2\) is kept"):
+        train(config, task=_Inf(config, torch.device("cpu")))
+    last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.safetensors")
+    assert all(torch.isfinite(t).all() for t in last["model"].values())
+
+
+def test_a_resume_may_change_the_lr(tmp_path: Path) -> None:
+    train(_adding(tmp_path, max_steps=4))
+    train(_adding(tmp_path, max_steps=5, lr=0.002), resume=True)
+    last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.safetensors")
+    assert last["global_step"] == 5
+    assert [g["lr"] for g in last["optimizer"]["param_groups"]] == [0.002]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["lr"] == 0.002
+
+
+# -- runs stopped by max_steps ------------------------------------------------------------
+
+
+def test_a_run_stopped_before_any_validation_tests_its_best_checkpoint(tmp_path: Path) -> None:
+    result = train(_adding(tmp_path, max_steps=4))
+    run = tmp_path / "run"
+    assert result.stopped == "max_steps" and result.evaluated == "best"
+    best = load_checkpoint(run / "checkpoints" / "best.safetensors")
+    assert best["global_step"] == result.best_step == 4
+    final = [r for r in _records(run) if r["kind"] == "valid"]
+    assert [(r["step"], r.get("final")) for r in final] == [(4, True)]
+    assert final[0]["mse"] == result.best_valid
+    task = AddingTask(_adding(tmp_path), torch.device("cpu"))
+    model = task.build_model()
+    model.load_state_dict(best["model"])
+    assert task.evaluate(model, "test").metric == pytest.approx(result.test, rel=1e-6)

@@ -154,7 +154,9 @@ def add_train_command(subparsers: Any) -> None:
     )
     _add_run_options(parser)
     parser.add_argument(
-        "--cell", help=f"one of {list(CELL_NAMES)} (default: the --preset file's, else lstm)"
+        "--cell",
+        help=f"one of {list(CELL_NAMES)} (default: the --preset file's, else the task's: "
+        "cmc for mnist, lstm for the others)",
     )
     parser.add_argument("--out", default="runs", help="parent directory of the run")
     parser.add_argument("--name", help="run directory name (default: TASK-CELL-SIZE-seedSEED)")
@@ -527,6 +529,27 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     )
 
 
+def _os_error_in(error: BaseException) -> OSError | None:
+    """The operating system's error behind ``error`` (itself, or what it was raised from):
+    a full disk, a read-only or missing directory, a file where a folder should be."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _describe_os_error(error: OSError) -> str:
+    """``<path>: <strerror>`` (``[Errno 28] No space left on device``), else the message."""
+    if error.strerror is None:
+        return str(error)
+    paths = [str(p) for p in (error.filename, error.filename2) if p is not None]
+    reason = f"{error.strerror} (errno {error.errno})" if error.errno else error.strerror
+    return f"{' -> '.join(paths)}: {reason}" if paths else reason
+
+
 def _resume_hint(args: argparse.Namespace) -> str:
     """How to continue the interrupted command."""
     if getattr(args, "command", None) == "search":
@@ -560,6 +583,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"microcircuits: error: {message}", file=sys.stderr)
         return 1 if isinstance(error, NonFiniteLossError) else 2
+    except Exception as error:
+        cause = _os_error_in(error)
+        if cause is None or args.traceback:
+            raise
+        print(f"microcircuits: error: {_describe_os_error(cause)}", file=sys.stderr)
+        return 2
     finally:
         package_logger = logging.getLogger("microcircuits")
         package_logger.removeHandler(handler)

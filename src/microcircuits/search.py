@@ -361,15 +361,25 @@ def open_storage(
         engine_kwargs["connect_args"] = {"timeout": 120}
     else:
         engine_kwargs["pool_pre_ping"] = True
+    from sqlalchemy.exc import ArgumentError, OperationalError
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=heartbeat_interval,
-            grace_period=grace_period,
-            **{_RETRY_ARGUMENT: _RETRY(max_retry=1, inherit_intermediate_values=True)},
-        )
+        try:
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=heartbeat_interval,
+                grace_period=grace_period,
+                **{_RETRY_ARGUMENT: _RETRY(max_retry=1, inherit_intermediate_values=True)},
+            )
+        except ArgumentError as exc:
+            raise ValueError(
+                f"storage {url!r} is not a database URL this installation can open ({exc}); "
+                "use e.g. sqlite:///path/to/study.db or postgresql+psycopg://user@host/db"
+            ) from exc
+        except OperationalError as exc:
+            raise ValueError(f"cannot open the storage {url!r}: {exc.orig or exc}") from exc
 
 
 # -- claiming a trial -------------------------------------------------------------------

@@ -25,7 +25,9 @@ with the same numbers as an uninterrupted one. ``last.safetensors`` is written e
 
 A non-finite training loss stops the run with :class:`NonFiniteLossError`, naming the
 step and the loss; no checkpoint is written after it, so ``last.safetensors`` stays the last
-good one.
+good one. So does a parameter or optimiser state that is not finite, or a parameter beyond
+:data:`DIVERGED_MAGNITUDE`, found when a checkpoint is about to be written: no checkpoint
+ever holds such values. The message says how to resume with a lower lr.
 
 Observers: ``train(config, on_validation=callback)`` calls ``callback(step, epoch,
 metric)`` after every validation (the hyperparameter search reports to its pruner this
@@ -99,14 +101,22 @@ RESUMABLE_CHANGES = frozenset(
     {
         "epochs", "max_steps", "device", "progress", "tensorboard", "num_threads",
         "checkpoint_every", "log_every", "data_dir", "download", "out_dir", "run_name",
+        "lr", "clip_norm",
     }
 )  # fmt: skip
-"""Config fields that may differ between a run and its resumption (they change where
-the run stops or how it is observed, not what it computes)."""
+"""Config fields that may differ between a run and its resumption: they change where
+the run stops or how it is observed, or (``lr``, ``clip_norm``) are the remedies for a
+diverged run, continued from its last good checkpoint. A changed ``lr`` replaces the
+learning rate of the optimiser (including any plateau decay it had); the same ``lr``
+keeps the optimiser's, so an unchanged resume stays exact."""
+
+DIVERGED_MAGNITUDE = 1e10
+"""A parameter whose magnitude exceeds this has diverged (no trained recurrent network's
+weights come near it; a blown-up one's reach ~1e37 before overflowing to inf)."""
 
 
 class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; the run stopped."""
+    """The training loss or the parameters became NaN, infinite or diverged; the run stopped."""
 
 
 ValidationCallback = Callable[[int, float, float], None]
@@ -132,8 +142,10 @@ class RunResult:
         wall_time_s: training time, summed over resumptions.
         stopped: ``"completed"``, ``"early_stop"`` or ``"max_steps"``.
         parameters: number of trainable parameters.
-        evaluated: ``"best"`` when test/valid come from ``best.safetensors``, ``"last"`` when no
-            validation had happened and the current model was evaluated.
+        evaluated: ``"best"``: test/valid are of ``best.safetensors`` (a run stopped by
+            ``max_steps`` before any validation is validated at the stop, and that model
+            saved as its best). ``"last"`` in results of earlier versions: of the model
+            at the stop, with no best checkpoint.
     """
 
     run_dir: Path
@@ -356,16 +368,22 @@ class _Position:
 class _MetricsLog:
     """``metrics.jsonl`` plus optional TensorBoard events, resumable at a step."""
 
-    def __init__(self, run_dir: Path, *, resume_step: int | None, tensorboard: bool) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        resume_step: int | None,
+        tensorboard: bool,
+        resume_records: int | None = None,
+    ) -> None:
         self.path = run_dir / "metrics.jsonl"
+        kept: list[str] = []
         if resume_step is not None and self.path.exists():
             # Drop what was logged after the checkpoint: those steps are redone.
-            kept = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step
-            ]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = self._logged_before(resume_step, resume_records)
+        # A fresh start (even in a directory whose run never checkpointed) logs afresh.
+        _write_text(self.path, "".join(line + "\n" for line in kept))
+        self.records = len(kept)  # lines written so far; checkpoints store it
         self._file = self.path.open("a", encoding="utf-8")
         self._writer = None
         if tensorboard:
@@ -375,9 +393,38 @@ class _MetricsLog:
                 log_dir=str(run_dir / "tensorboard"), purge_step=resume_step
             )
 
+    def _logged_before(self, resume_step: int, resume_records: int | None) -> list[str]:
+        """The lines of the file that the checkpoint being resumed had seen.
+
+        Checkpoints record how many lines were logged when they were written: exactly
+        those are kept (records written after it, even at its step, such as a
+        validation whose checkpoint write failed, are redone). Older checkpoints did
+        not; then records of later steps are dropped. A last line cut off by a kill
+        mid-write is dropped either way.
+        """
+        lines = [line for line in self.path.read_text(encoding="utf-8").splitlines() if line]
+        if resume_records is not None:
+            lines = lines[:resume_records]
+        kept = []
+        for number, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                if number == len(lines):  # torn by a kill mid-write
+                    logger.warning("%s: dropping its cut-off last line", self.path)
+                    break
+                raise ValueError(
+                    f"cannot resume: {self.path} line {number} is not JSON ({exc}); "
+                    "remove or repair that line"
+                ) from None
+            if resume_records is not None or record.get("step", 0) <= resume_step:
+                kept.append(line)
+        return kept
+
     def write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        self.records += 1
         if self._writer is not None:
             kind, step = record["kind"], record.get("step", 0)
             for key, value in record.items():
@@ -394,6 +441,8 @@ class _MetricsLog:
 class _NoMetricsLog:
     """What ranks other than 0 log to: nothing (rank 0 writes the run's metrics)."""
 
+    records = 0
+
     def write(self, record: dict[str, Any]) -> None:
         pass
 
@@ -401,10 +450,37 @@ class _NoMetricsLog:
         pass
 
 
-def _write_json(path: Path, payload: Any) -> None:
+def _write_text(path: Path, text: str) -> None:
+    """Write ``path`` through a temporary file renamed over it (see _remove_stale_temp_files)."""
     temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    temp.write_text(text, encoding="utf-8")
     os.replace(temp, path)
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    _write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+
+_RUN_FILES = ("config.json", "meta.json", "task.json", "results.json", "metrics.jsonl")
+_CHECKPOINT_NAMES = ("last", "best")
+
+
+def _remove_stale_temp_files(run_dir: Path) -> None:
+    """Delete the temporary files an interrupted write of this run left behind.
+
+    Only names that :func:`_write_text` (``.<file>.tmp``) and
+    :func:`~microcircuits.checkpoint.save_checkpoint` (``.<name>.safetensors.*.tmp``)
+    create for the run's own files are removed; anything else is left alone.
+    """
+    stale = [run_dir / f".{name}.tmp" for name in _RUN_FILES]
+    checkpoints = run_dir / "checkpoints"
+    if checkpoints.is_dir():
+        for name in _CHECKPOINT_NAMES:
+            stale.extend(checkpoints.glob(f".{name}.safetensors.*.tmp"))
+    for path in stale:
+        if path.is_file():
+            logger.info("removing %s, left by an interrupted write", path)
+            path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -461,6 +537,7 @@ def _prepare_run_dir(
         # The run goes on: the results of an earlier stage (e.g. ``--epochs k``) are no
         # longer its results; the report shows it in progress until it ends again.
         (run_dir / "results.json").unlink(missing_ok=True)
+        _remove_stale_temp_files(run_dir)
         return True
     if resume:
         logger.info("no checkpoint in %s: starting a new run", run_dir)
@@ -472,6 +549,7 @@ def _prepare_run_dir(
             )
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temp_files(run_dir)
     return False
 
 
@@ -562,7 +640,17 @@ class _Trainer:
 
         torch.manual_seed(config.seed)  # the same initial weights on every rank
         self.task = task if task is not None else make_task(config, self.device)
-        self.model = self.task.build_model()
+        try:
+            self.model = self.task.build_model()
+        except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+            if not isinstance(exc, MemoryError) and "alloc" not in str(exc).lower():
+                raise
+            raise ValueError(
+                f"not enough memory for the model with hidden_size={config.hidden_size} "
+                f"({config.num_layers} layer(s)) on {self.device}: "
+                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
+                "use a smaller hidden_size"
+            ) from exc
         # Forward/backward passes of training go through the wrapper (which averages the
         # gradients over the ranks); evaluation and state dicts use the bare model.
         self.train_model = wrap_model(self.model, context, self.device)
@@ -585,6 +673,7 @@ class _Trainer:
         self.pending: list[tuple[int, Tensor]] = []  # (step, loss) not yet logged
         self.last_valid: Evaluation | None = None
         self.resume_step: int | None = None
+        self.resume_records: int | None = None  # lines of metrics.jsonl at the checkpoint
         if resuming:
             # Rank 0 reads the checkpoint and sends it to the others: the run directory
             # need not be on a file system that every machine sees.
@@ -665,10 +754,12 @@ class _Trainer:
             "torch_rng_state": torch.get_rng_state(),
             "cuda_rng_state": cuda_rng,
             "plateau": dataclasses.asdict(self.plateau),
+            "metrics_records": self.metrics.records,
         }
 
     def _save_last(self) -> None:
         self._flush_losses()
+        self._check_parameters()
         payload = self._checkpoint_payload()
         if payload is not None:
             save_checkpoint(self.last_path, payload)
@@ -678,6 +769,11 @@ class _Trainer:
         self.optimizer.load_state_dict(payload["optimizer"])
         for group in self.optimizer.param_groups:  # checkpoints of versions whose optimiser
             group["weight_decay"] = 0.0  # applied the decay: the loop adds it now
+        saved_lr = payload["config"].get("lr", self.config.lr)
+        if saved_lr != self.config.lr:  # resumed with --set lr=...: it replaces the schedule's
+            logger.info("lr changed on resume: %.3g -> %.3g", self._lr(), self.config.lr)
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.config.lr
         pos = self.position
         pos.epoch = payload["epoch"]
         pos.step_in_epoch = payload["step_in_epoch"]
@@ -692,6 +788,7 @@ class _Trainer:
         self.plateau = _Plateau(**payload["plateau"])
         self._restore_rng(payload)
         self.resume_step = pos.global_step
+        self.resume_records = payload.get("metrics_records")
         logger.info(
             "resuming %s at step %d (epoch %d, step %d of %d)",
             self.run_dir, pos.global_step, pos.epoch + 1, pos.step_in_epoch, self.steps_per_epoch,
@@ -772,7 +869,7 @@ class _Trainer:
         self.pending.clear()
         for step, value in zip(steps, values):
             if not math.isfinite(value):
-                self._fail(step, value)
+                self._fail(step, f"training loss became {value}", {"loss": str(value)})
         pos = self.position
         pos.epoch_loss_sum += sum(values)
         pos.epoch_loss_count += len(values)
@@ -793,17 +890,51 @@ class _Trainer:
             postfix[f"valid {self.task.metric}"] = f"{self.last_valid.metric:.4g}"
         self.bar.set_postfix(postfix, refresh=False)
 
-    def _fail(self, step: int, value: float) -> None:
+    def _check_parameters(self) -> None:
+        """Stop the run (see :meth:`_fail`) if a parameter or the optimiser's state is not
+        finite, or a parameter has diverged: such a state must never be checkpointed.
+
+        One reduction per tensor, at checkpoint time only. Parameters, not buffers: a
+        model may hold constants that are infinite by design (the ELM's raw time
+        constants), and training moves only the parameters.
+        """
+        for name, tensor in self.model.named_parameters():
+            if tensor.is_floating_point() and tensor.numel():
+                largest = tensor.detach().abs().amax().item()
+                if not largest <= DIVERGED_MAGNITUDE:  # also NaN
+                    self._fail(
+                        self.position.global_step,
+                        f"parameter {name} became {largest:g}"
+                        if not math.isfinite(largest)
+                        else f"parameter {name} reached {largest:g} (diverged)",
+                        {"parameter": name, "magnitude": str(largest)},
+                    )
+        for index, state in enumerate(self.optimizer.state.values()):
+            for key, tensor in state.items():
+                if isinstance(tensor, Tensor) and tensor.is_floating_point():
+                    if not bool(torch.isfinite(tensor).all()):
+                        self._fail(
+                            self.position.global_step,
+                            f"the optimiser's {key} of parameter {index} became non-finite",
+                            {"optimizer_state": key},
+                        )
+
+    def _fail(self, step: int, problem: str, details: dict[str, Any]) -> None:
+        lower = f"{self._lr() / 10:.3g}"
         if self.last_path.exists():
             saved = load_checkpoint(self.last_path)["global_step"]
-            kept = f"the last good checkpoint {self.last_path} (step {saved}) is kept"
+            kept = (
+                f"the last good checkpoint {self.last_path} (step {saved}) is kept; resume "
+                f"from it with a lower lr (the same command with --resume --set lr={lower}) "
+                "or with a clip_norm (--set clip_norm=1)"
+            )
         else:
-            kept = "no checkpoint had been written yet"
-        message = (
-            f"training loss became {value} at step {step} (epoch {self.position.epoch + 1}); "
-            f"stopping. {kept}. Try a lower lr or a clip_norm."
-        )
-        self.metrics.write({"kind": "error", "step": step, "loss": str(value), "message": message})
+            kept = (
+                "no checkpoint had been written yet; start again with a lower lr "
+                f"(--set lr={lower} --overwrite) or a clip_norm (--set clip_norm=1)"
+            )
+        message = f"{problem} at step {step} (epoch {self.position.epoch + 1}); stopping. {kept}."
+        self.metrics.write({"kind": "error", "step": step, **details, "message": message})
         if self.context.is_main:
             logger.error(message)
         raise NonFiniteLossError(message)
@@ -821,6 +952,7 @@ class _Trainer:
         # decided against the previous best, before it is updated
         significant = plateau.improved_by(evaluation.metric, higher, config.lr_decay_threshold)
         if plateau.improved_by(evaluation.metric, higher):
+            self._check_parameters()  # never call diverged weights the best
             plateau.best, plateau.best_loss = evaluation.metric, evaluation.loss
             plateau.best_step, plateau.best_epoch = pos.global_step, self._epoch_float()
             plateau.since_best = 0
@@ -985,7 +1117,10 @@ class _Trainer:
         self.metrics: _MetricsLog | _NoMetricsLog = _NoMetricsLog()
         if self.context.is_main:
             self.metrics = _MetricsLog(
-                self.run_dir, resume_step=self.resume_step, tensorboard=config.tensorboard
+                self.run_dir,
+                resume_step=self.resume_step,
+                resume_records=self.resume_records,
+                tensorboard=config.tensorboard,
             )
         total = self.steps_per_epoch * config.epochs
         if config.max_steps is not None:
@@ -1019,6 +1154,44 @@ class _Trainer:
             self.metrics.close()
         return result
 
+    def _validate_at_stop(self) -> Evaluation:
+        """Validate the model of a run that stopped (``max_steps``) before its first
+        validation; save it as ``best.safetensors`` and log a ``"valid"`` record marked
+        ``"final"``, so that its test, like every run's, is of the best-validation
+        checkpoint. The plateau state is left alone, so that a resumed run goes on
+        exactly as an uninterrupted one (its first validation replaces this checkpoint,
+        and resuming drops the record, which follows the last checkpoint).
+        """
+        pos = self.position
+        with self._autocast():
+            valid = self.task.evaluate(self.model, "valid")
+        self.model.train()
+        save_checkpoint(
+            self.best_path,
+            {
+                "model": self.model.state_dict(),
+                "config": self.config.to_dict(),
+                "global_step": pos.global_step,
+                "epoch": self._epoch_float(),
+                "valid_metric": valid.metric,
+                "valid_loss": valid.loss,
+            },
+        )
+        self.metrics.write(
+            {
+                "kind": "valid",
+                "step": pos.global_step,
+                "epoch": self._epoch_float(),
+                "loss": valid.loss,
+                self.task.metric: valid.metric,
+                "best": valid.metric,
+                "lr": self._lr(),
+                "time": self._elapsed(),
+                "final": True,
+            }
+        )
+        return valid
+
     def _finish(self, stopped: str) -> RunResult:
         """Evaluate the best-validation checkpoint on validation and test; write results."""
         config, pos, plateau = self.config, self.position, self.plateau
@@ -1030,14 +1203,11 @@ class _Trainer:
                 self.model.load_state_dict(best["model"])
                 # Its validation numbers were measured when it was saved: no second pass.
                 valid = Evaluation(best["valid_loss"], best["valid_metric"], count=0)
-                evaluated = "best"
             else:
-                with self._autocast():
-                    valid = self.task.evaluate(self.model, "valid")
-                evaluated = "last"
+                valid = self._validate_at_stop()
             with self._autocast():
                 test = self.task.evaluate(self.model, "test")
-            return valid, test, evaluated
+            return valid, test, "best"
 
         valid, test, evaluated = run_on_main(evaluate, self.context)  # rank 0's on every rank
         result = RunResult(
@@ -1050,8 +1220,8 @@ class _Trainer:
             higher_is_better=self.task.higher_is_better,
             best_valid=valid.metric,
             best_valid_loss=valid.loss,
-            best_step=plateau.best_step if evaluated == "best" else pos.global_step,
-            best_epoch=plateau.best_epoch if evaluated == "best" else self._epoch_float(),
+            best_step=pos.global_step if plateau.best is None else plateau.best_step,
+            best_epoch=self._epoch_float() if plateau.best is None else plateau.best_epoch,
             test=test.metric,
             test_loss=test.loss,
             epochs_done=self._epoch_float(),
