@@ -56,7 +56,9 @@ def test_every_task_spelling_means_the_same_task_everywhere(name):
     for spelling in _spellings(kind):
         assert task_kind(spelling) is kind
         assert load_config(spelling).task == name
-        assert ExperimentConfig(task=spelling, steps_per_epoch=1).validate().task == name
+        cell = load_config(name).cell  # the task's default model (lstm; mnist: cmc)
+        config = ExperimentConfig(task=spelling, cell=cell, steps_per_epoch=1)
+        assert config.validate().task == name
 
 
 @pytest.mark.parametrize("name", list(TASK_KINDS))
@@ -71,7 +73,9 @@ def test_every_task_has_a_class_that_reports_the_registered_metric(name):
 
 
 def test_an_unknown_task_is_refused_naming_every_task():
-    with pytest.raises(ValueError, match=r"\['adding', 'smnist', 'psmnist', 'ptb', 'wikitext2'\]"):
+    with pytest.raises(
+        ValueError, match=r"\['adding', 'smnist', 'psmnist', 'mnist', 'ptb', 'wikitext2'\]"
+    ):
         task_kind("cifar")
     with pytest.raises(ValueError, match="task must be one of"):
         load_config("cifar")
@@ -93,4 +97,9 @@ def test_every_model_spelling_means_the_same_model_in_config_and_cli(name):
 def test_the_lstm_family_models_are_the_cells_and_every_family_has_a_builder():
     assert [n for n, k in MODELS.items() if k.family == LSTM_FAMILY] == list(CELLS)
     assert {k.family for k in MODELS.values()} == set(MODEL_FAMILIES)
-    assert set(tasks.models.LAST_STEP_BUILDERS) == set(MODEL_FAMILIES)
+    builders = {**tasks.models.LAST_STEP_BUILDERS, **tasks.models.IMAGE_BUILDERS}
+    assert set(builders) == set(MODEL_FAMILIES)
+    # each family builds through one table, the one of the tasks it supports
+    image_families = {k.family for k in MODELS.values() if k.tasks == ("mnist",)}
+    assert set(tasks.models.IMAGE_BUILDERS) == image_families
+    assert not image_families & set(tasks.models.LAST_STEP_BUILDERS)

@@ -78,10 +78,12 @@ class ExperimentConfig:
     # -- what is trained -------------------------------------------------------------
     task: str = "adding"  # one of TASKS
     cell: str = "lstm"  # a key of microcircuits.model_registry.MODELS: an LSTM-family
-    # cell (microcircuits.cells.CELLS) or the ELM neuron ("elm", "branch_elm")
+    # cell (microcircuits.cells.CELLS), the ELM neuron ("elm", "branch_elm"), the
+    # canonical microcircuit ("cmc", "cmc_hierarchy") or the MLP baseline ("mlp")
     size: int | None = None  # the paper's nominal size (table key); None: = hidden_size
     hidden_size: int = 64  # units per layer (fix-subLSTM: the parameter-matched count);
-    # the ELM: its memory units (the paper's d_m)
+    # the ELM: its memory units (the paper's d_m); the CMC node: its columns; the CMC
+    # hierarchy: its nodes (>= 2); the MLP: its hidden units
     num_layers: int = 1  # stacked recurrent layers (paper: 1 for sMNIST, 2 for LM)
     embedding_size: int | None = None  # language models: word-vector size; None: the
     # hidden size (as in Zaremba et al.; the paper does not say)
@@ -107,6 +109,25 @@ class ExperimentConfig:
     elm_synapses_per_branch: int = 1  # Branch-ELM: synapses per branch
     elm_routing: str | None = None  # Branch-ELM: which input feeds each synapse, "random"
     # or "neuronio" (microcircuits.elm.routing)
+
+    # -- the canonical microcircuit (cells "cmc", "cmc_hierarchy"; Douglas 2025) --------
+    # hidden_size is the CMC node's columns (each with its own drive) or the hierarchy's
+    # nodes. Refused for the other models unless left at these defaults, which are those
+    # of microcircuits.CMCNode.
+    cmc_input_scale: float = 1.0  # fixed factor on the encoder's drive; torch's encoder
+    # initialisation gives |u| ~ 1, which keeps the sigmoid nearly linear
+    cmc_integration_time: float = 0.1  # seconds integrated per image
+    cmc_num_readout_times: int = 10  # voltages read out at this many evenly spaced times
+    cmc_method: str = "rk4"  # torchdiffeq solver: fixed-step euler/midpoint/rk4 or
+    # adaptive dopri5/dopri8/bosh3/fehlberg2/adaptive_heun
+    cmc_step_size: float | None = 1e-3  # seconds per step of a fixed-step solver; None
+    # for an adaptive one
+    cmc_rtol: float = 1e-6  # tolerances of an adaptive solver
+    cmc_atol: float = 1e-8
+    cmc_adjoint: bool = False  # gradients by the adjoint method (memory constant in the
+    # steps, about twice the compute) instead of backpropagation through the solver
+    cmc_learn_dynamics: bool = True  # train SPM's log-scale time constants and strengths
+    cmc_readout: str = "top"  # hierarchy: read out the last node ("top") or every node
 
     # -- data ------------------------------------------------------------------------
     batch_size: int = 50  # sequences per training step (paper LM: 20)
@@ -289,25 +310,31 @@ class ExperimentConfig:
         return self
 
     def _validate_model_fields(self, model: ModelKind) -> None:
-        """Refuse the fields of other model families; check the ELM's own."""
-        if model.family == LSTM_FAMILY:
-            changed = self._changed_from_defaults(_ELM_FIELDS)
+        """Refuse the fields of other model families; check the model's own."""
+        for family, (names, what) in _FAMILY_FIELDS.items():
+            changed = self._changed_from_defaults(names) if family != model.family else []
             if changed:
+                cells = " or ".join(n for n, k in MODELS.items() if k.family == family)
                 raise ValueError(
-                    f"{', '.join(changed)}: the elm_* fields shape the ELM neuron only; cell "
-                    f"{self.cell!r} ({model.label}) does not use them (choose --cell elm or "
-                    "branch_elm, or drop them)"
+                    f"{', '.join(changed)}: the {family}_* fields shape {what} only; cell "
+                    f"{self.cell!r} ({model.label}) does not use them (choose --cell {cells}, "
+                    "or drop them)"
                 )
+        if model.family == LSTM_FAMILY:
             return
-        # The ELM is one neuron without gates: the LSTM-family options do not apply.
+        # The ELM, the CMC and the MLP have no gates: the LSTM-family options do not apply.
         changed = self._changed_from_defaults(_LSTM_ONLY_FIELDS)
         if changed:
             defaults = _field_defaults()
             kept = ", ".join(f"{name}={defaults[name]!r}" for name in _LSTM_ONLY_FIELDS)
             raise ValueError(
                 f"{', '.join(changed)}: cell {self.cell!r} ({model.label}) does not use these "
-                f"LSTM-family options (one neuron, no gates, no dropout); leave {kept}"
+                f"LSTM-family options ({_NO_LSTM_OPTIONS[model.family]}); leave {kept}"
             )
+        if model.family == "cmc":
+            self._validate_cmc_fields()
+        if model.family != "elm":
+            return
         _integer("elm_version", self.elm_version, low=1)
         _choice("elm_version", self.elm_version, (1, 2))
         if self.elm_mlp_hidden_size is not None:
@@ -336,6 +363,40 @@ class ExperimentConfig:
                     f"{', '.join(changed)}: these make a Branch-ELM; use --cell branch_elm"
                 )
 
+    def _validate_cmc_fields(self) -> None:
+        _real("cmc_input_scale", self.cmc_input_scale, low=0.0, low_open=True)
+        _real("cmc_integration_time", self.cmc_integration_time, low=0.0, low_open=True)
+        _positive_int("cmc_num_readout_times", self.cmc_num_readout_times)
+        _choice("cmc_method", self.cmc_method, _CMC_FIXED_STEP + _CMC_ADAPTIVE)
+        if self.cmc_method in _CMC_FIXED_STEP:
+            if self.cmc_step_size is None:
+                raise ValueError(
+                    f"cmc_method={self.cmc_method!r} is fixed-step: set cmc_step_size "
+                    "(seconds), e.g. --set cmc_step_size=0.001"
+                )
+            _real(
+                "cmc_step_size", self.cmc_step_size, low=0.0, high=self.cmc_integration_time,
+                low_open=True,
+            )  # fmt: skip
+        elif self.cmc_step_size is not None:
+            raise ValueError(
+                f"cmc_step_size={self.cmc_step_size!r}: the adaptive cmc_method="
+                f"{self.cmc_method!r} chooses its steps from cmc_rtol and cmc_atol; set "
+                "cmc_step_size=none"
+            )
+        _real("cmc_rtol", self.cmc_rtol, low=0.0, low_open=True)
+        _real("cmc_atol", self.cmc_atol, low=0.0, low_open=True)
+        _boolean("cmc_adjoint", self.cmc_adjoint)
+        _boolean("cmc_learn_dynamics", self.cmc_learn_dynamics)
+        _choice("cmc_readout", self.cmc_readout, _CMC_READOUTS)
+        if self.cell == "cmc_hierarchy":
+            _integer("hidden_size (the hierarchy's nodes)", self.hidden_size, low=2)
+        elif self.cmc_readout != "top":
+            raise ValueError(
+                f"cmc_readout={self.cmc_readout!r}: which nodes are read out is an option of "
+                "the hierarchy; use --cell cmc_hierarchy"
+            )
+
     def _changed_from_defaults(self, names: Iterable[str]) -> list[str]:
         """``"name=value"`` of each field in ``names`` that differs from its default."""
         defaults = _field_defaults()
@@ -353,6 +414,23 @@ def _check_model_task(model: ModelKind, task: str) -> None:
 _ELM_FIELDS = tuple(
     f.name for f in dataclasses.fields(ExperimentConfig) if f.name.startswith("elm_")
 )
+_CMC_FIELDS = tuple(
+    f.name for f in dataclasses.fields(ExperimentConfig) if f.name.startswith("cmc_")
+)
+# Each family's own fields (refused for the others unless at their defaults) and what
+# they shape, for the message.
+_FAMILY_FIELDS = {
+    "elm": (_ELM_FIELDS, "the ELM neuron"),
+    "cmc": (_CMC_FIELDS, "the canonical microcircuit"),
+}
+_NO_LSTM_OPTIONS = {
+    "elm": "one neuron, no gates, no dropout",
+    "cmc": "neural-mass columns, no gates, no dropout",
+    "mlp": "one hidden layer, no gates, no dropout",
+}
+_CMC_FIXED_STEP = ("euler", "midpoint", "rk4")  # microcircuits.cmc.models.FIXED_STEP_METHODS
+_CMC_ADAPTIVE = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")  # ADAPTIVE_METHODS
+_CMC_READOUTS = ("top", "all")  # microcircuits.cmc.models.READOUTS
 _LSTM_ONLY_FIELDS = (
     "num_layers", "forget_bias", "dropout", "input_dropout", "output_dropout", "update_dropout",
 )  # fmt: skip
@@ -665,10 +743,11 @@ def load_config(
     Args:
         task: one of :data:`TASKS`, or an alias such as ``wt2``
             (:data:`~microcircuits.task_registry.TASK_KINDS`).
-        cell: ``"lstm"``, ``"sublstm"``, ``"fix_sublstm"``, ``"elm"`` or ``"branch_elm"``,
-            or an alias such as ``fix-sublstm``
+        cell: ``"lstm"``, ``"sublstm"``, ``"fix_sublstm"``, ``"elm"``, ``"branch_elm"``,
+            ``"cmc"``, ``"cmc_hierarchy"`` or ``"mlp"``, or an alias such as ``fix-sublstm``
             (:data:`~microcircuits.model_registry.MODELS`).
-            ``None``: the preset file's cell, else ``"lstm"``.
+            ``None``: the preset file's cell, else the task preset's ``default_cell``
+            (``"cmc"`` for ``mnist``), else ``"lstm"``.
         size: the paper's nominal size. For PTB and WikiText-2 it selects the row of
             Table 2/3 (10, 100, 200 or 650; fix-subLSTM then gets the parameter-matched
             11/115/230/750 units); elsewhere it sets ``hidden_size``. ``None``: the
@@ -697,7 +776,9 @@ def load_config(
             raise ValueError(f"preset file {preset} is for task {user_preset.task!r}, not {task!r}")
         cell = cell if cell is not None else user_preset.cell
         size = size if size is not None else user_preset.size
-    kind = model_kind(cell if cell is not None else "lstm")
+    table = preset_table(task)
+    preset = table.get("preset", {})
+    kind = model_kind(cell if cell is not None else preset.get("default_cell", "lstm"))
     _check_model_task(kind, task)
     if size is not None:
         _positive_int("size", size)
@@ -705,13 +786,11 @@ def load_config(
     _check_known_keys(overrides, "override")
     fields = config_fields()
 
-    table = preset_table(task)
     values: dict[str, Any] = {"task": task, "cell": kind.name}
     values.update(table.get("defaults", {}))
     # values of one cell at every size (e.g. the initial forget bias where the paper
     # gives it for LSTM units only): [cell_defaults.<cell>]
     values.update(table.get("cell_defaults", {}).get(kind.name, {}))
-    preset = table.get("preset", {})
     rows = table.get("rows", {})
     if size is None:
         size = preset.get("default_size")

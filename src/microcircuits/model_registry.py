@@ -9,6 +9,11 @@ lstm_family   ``lstm``, ``sublstm``, ``fix_sublstm``       :func:`microcircuits.
               (the cells of :data:`~.cells.CELLS`)        a stack with gate blocks
 elm           ``elm``, ``branch_elm``                     :class:`microcircuits.ELM`, from
                                                           the config's ``elm_*`` fields
+cmc           ``cmc``, ``cmc_hierarchy``                  :class:`microcircuits.CMCNode`,
+                                                          :class:`microcircuits.CMCHierarchy`,
+                                                          from the ``cmc_*`` fields
+mlp           ``mlp``                                     one hidden layer (a baseline of
+                                                          the CMC's parameter count)
 ============  ==========================================  ===============================
 
 The LSTM-family entries are read from :data:`~microcircuits.cells.CELLS` (names,
@@ -28,7 +33,7 @@ from .cells import CELLS
 __all__ = ["LSTM_FAMILY", "MODELS", "MODEL_FAMILIES", "ModelKind", "model_kind"]
 
 LSTM_FAMILY = "lstm_family"
-MODEL_FAMILIES = (LSTM_FAMILY, "elm")
+MODEL_FAMILIES = (LSTM_FAMILY, "elm", "cmc", "mlp")
 """Every family, each with a model builder in :mod:`microcircuits.tasks.models`."""
 
 
@@ -55,11 +60,22 @@ class ModelKind:
 # The ELM reads the task's output at the last step, so it has a head for the
 # last-step tasks; the language models' heads carry an LSTM's (h, c) between segments.
 _LAST_STEP_TASKS = ("adding", "smnist", "psmnist")
+# The recurrent cells read sequences; the CMC and the MLP classify whole images.
+_SEQUENCE_TASKS = (*_LAST_STEP_TASKS, "ptb", "wikitext2")
+_IMAGE_TASKS = ("mnist",)
 
 _KINDS = (
-    *(ModelKind(k.name, k.label, LSTM_FAMILY, aliases=k.aliases) for k in CELLS.values()),
+    *(
+        ModelKind(k.name, k.label, LSTM_FAMILY, tasks=_SEQUENCE_TASKS, aliases=k.aliases)
+        for k in CELLS.values()
+    ),
     ModelKind("elm", "ELM", "elm", tasks=_LAST_STEP_TASKS),
     ModelKind("branch_elm", "Branch-ELM", "elm", tasks=_LAST_STEP_TASKS, aliases=("branch-elm",)),
+    ModelKind("cmc", "CMC node", "cmc", tasks=_IMAGE_TASKS, aliases=("cmc_node", "cmc-node")),
+    ModelKind(
+        "cmc_hierarchy", "CMC hierarchy", "cmc", tasks=_IMAGE_TASKS, aliases=("cmc-hierarchy",)
+    ),
+    ModelKind("mlp", "MLP", "mlp", tasks=_IMAGE_TASKS),
 )
 MODELS: dict[str, ModelKind] = {kind.name: kind for kind in _KINDS}
 """Every model by name, in the order tables, plots and ``--cell`` help list them."""

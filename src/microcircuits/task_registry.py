@@ -36,8 +36,9 @@ class TaskKind:
 
 _KINDS = (
     TaskKind("adding", "Delayed addition", "mse", higher_is_better=False),
-    TaskKind("smnist", "Sequential MNIST", "accuracy", higher_is_better=True, aliases=("mnist",)),
+    TaskKind("smnist", "Sequential MNIST", "accuracy", higher_is_better=True),
     TaskKind("psmnist", "Permuted sequential MNIST", "accuracy", higher_is_better=True),
+    TaskKind("mnist", "MNIST", "accuracy", higher_is_better=True),
     TaskKind("ptb", "Penn Treebank", "perplexity", higher_is_better=False),
     TaskKind(
         "wikitext2",

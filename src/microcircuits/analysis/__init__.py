@@ -7,6 +7,8 @@ Each analysis is one function returning its data and one plotting function:
 - ``balance``: :func:`excitation_inhibition_balance`, :func:`plot_balance`
 - ``inhibitory-plasticity``: :func:`inhibitory_plasticity`,
   :func:`plot_inhibitory_plasticity`
+- ``cmc-phase`` (of a trained ``--cell cmc`` run): :func:`cmc_phase`,
+  :func:`plot_cmc_phase`
 
 :func:`make_figure` runs one by name and writes PNG, PDF and the data as CSV;
 :data:`FIGURES` lists the names with a description. Plots use matplotlib's Agg canvas
@@ -24,17 +26,20 @@ from .gating import (
     simulate_lif_rate,
 )
 from .gradients import GradientData, depth_only_factor, gradient_flow, plot_gradients
+from .phase import CMCPhase, cmc_phase, plot_cmc_phase
 from .plasticity import PlasticityData, inhibitory_plasticity, plot_inhibitory_plasticity
 from .recording import GateRecord, record_layer, record_module
 
 __all__ = [
     "FIGURES",
     "BalanceData",
+    "CMCPhase",
     "GateRecord",
     "GatingData",
     "GradientData",
     "LIFParameters",
     "PlasticityData",
+    "cmc_phase",
     "depth_only_factor",
     "excitation_inhibition_balance",
     "gating_curves",
@@ -43,6 +48,7 @@ __all__ = [
     "lif_rate_approximation",
     "make_figure",
     "plot_balance",
+    "plot_cmc_phase",
     "plot_gating",
     "plot_gradients",
     "plot_inhibitory_plasticity",

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import balance, gating, gradients, plasticity
+from . import balance, gating, gradients, phase, plasticity
 from .style import save_figure
 
 __all__ = ["FIGURES", "make_figure"]
@@ -50,6 +50,13 @@ _REGISTRY: dict[str, _Figure] = {
         plasticity.inhibitory_plasticity,
         plasticity.plot_inhibitory_plasticity,
         plasticity.write_plasticity_csv,
+    ),
+    "cmc-phase": _Figure(
+        "Trajectories of a trained CMC node's four populations (voltages and phase planes) "
+        "for test images of different digits; needs --runs RUN_DIR of --cell cmc",
+        phase.cmc_phase,
+        phase.plot_cmc_phase,
+        phase.write_cmc_phase_csv,
     ),
 }
 

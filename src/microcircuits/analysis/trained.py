@@ -29,7 +29,10 @@ __all__ = ["TRAINED_FIGURES", "trained_figure"]
 
 logger = logging.getLogger(__name__)
 
-TRAINED_FIGURES = ("gradients", "balance")
+TRAINED_FIGURES = ("gradients", "balance", "cmc-phase")
+# Figures of a trained run alone (no network at initialisation beside it); their data
+# function reads the run directories itself.
+_RUN_ONLY_FIGURES = ("cmc-phase",)
 
 
 def _measure(
@@ -83,16 +86,19 @@ def trained_figure(
     stem: str | None = None,
     **options: Any,
 ) -> list[Path]:
-    """Write figure ``name`` (``gradients`` or ``balance``) for trained runs.
+    """Write figure ``name`` (``gradients``, ``balance`` or ``cmc-phase``) for trained runs.
 
     Args:
         name: one of :data:`TRAINED_FIGURES`.
-        run_dirs: run directories (one per cell, same task, for a comparison).
+        run_dirs: run directories (one per cell, same task, for a comparison;
+            ``cmc-phase``: one CMC run).
         out_dir: where PNG, PDF and CSV go.
         checkpoint: ``"best"`` or ``"last"``.
-        batch: test sequences measured per run.
-        include_init: also measure each network at its initialisation.
-        stem: file name stem (default ``NAME-trained``).
+        batch: test sequences measured per run (not used by ``cmc-phase``, which takes
+            one test image per class of its ``classes`` option).
+        include_init: also measure each network at its initialisation (not
+            ``cmc-phase``).
+        stem: file name stem (default ``NAME-trained``; ``cmc-phase``: ``cmc-phase``).
         **options: further options of the analysis (e.g. ``threshold`` for balance).
 
     Returns:
@@ -102,9 +108,13 @@ def trained_figure(
         raise ValueError(f"figure {name!r} takes no runs; runs work with {list(TRAINED_FIGURES)}")
     if not run_dirs:
         raise ValueError("run_dirs is empty: give at least one run directory")
-    data = _measure(name, run_dirs, checkpoint, batch, include_init, options)
     figure = _REGISTRY[name]
-    stem = stem or f"{name}-trained"
+    if name in _RUN_ONLY_FIGURES:
+        data = figure.compute(list(run_dirs), checkpoint=checkpoint, **options)
+        stem = stem or name
+    else:
+        data = _measure(name, run_dirs, checkpoint, batch, include_init, options)
+        stem = stem or f"{name}-trained"
     out_dir = Path(out_dir)
     paths = save_figure(figure.plot(data), out_dir, stem)
     paths.append(figure.write_csv(data, out_dir / f"{stem}.csv"))

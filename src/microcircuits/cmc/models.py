@@ -65,6 +65,7 @@ class _CMCModel(nn.Module):
         rtol: float,
         atol: float,
         adjoint: bool,
+        input_scale: float,
         device: torch.device | str | None,
         dtype: torch.dtype | None,
     ) -> None:
@@ -85,6 +86,7 @@ class _CMCModel(nn.Module):
         self.rtol = _check_positive_real("rtol", rtol)
         self.atol = _check_positive_real("atol", atol)
         self.adjoint = check_bool("adjoint", adjoint)
+        self.input_scale = _check_positive_real("input_scale", input_scale)
         self.encoder = nn.Linear(self.input_size, drive_size, device=device, dtype=dtype)
 
     def readout_times(self) -> Tensor:
@@ -96,7 +98,8 @@ class _CMCModel(nn.Module):
         return times[1:].to(weight.device)
 
     def _encode(self, images: object) -> Tensor:
-        """``(B, *)`` images, ``input_size`` numbers each -> drive ``(B, drive_size)``."""
+        """``(B, *)`` images, ``input_size`` numbers each -> drive
+        ``input_scale * (W_in x + b_in)``, ``(B, drive_size)``."""
         images = check_tensor("images", images)
         check_matches_parameters("images", images, self.encoder.weight)
         if images.dim() < 2 or images[0].numel() != self.input_size:
@@ -104,16 +107,37 @@ class _CMCModel(nn.Module):
                 f"images must have shape (B, ...) with input_size = {self.input_size} numbers "
                 f"per sample, got {tuple(images.shape)}"
             )
-        return self.encoder(images.flatten(1))
+        drive = self.encoder(images.flatten(1))
+        return drive if self.input_scale == 1.0 else self.input_scale * drive
+
+    def _solution_times(self, times: Tensor | None) -> Tensor:
+        """``times`` checked (1-D, from 0, increasing), or 0 and :meth:`readout_times`."""
+        if times is None:
+            readout = self.readout_times()
+            return torch.cat([readout.new_zeros(1), readout])
+        times = check_tensor("times", times)
+        if times.dim() != 1 or times.numel() < 2 or times[0].item() != 0.0:
+            raise ValueError(
+                f"times must be 1-D, start at 0 and hold at least 2 times, got shape "
+                f"{tuple(times.shape)}"
+            )
+        if not bool((times[1:] > times[:-1]).all()):
+            raise ValueError("times must increase strictly")
+        weight = self.encoder.weight
+        return times.to(device=weight.device, dtype=weight.dtype)
 
     def _integrate(
-        self, field: Callable[[Tensor, Tensor], Tensor], x0: Tensor, params: Sequence[Tensor]
+        self,
+        field: Callable[[Tensor, Tensor], Tensor],
+        x0: Tensor,
+        params: Sequence[Tensor],
+        times: Tensor | None = None,
     ) -> Tensor:
-        """Solve ``dx/dt = field(t, x)`` from ``x0`` at time 0; the states at time 0 and at
-        :meth:`readout_times`, ``(1 + num_readout_times, *x0.shape)``. ``params`` are the
-        tensors the adjoint differentiates (everything ``field`` uses that needs a grad)."""
-        readout = self.readout_times()
-        times = torch.cat([readout.new_zeros(1), readout])
+        """Solve ``dx/dt = field(t, x)`` from ``x0`` at time 0; the states at ``times``
+        (default: 0 and :meth:`readout_times`), ``(len(times), *x0.shape)``. ``params`` are
+        the tensors the adjoint differentiates (everything ``field`` uses that needs a
+        grad)."""
+        times = self._solution_times(times)
         options = {"step_size": self.step_size} if self.step_size is not None else None
         kwargs = dict(rtol=self.rtol, atol=self.atol, method=self.method, options=options)
         if self.adjoint and torch.is_grad_enabled():
@@ -124,7 +148,8 @@ class _CMCModel(nn.Module):
         step = f", step_size={self.step_size}" if self.step_size is not None else ""
         return (
             f"integration_time={self.integration_time}, num_readout_times="
-            f"{self.num_readout_times}, method={self.method!r}{step}, adjoint={self.adjoint}"
+            f"{self.num_readout_times}, method={self.method!r}{step}, adjoint={self.adjoint}, "
+            f"input_scale={self.input_scale}"
         )
 
 
@@ -162,6 +187,10 @@ class CMCNode(_CMCModel):
         adjoint: gradients by the adjoint method (memory constant in the number of steps,
             about twice the compute) instead of backpropagation through the steps. Ours:
             off, since a column's state is 8 numbers and storing the steps costs little.
+        input_scale: a fixed factor on the encoder's output, so that the drive reaches
+            the sigmoid's nonlinear range (voltages of order 1/R = 1.5) from an encoder at
+            torch's default initialisation (|W_in x| about 1 on MNIST, which leaves the
+            voltages at 0.003-0.04 and the column nearly linear); 1: none.
         learn_dynamics: train SPM's log-scale parameters (else fixed at the prior).
         device, dtype: of the parameters.
 
@@ -186,6 +215,7 @@ class CMCNode(_CMCModel):
         rtol: float = 1e-6,
         atol: float = 1e-8,
         adjoint: bool = False,
+        input_scale: float = 1.0,
         learn_dynamics: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -201,6 +231,7 @@ class CMCNode(_CMCModel):
             rtol=rtol,
             atol=atol,
             adjoint=adjoint,
+            input_scale=input_scale,
             device=device,
             dtype=dtype,
         )
@@ -217,9 +248,9 @@ class CMCNode(_CMCModel):
         features = self.num_readout_times * num_columns * 4
         self.readout = nn.Linear(features, self.output_size, device=device, dtype=dtype)
 
-    def trajectory(self, images: Tensor) -> Tensor:
-        """The columns' states at time 0 and at :meth:`readout_times`,
-        ``(1 + num_readout_times, B, num_columns, 8)``."""
+    def trajectory(self, images: Tensor, times: Tensor | None = None) -> Tensor:
+        """The columns' states at ``times`` (s; 1-D, from 0, increasing; default: 0 and
+        :meth:`readout_times`), ``(len(times), B, num_columns, 8)``."""
         drive = self._encode(images)  # (B, K)
         x0 = drive.new_zeros(drive.shape + (NUM_STATES,))
         dynamics = (self.log_T, self.log_G, self.log_S, self.log_C)
@@ -227,7 +258,7 @@ class CMCNode(_CMCModel):
         def field(t: Tensor, x: Tensor) -> Tensor:
             return cmc_dynamics(x, drive, *dynamics)
 
-        return self._integrate(field, x0, (drive,) + dynamics)
+        return self._integrate(field, x0, (drive,) + dynamics, times)
 
     def forward(self, images: Tensor) -> Tensor:
         voltages = self.trajectory(images)[1:, ..., 0::2]  # (R, B, K, 4)
@@ -272,7 +303,7 @@ class CMCHierarchy(_CMCModel):
             ``j`` to node ``i``; ``None`` for the chain.
         readout: ``"top"`` or ``"all"``.
         integration_time, num_readout_times, method, step_size, rtol, atol, adjoint,
-        learn_dynamics, device, dtype: as :class:`CMCNode`.
+        input_scale, learn_dynamics, device, dtype: as :class:`CMCNode`.
 
     Parameters: ``encoder`` (``Linear(input_size, 1)``), ``log_A`` ``(4, n, n)`` (only the
     masked-in entries are used and trained), per node ``log_T``/``log_G`` ``(n, 4)`` and
@@ -295,6 +326,7 @@ class CMCHierarchy(_CMCModel):
         rtol: float = 1e-6,
         atol: float = 1e-8,
         adjoint: bool = False,
+        input_scale: float = 1.0,
         learn_dynamics: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -309,6 +341,7 @@ class CMCHierarchy(_CMCModel):
             rtol=rtol,
             atol=atol,
             adjoint=adjoint,
+            input_scale=input_scale,
             device=device,
             dtype=dtype,
         )
@@ -347,9 +380,9 @@ class CMCHierarchy(_CMCModel):
         """``log_A`` with ``-inf`` where the mask has no link, ``(4, n, n)``."""
         return self.log_A.masked_fill(~self.extrinsic_mask, float("-inf"))
 
-    def trajectory(self, images: Tensor) -> Tensor:
-        """The nodes' states at time 0 and at :meth:`readout_times`,
-        ``(1 + num_readout_times, B, n, 8)``."""
+    def trajectory(self, images: Tensor, times: Tensor | None = None) -> Tensor:
+        """The nodes' states at ``times`` (as :meth:`CMCNode.trajectory`),
+        ``(len(times), B, n, 8)``."""
         drive = self._encode(images)  # (B, 1)
         inputs = torch.cat([drive, drive.new_zeros(drive.shape[0], self.num_nodes - 1)], 1)
         x0 = inputs.new_zeros(inputs.shape + (NUM_STATES,))
@@ -359,7 +392,7 @@ class CMCHierarchy(_CMCModel):
         def field(t: Tensor, x: Tensor) -> Tensor:
             return cmc_network_dynamics(x, inputs, log_A, *dynamics)
 
-        return self._integrate(field, x0, (inputs, log_A) + dynamics)
+        return self._integrate(field, x0, (inputs, log_A) + dynamics, times)
 
     def forward(self, images: Tensor) -> Tensor:
         states = self.trajectory(images)[1:]  # (R, B, n, 8)

@@ -10,12 +10,15 @@ task          model                                 loss          metric
 adding        RNN -> linear readout of last step    MSE           MSE
 smnist        RNN over 784 pixels -> 10 classes     cross-entr.   accuracy
 psmnist       same, pixels in a fixed random order  cross-entr.   accuracy
+mnist         image -> CMC or MLP -> 10 classes      cross-entr.   accuracy
 ptb           embedding -> RNN -> decoder           cross-entr.   perplexity
 wikitext2     same                                  cross-entr.   perplexity
 ============  ====================================  ============  ===========
 
 "RNN" is the model of ``config.cell``: an LSTM-family stack, or on the last-step tasks
-(adding, smnist, psmnist) the ELM neuron (:func:`~.models.make_last_step_model`).
+(adding, smnist, psmnist) the ELM neuron (:func:`~.models.make_last_step_model`). The
+image task (mnist) classifies whole images with a canonical microcircuit or an MLP
+(:func:`~.models.make_image_model`).
 """
 
 from __future__ import annotations
@@ -29,12 +32,15 @@ from ..config import ExperimentConfig
 from ..task_registry import TASK_KINDS, TaskKind, task_kind
 from .adding import AddingTask
 from .base import Batch, Carry, Evaluation, Task, data_seed
+from .images import MNISTTask
 from .language import LanguageModelTask
 from .mnist import SequentialMNISTTask
 from .models import (
     ELMLastStep,
     LanguageModel,
     LastStepReadout,
+    MLPClassifier,
+    make_image_model,
     make_last_step_model,
     make_recurrent_stack,
 )
@@ -48,11 +54,14 @@ __all__ = [
     "LanguageModel",
     "LanguageModelTask",
     "LastStepReadout",
+    "MLPClassifier",
+    "MNISTTask",
     "SequentialMNISTTask",
     "TASK_KINDS",
     "Task",
     "TaskKind",
     "data_seed",
+    "make_image_model",
     "make_last_step_model",
     "make_recurrent_stack",
     "make_task",
@@ -65,6 +74,7 @@ _TASK_CLASSES: dict[str, Callable[[ExperimentConfig, torch.device], Task]] = {
     "adding": AddingTask,
     "smnist": SequentialMNISTTask,
     "psmnist": partial(SequentialMNISTTask, permuted=True),
+    "mnist": MNISTTask,
     "ptb": LanguageModelTask,
     "wikitext2": LanguageModelTask,
 }

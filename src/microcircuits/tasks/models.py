@@ -8,14 +8,21 @@ The last-step tasks (adding, sequential MNIST) build their model with
 becomes :class:`ELMLastStep`, whose own readout is the task's. A new family (e.g. a
 canonical-microcircuit model) adds an entry to the registry and a builder here. The
 language model wraps an LSTM-family stack only.
+
+The image tasks (static MNIST) build theirs with :func:`make_image_model` from
+:data:`IMAGE_BUILDERS`: the canonical microcircuit (:func:`make_cmc`, a
+:class:`~microcircuits.CMCNode` or :class:`~microcircuits.CMCHierarchy` from the
+``cmc_*`` fields) or the one-hidden-layer :class:`MLPClassifier` baseline.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor, nn
 
+from ..cmc import CMCHierarchy, CMCNode
 from ..config import ExperimentConfig
 from ..elm import ELM
 from ..model_registry import LSTM_FAMILY, model_kind
@@ -24,10 +31,14 @@ from .cross_entropy import linear_cross_entropy
 
 __all__ = [
     "ELMLastStep",
+    "IMAGE_BUILDERS",
     "LAST_STEP_BUILDERS",
     "LanguageModel",
     "LastStepReadout",
+    "MLPClassifier",
+    "make_cmc",
     "make_elm",
+    "make_image_model",
     "make_last_step_model",
     "make_recurrent_stack",
 ]
@@ -151,6 +162,64 @@ def make_last_step_model(config: ExperimentConfig, input_size: int, out_features
         A module mapping ``(T, B, input_size)`` to ``(B, out_features)``.
     """
     return LAST_STEP_BUILDERS[model_kind(config.cell).family](config, input_size, out_features)
+
+
+def make_cmc(config: ExperimentConfig, input_size: int, output_size: int) -> CMCNode | CMCHierarchy:
+    """The canonical microcircuit of ``config``: a :class:`~microcircuits.CMCNode` of
+    ``hidden_size`` columns (``cell="cmc"``) or a :class:`~microcircuits.CMCHierarchy` of
+    ``hidden_size`` chained nodes (``cell="cmc_hierarchy"``), solver from ``cmc_*``."""
+    solver = dict(
+        integration_time=config.cmc_integration_time,
+        num_readout_times=config.cmc_num_readout_times,
+        method=config.cmc_method,
+        step_size=config.cmc_step_size,
+        rtol=config.cmc_rtol,
+        atol=config.cmc_atol,
+        adjoint=config.cmc_adjoint,
+        input_scale=config.cmc_input_scale,
+        learn_dynamics=config.cmc_learn_dynamics,
+    )
+    if model_kind(config.cell).name == "cmc_hierarchy":
+        return CMCHierarchy(
+            input_size, output_size, config.hidden_size, readout=config.cmc_readout, **solver
+        )
+    return CMCNode(input_size, output_size, num_columns=config.hidden_size, **solver)
+
+
+class MLPClassifier(nn.Module):
+    """``Linear -> ReLU -> Linear``: the baseline of a parameter count near the CMC's.
+
+    Args:
+        input_size: numbers per image.
+        hidden_size: hidden units.
+        output_size: classes.
+
+    Input: images ``(B, ...)`` with ``input_size`` numbers each. Output: ``(B, output_size)``.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, output_size: int) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(input_size, hidden_size)
+        self.readout = nn.Linear(hidden_size, output_size)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.readout(torch.relu(self.hidden(images.flatten(1))))
+
+
+ImageBuilder = Callable[[ExperimentConfig, int, int], nn.Module]
+
+IMAGE_BUILDERS: dict[str, ImageBuilder] = {
+    "cmc": make_cmc,
+    "mlp": lambda config, inputs, outputs: MLPClassifier(inputs, config.hidden_size, outputs),
+}
+"""For each model family that classifies whole images, ``build(config, input_size,
+out_features)``."""
+
+
+def make_image_model(config: ExperimentConfig, input_size: int, out_features: int) -> nn.Module:
+    """The model of ``config.cell`` for an image task: ``(B, ...)`` images, ``input_size``
+    numbers each, to ``(B, out_features)`` logits."""
+    return IMAGE_BUILDERS[model_kind(config.cell).family](config, input_size, out_features)
 
 
 class LanguageModel(nn.Module):
