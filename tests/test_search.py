@@ -161,8 +161,9 @@ def test_a_killed_search_resumes_and_retries_the_dead_trial(tmp_path: Path) -> N
     # Checkpoints every 5 steps: each trial of the first command then lasts a second or
     # two, long enough to be caught running; a checkpoint interval may change on resume.
     settings = [f"--set={k}={v}" for k, v in (trials | {"checkpoint_every": 5}).items()]
+    # Killed in its last trial: every slot is taken, one by a dead running trial.
     command = [
-        sys.executable, "-m", "microcircuits", "-q", "search", "adding", "--trials", "4",
+        sys.executable, "-m", "microcircuits", "-q", "search", "adding", "--trials", "2",
         "--out", str(tmp_path), "--heartbeat", "1", "--pruner", "none", *settings,
     ]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -176,16 +177,17 @@ def test_a_killed_search_resumes_and_retries_the_dead_trial(tmp_path: Path) -> N
     assert process.returncode == -signal.SIGKILL, stderr.decode()[-2000:]
     before = {t.number: t.state for t in _load(tmp_path).get_trials()}
     assert before == {0: TrialState.COMPLETE, 1: TrialState.RUNNING}, "trial 1 was not caught"
-    time.sleep(5.0)  # the grace period (twice the heartbeat) passes, with room on busy machines
 
+    # At once (no grace period to wait for): the dead process was of this machine.
     spec = SearchSpec(
-        "adding", n_trials=4, out_dir=str(tmp_path), heartbeat_interval=1, pruner="none",
+        "adding", n_trials=2, out_dir=str(tmp_path), heartbeat_interval=60, pruner="none",
         overrides=trials | {"checkpoint_every": 50},
     )  # fmt: skip
     result = run_search(spec)
-    trials = _check_complete_numbering(_load(tmp_path), 4)
+    trials = _check_complete_numbering(_load(tmp_path), 3)
+    # The retry takes the dead trial's slot.
     assert [t.state for t in trials] == [
-        TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE
+        TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE
     ]  # fmt: skip
     dead, retry = trials[1], trials[2]
     assert retry.system_attrs["failed_trial"] == 1
@@ -195,7 +197,53 @@ def test_a_killed_search_resumes_and_retries_the_dead_trial(tmp_path: Path) -> N
     meta = json.loads((Path(dead.user_attrs["run_dir"]) / "meta.json").read_text())
     assert len(meta["resumes"]) == 1 and meta["resumes"][0]["at_step"] >= 5
     assert retry.user_attrs["steps"] == 300
-    assert result.states == {"COMPLETE": 3, "FAIL": 1}
+    assert result.states == {"COMPLETE": 2, "FAIL": 1}
+
+
+def test_a_killed_worker_is_retried_by_its_command(tmp_path: Path) -> None:
+    trials = TINY | {"steps_per_epoch": 100, "epochs": 3, "checkpoint_every": 5}
+    settings = [f"--set={k}={v}" for k, v in trials.items()]
+    command = [
+        sys.executable, "-m", "microcircuits", "-q", "search", "adding", "--trials", "3",
+        "--workers", "2", "--out", str(tmp_path), "--pruner", "none", *settings,
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
+    # The last trial: once it runs, every slot is taken.
+    checkpoint = tmp_path / "trials" / "trial-0002" / "checkpoints" / "last.safetensors"
+    killed = None
+    try:
+        _wait_for(lambda: checkpoint.exists() or process.poll() is not None, 180, "trial 2")
+        last = next(t for t in _load(tmp_path).get_trials() if t.number == 2)
+        if last.state == TrialState.RUNNING:
+            killed = int(last.user_attrs["worker"].removeprefix("pid "))
+            os.kill(killed, signal.SIGKILL)  # no chance to clean up: a crash
+        stdout, stderr = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert killed is not None, "trial 2 was not caught running"
+    errors = stderr.decode()
+    assert process.returncode == 0, errors[-3000:]
+    assert "Traceback" not in errors and f"(pid {killed}) is gone" in errors
+    trials = _check_complete_numbering(_load(tmp_path), 4)
+    assert [t.state for t in trials].count(TrialState.COMPLETE) == 3
+    dead, retry = trials[2], trials[3]
+    assert dead.state == TrialState.FAIL and retry.state == TrialState.COMPLETE
+    assert retry.system_attrs["failed_trial"] == 2
+    assert retry.params == dead.params and retry.user_attrs["seed"] == dead.user_attrs["seed"]
+    assert retry.user_attrs["run_dir"] == dead.user_attrs["run_dir"]
+    meta = json.loads((Path(dead.user_attrs["run_dir"]) / "meta.json").read_text())
+    assert len(meta["resumes"]) == 1 and meta["resumes"][0]["at_step"] >= 5
+    assert retry.user_attrs["steps"] == 300
+    assert "3 complete, 1 fail" in stdout.decode()
+
+    # The same command again: the study is done, nothing is added.
+    again = subprocess.run(command, capture_output=True, timeout=300)
+    assert again.returncode == 0, again.stderr.decode()[-3000:]
+    assert len(_load(tmp_path).get_trials()) == 4
 
 
 # -- the space and the outputs ----------------------------------------------------------

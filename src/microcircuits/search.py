@@ -27,9 +27,12 @@ PostgreSQL or MySQL), so no two workers can both take the last slot.
 Running trials send a heartbeat to the storage. A trial whose process died (killed,
 machine lost) stops beating; after the grace period the next worker to start a trial
 marks it failed and queues a retry with the same parameters, seed and run directory,
-which resumes the dead trial's training from its last checkpoint. A dead trial thus
-counts as one failed trial, and its retry as another trial. Rerunning the command
-continues a study (``load_if_exists``).
+which resumes the dead trial's training from its last checkpoint. A trial whose worker
+ran on this machine and is gone is treated so at once: by the command whose worker
+died (it then finishes the study itself) and by a command started again. The retry
+takes the dead trial's slot: a failed trial with a retry does not count towards
+``n_trials`` (a retry that dies too is not retried again, and counts as failed).
+Rerunning the command continues a study (``load_if_exists``).
 
 Outputs, in ``<out>``: ``best_preset.toml`` (the best trial's values as a preset file
 for ``microcircuits train TASK --preset``), ``optimization_history.png`` and
@@ -44,9 +47,10 @@ import logging
 import math
 import multiprocessing
 import os
+import socket
 import sys
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -83,7 +87,8 @@ logger = logging.getLogger(__name__)
 
 PRUNERS = ("median", "halving", "none")
 COUNTED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
-"""A trial in one of these states has taken one of the study's ``n_trials`` slots."""
+"""A trial in one of these states has taken one of the study's ``n_trials`` slots, unless
+it failed and a retry replaces it."""
 
 # Overrides that say where and how a run is observed, not what it computes: a command
 # joining a study may change them, and the best preset leaves them out.
@@ -479,7 +484,65 @@ class _TrialClaim:
 
 
 def _counted_trials(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=COUNTED_STATES))
+    """Trials that take a slot: finished or running, less failed ones that a retry
+    replaces (the retry, waiting or not, takes their slot instead)."""
+    trials = study.get_trials(deepcopy=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        replaced = {number for t in trials for number in _RETRY.retry_history(t)}
+    return sum(
+        t.state in COUNTED_STATES and not (t.state == TrialState.FAIL and t.number in replaced)
+        for t in trials
+    )
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. no permission: it exists
+        return True
+    return True
+
+
+def _fail_dead_trials(study: optuna.Study, dead_pids: Collection[int] = ()) -> None:
+    """Fail the study's dead running trials and queue their retries (as Optuna's
+    heartbeat check does), holding the trial claim.
+
+    Dead: silent for the grace period, or run by a worker of this machine whose process
+    is in ``dead_pids`` or no longer exists.
+    """
+    storage = study._storage
+    host = socket.gethostname()
+    orphans = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = str(trial.user_attrs.get("worker", ""))
+        if trial.user_attrs.get("host") != host or not worker.startswith("pid "):
+            continue
+        try:
+            pid = int(worker[len("pid ") :])
+        except ValueError:
+            continue
+        if pid != os.getpid() and (pid in dead_pids or not _process_alive(pid)):
+            orphans.append(trial)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        get_retry = getattr(storage, "get_heartbeat_stale_trial_callback", None)
+        retry = get_retry() if get_retry else storage.get_failed_trial_callback()
+        for trial in orphans:
+            try:
+                if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                    continue
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # another process got there first
+            logger.warning(
+                "trial %d: its worker (%s) is gone; marked failed, a retry is queued",
+                trial.number, trial.user_attrs["worker"],
+            )  # fmt: skip
+            if retry is not None:
+                retry(study, storage.get_trial(trial._trial_id))
+        optuna.storages.fail_stale_trials(study)
 
 
 # -- one trial --------------------------------------------------------------------------
@@ -527,6 +590,7 @@ class _Objective:
         trial.set_user_attr("seed", seed)
         trial.set_user_attr("run_dir", str(run_dir.resolve()))
         trial.set_user_attr("worker", f"pid {os.getpid()}")
+        trial.set_user_attr("host", socket.gethostname())
         resumes = original is not None and checkpoint_file(run_dir / "checkpoints", "last").exists()
         return config, resumes
 
@@ -563,8 +627,12 @@ class _Objective:
 # -- workers ----------------------------------------------------------------------------
 
 
-def _optimise(spec: SearchSpec, worker: int) -> None:
-    """Run trials of the study until it holds ``spec.n_trials`` of them."""
+def _optimise(spec: SearchSpec, worker: int, dead_pids: Collection[int] = ()) -> None:
+    """Run trials of the study until it holds ``spec.n_trials`` of them.
+
+    ``dead_pids``: processes of this machine known dead, whose running trials are
+    failed and retried (as are those of any other vanished process of this machine).
+    """
     space = load_search_space(spec.task, spec.cell, spec.space_file)
     storage = open_storage(
         spec.storage, heartbeat_interval=spec.heartbeat_interval, grace_period=spec.grace_period
@@ -583,10 +651,12 @@ def _optimise(spec: SearchSpec, worker: int) -> None:
         while True:
             claim.acquire()
             try:
+                # Under the claim: fail dead trials (queueing their retries, which take
+                # their slots), count, then take a queued retry or create a trial; the
+                # objective releases the claim first.
+                _fail_dead_trials(study, dead_pids)
                 if _counted_trials(study) >= spec.n_trials:
                     return
-                # Under the claim: fail dead trials (queueing their retries), then take a
-                # queued retry or create a trial; the objective releases the claim first.
                 study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
             finally:
                 claim.release()
@@ -647,11 +717,19 @@ def _run_workers(spec: SearchSpec) -> None:
             process.join()
         raise
     failed = [(p.name, p.exitcode) for p in processes if p.exitcode != 0]
-    if failed:
+    if not failed:
+        return
+    # A worker killed (or failed) mid-trial leaves that trial running: fail it, queue
+    # its retry (from its last checkpoint) and finish the study here.
+    logger.warning("search worker(s) %s stopped early; their trials are retried here", failed)
+    try:
+        _optimise(spec, spec.workers, {p.pid for p in processes if p.exitcode != 0})
+    except Exception as error:
         raise RuntimeError(
-            f"search worker(s) {failed} exited with an error (see their messages above); "
+            f"search worker(s) {failed} exited with an error (see their messages above), "
+            f"and finishing the study here failed ({type(error).__name__}: {error}); "
             "the study is kept: run the same command again to continue it"
-        )
+        ) from error
 
 
 # -- the study --------------------------------------------------------------------------
@@ -763,7 +841,8 @@ def run_search(spec: SearchSpec) -> SearchResult:
         ValueError: bad settings, a search space that gives invalid configs, or a
             study of that name made for another experiment.
         microcircuits.data.DataError: the task's data is missing or corrupt.
-        RuntimeError: a worker process failed (the study is kept).
+        RuntimeError: a worker process failed and its trials could not be finished by
+            this process (the study is kept).
     """
     spec = spec.resolved()
     space = load_search_space(spec.task, spec.cell, spec.space_file)
