@@ -16,9 +16,17 @@ import csv
 import sys
 from pathlib import Path
 
+from microcircuits.model_registry import MODELS
+
 ROOT = Path(__file__).resolve().parents[1]
-TASKS = {"ptb": "PTB", "wikitext2": "WikiText-2", "smnist": "sMNIST", "psmnist": "psMNIST"}
-CELLS = {"lstm": "LSTM", "sublstm": "subLSTM", "fix_sublstm": "fix-subLSTM"}
+TASKS = {
+    "ptb": "PTB",
+    "wikitext2": "WikiText-2",
+    "smnist": "sMNIST",
+    "psmnist": "psMNIST",
+    "mnist": "MNIST",
+}
+CELLS = {name: kind.label for name, kind in MODELS.items()}  # the models' labels, in order
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
@@ -50,8 +58,8 @@ def rows(results: Path) -> list[str]:
         records.sort(key=lambda r: (int(r["size"]), order.get(r["cell"], 99)))
         for r in records:
             metric = r["metric"]
-            lm = task in ("ptb", "wikitext2")
-            name = f"{label}, size {r['size']}" if lm else f"{label}, {r['size']} units"
+            sized = task in ("ptb", "wikitext2", "mnist")  # a table row, not hidden units
+            name = f"{label}, size {r['size']}" if sized else f"{label}, {r['size']} units"
             epochs = f"{round(float(r['epochs'] or 0), 1):g}"
             cells = [
                 name,
