@@ -212,3 +212,11 @@ def test_config_round_trips_through_json() -> None:
 def test_every_task_has_a_valid_preset() -> None:
     for task in TASKS:
         assert load_config(task).task == task
+
+
+@pytest.mark.parametrize("key", ["task", "cell", "size"])
+def test_overrides_cannot_change_what_selects_the_preset(key: str) -> None:
+    """``--set task=ptb`` on an adding run would train PTB with the adding preset."""
+    value = {"task": "ptb", "cell": "sublstm", "size": 100}[key]
+    with pytest.raises(ValueError, match=rf"{key} cannot be overridden .*{key}="):
+        load_config("adding", "lstm", 32, {key: value})

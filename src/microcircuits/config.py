@@ -784,6 +784,14 @@ def load_config(
         _positive_int("size", size)
     overrides = dict(overrides or {})
     _check_known_keys(overrides, "override")
+    # task, cell and size choose the preset and its row: overriding them afterwards would
+    # train one experiment with another's hyperparameters
+    for key, argument in (("task", "the task"), ("cell", "--cell"), ("size", "--size")):
+        if key in overrides:
+            raise ValueError(
+                f"{key} cannot be overridden (got {key}={overrides[key]!r}): it selects the "
+                f"preset and its row; give it as {argument} instead"
+            )
     fields = config_fields()
 
     values: dict[str, Any] = {"task": task, "cell": kind.name}
