@@ -20,7 +20,8 @@ from microcircuits.analysis.trained import trained_figure
 from microcircuits.checkpoint import load_checkpoint
 from microcircuits.config import ExperimentConfig, load_config
 from microcircuits.report import write_report
-from microcircuits.tasks import MLPClassifier, images, make_task
+from microcircuits.tasks import MLPClassifier, make_task
+from microcircuits.tasks import mnist as mnist_tasks
 from microcircuits.train import RunResult, train
 
 IMAGE_MODELS = ("cmc", "cmc_hierarchy", "mlp")
@@ -48,8 +49,9 @@ def _synthetic_mnist(split: str, data_dir=None, *, download: bool = True):
 
 @pytest.fixture
 def tiny_mnist(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(images, "load_mnist", _synthetic_mnist)
-    monkeypatch.setattr(images, "VALIDATION_SIZE", 100)
+    # the MNIST tasks read the files and cut the split in their shared base
+    monkeypatch.setattr(mnist_tasks, "load_mnist", _synthetic_mnist)
+    monkeypatch.setattr(mnist_tasks, "VALIDATION_SIZE", 100)
 
 
 def _parameters(model: torch.nn.Module) -> int:

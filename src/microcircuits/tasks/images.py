@@ -9,7 +9,6 @@ images held out for validation, the model trained on the first 55,000.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -17,10 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ExperimentConfig
-from ..data import load_mnist
 from ..task_registry import TASK_KINDS
-from .base import Batch, Carry, Evaluation, Probe, check_split
-from .mnist import CLASSES, VALIDATION_SIZE
+from .base import Probe
+from .mnist import CLASSES, VALIDATION_SIZE, MNISTClassification
 from .models import make_image_model
 
 __all__ = ["IMAGE_SHAPE", "MNISTTask"]
@@ -28,7 +26,7 @@ __all__ = ["IMAGE_SHAPE", "MNISTTask"]
 IMAGE_SHAPE = (28, 28)
 
 
-class MNISTTask:
+class MNISTTask(MNISTClassification):
     """Whole-image MNIST classification (task ``mnist``)."""
 
     name = "mnist"
@@ -36,22 +34,15 @@ class MNISTTask:
     higher_is_better = TASK_KINDS["mnist"].higher_is_better
 
     def __init__(self, config: ExperimentConfig, device: torch.device) -> None:
-        self.config = config
-        self.device = device
-        images, labels = load_mnist("train", config.data_dir, download=config.download)
-        test_images, test_labels = load_mnist("test", config.data_dir, download=config.download)
-        cut = images.shape[0] - VALIDATION_SIZE
-        # uint8 (N, 28, 28) on the device, moved once; scaled per batch.
-        self._splits = {
-            "train": (images[:cut].to(device), labels[:cut].to(device)),
-            "valid": (images[cut:].to(device), labels[cut:].to(device)),
-            "test": (test_images.to(device), test_labels.to(device)),
-        }
+        super().__init__(config, device, flat=False)  # uint8 (N, 28, 28)
 
     @staticmethod
     def inputs(pixels: Tensor) -> Tensor:
         """uint8 images ``(B, 28, 28)`` -> float ``(B, 28, 28)`` in [0, 1]."""
         return pixels.float() / 255.0
+
+    def model_input(self, pixels: Tensor) -> Tensor:
+        return self.inputs(pixels)
 
     def split(self, name: str) -> tuple[Tensor, Tensor]:
         """The uint8 images ``(N, 28, 28)`` and labels ``(N,)`` of ``"train"``,
@@ -68,37 +59,6 @@ class MNISTTask:
     def build_model(self) -> nn.Module:
         size = IMAGE_SHAPE[0] * IMAGE_SHAPE[1]
         return make_image_model(self.config, size, CLASSES).to(self.device)
-
-    def steps_per_epoch(self) -> int:
-        full = self._splits["train"][1].numel() // self.config.batch_size  # drop the tail
-        cap = self.config.steps_per_epoch
-        return full if cap is None else min(full, cap)
-
-    def train_batches(self, generator: torch.Generator) -> Iterator[Batch]:
-        pixels, labels = self._splits["train"]
-        order = torch.randperm(labels.numel(), generator=generator).to(self.device)
-        size = self.config.batch_size
-        for step in range(self.steps_per_epoch()):
-            index = order[step * size : (step + 1) * size]
-            yield self.inputs(pixels[index]), labels[index]
-
-    def train_loss(self, model: nn.Module, batch: Batch, carry: Carry) -> tuple[Tensor, Carry]:
-        x, y = batch  # (B, 28, 28), (B,)
-        return F.cross_entropy(model(x).float(), y), None
-
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, split: str) -> Evaluation:
-        pixels, labels = self._splits[check_split(split)]
-        model.eval()
-        total_loss, correct = 0.0, 0
-        for start in range(0, labels.numel(), self.config.eval_batch_size):
-            stop = start + self.config.eval_batch_size
-            logits = model(self.inputs(pixels[start:stop])).float()  # (B, 10)
-            y = labels[start:stop]
-            total_loss += F.cross_entropy(logits, y, reduction="sum").item()
-            correct += (logits.argmax(dim=-1) == y).sum().item()
-        count = labels.numel()
-        return Evaluation(loss=total_loss / count, metric=correct / count, count=count)
 
     def artifacts(self) -> dict[str, Any]:
         return {"validation": f"last {VALIDATION_SIZE} training images"}
