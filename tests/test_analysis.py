@@ -377,7 +377,10 @@ _TINY = {
 
 
 # Figures of a trained run, tested on a tiny trained run where that task lives.
-_OF_TRAINED_RUNS = {"cmc-phase": "tests/test_cmc_experiments.py"}
+_OF_TRAINED_RUNS = {
+    "cmc-phase": "tests/test_cmc_experiments.py",
+    "elm-memory": "tests/test_elm_figure.py",
+}
 
 
 def test_every_figure_is_tested():

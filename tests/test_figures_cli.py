@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from microcircuits.analysis.trained import resolve_runs
 from microcircuits.cli import main
 from microcircuits.config import load_config
 from microcircuits.data import corpus_from_texts
@@ -109,3 +111,44 @@ def test_figure_command_without_runs(tmp_path):
     assert (out / "gating.png").stat().st_size > 10_000
     assert main(["-q", "figure", "gating", "--out", str(out), "--set", "bogus=1"]) == 2
     assert main(["-q", "figure", "gating", "--runs", "x", "--out", str(out)]) == 2
+
+
+def test_figure_runs_accept_a_folder_of_runs_as_compare_writes_it(tmp_path, trained_runs, capsys):
+    # what `microcircuits compare` leaves: run directories beside its table and curves
+    folder = tmp_path / "compare-adding-20260101-000000"
+    for cell, run in trained_runs.items():
+        shutil.copytree(run, folder / cell)
+    (folder / "results.csv").write_text("task,cell\n")
+    (folder / "curves_adding_5.png").write_bytes(b"\x89PNG")
+    out = tmp_path / "figs"
+    common = ["--out", str(out), "--batch", "4"]
+    assert main(["-q", "figure", "gradients", "--runs", str(folder), *common]) == 0
+    csv = (out / "gradients-trained.csv").read_text()
+    assert "LSTM, trained" in csv and "subLSTM, trained" in csv
+    # a shell glob over the folder (runs/compare-adding-*/*): its files are ignored
+    listed = sorted(str(p) for p in folder.iterdir())
+    assert main(["-q", "figure", "gradients", "--runs", *listed, *common]) == 0
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no runs here")
+    assert main(["-q", "figure", "gradients", "--runs", str(empty), *common]) == 2
+    assert "no run directory (a folder holding config.json)" in capsys.readouterr().err
+    assert main(["-q", "figure", "gradients", "--runs", str(tmp_path / "absent"), *common]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_resolve_runs_order_depth_and_duplicates(tmp_path):
+    def run(path: Path) -> Path:
+        path.mkdir(parents=True)
+        (path / "config.json").write_text("{}")
+        return path
+
+    b, a = run(tmp_path / "top" / "b"), run(tmp_path / "top" / "nested" / "a")
+    single = run(tmp_path / "single")
+    (tmp_path / "top" / "table.csv").write_text("")
+    found = resolve_runs([single, tmp_path / "top", b, tmp_path / "top" / "table.csv"])
+    assert found == [single, b, a]  # in the order given, each folder's runs sorted, once
+    with pytest.raises(ValueError, match="no run directory"):
+        resolve_runs([tmp_path / "top" / "table.csv"])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_runs([tmp_path / "absent"])

@@ -74,7 +74,9 @@ def test_every_task_has_a_class_that_reports_the_registered_metric(name):
 
 def test_an_unknown_task_is_refused_naming_every_task():
     with pytest.raises(
-        ValueError, match=r"\['adding', 'smnist', 'psmnist', 'mnist', 'ptb', 'wikitext2'\]"
+        ValueError,
+        match=r"\['adding', 'smnist', 'psmnist', 'mnist', 'ptb', 'wikitext2', "
+        r"'shd', 'shd_adding'\]",
     ):
         task_kind("cifar")
     with pytest.raises(ValueError, match="task must be one of"):

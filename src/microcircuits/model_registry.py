@@ -59,7 +59,7 @@ class ModelKind:
 
 # The ELM reads the task's output at the last step, so it has a head for the
 # last-step tasks; the language models' heads carry an LSTM's (h, c) between segments.
-_LAST_STEP_TASKS = ("adding", "smnist", "psmnist")
+_LAST_STEP_TASKS = ("adding", "smnist", "psmnist", "shd", "shd_adding")
 # The recurrent cells read sequences; the CMC and the MLP classify whole images.
 _SEQUENCE_TASKS = (*_LAST_STEP_TASKS, "ptb", "wikitext2")
 _IMAGE_TASKS = ("mnist",)

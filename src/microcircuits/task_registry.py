@@ -47,6 +47,10 @@ _KINDS = (
         higher_is_better=False,
         aliases=("wikitext-2", "wt2"),
     ),
+    TaskKind("shd", "Spiking Heidelberg Digits", "accuracy", higher_is_better=True),
+    TaskKind(
+        "shd_adding", "SHD-Adding", "accuracy", higher_is_better=True, aliases=("shd-adding",)
+    ),
 )
 TASK_KINDS: dict[str, TaskKind] = {kind.name: kind for kind in _KINDS}
 """Every task by name, in the order the CLI and reports list them."""

@@ -9,6 +9,8 @@ Each analysis is one function returning its data and one plotting function:
   :func:`plot_inhibitory_plasticity`
 - ``cmc-phase`` (of a trained ``--cell cmc`` run): :func:`cmc_phase`,
   :func:`plot_cmc_phase`
+- ``elm-memory`` (of a trained ``--cell elm`` run): :func:`elm_memory`,
+  :func:`plot_elm_memory`
 
 :func:`make_figure` runs one by name and writes PNG, PDF and the data as CSV;
 :data:`FIGURES` lists the names with a description. Plots use matplotlib's Agg canvas
@@ -16,6 +18,7 @@ Each analysis is one function returning its data and one plotting function:
 """
 
 from .balance import BalanceData, excitation_inhibition_balance, plot_balance
+from .elm_memory import ELMMemory, elm_memory, plot_elm_memory
 from .figures import FIGURES, make_figure
 from .gating import (
     GatingData,
@@ -34,6 +37,7 @@ __all__ = [
     "FIGURES",
     "BalanceData",
     "CMCPhase",
+    "ELMMemory",
     "GateRecord",
     "GatingData",
     "GradientData",
@@ -41,6 +45,7 @@ __all__ = [
     "PlasticityData",
     "cmc_phase",
     "depth_only_factor",
+    "elm_memory",
     "excitation_inhibition_balance",
     "gating_curves",
     "gradient_flow",
@@ -49,6 +54,7 @@ __all__ = [
     "make_figure",
     "plot_balance",
     "plot_cmc_phase",
+    "plot_elm_memory",
     "plot_gating",
     "plot_gradients",
     "plot_inhibitory_plasticity",

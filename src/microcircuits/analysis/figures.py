@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from . import balance, gating, gradients, phase, plasticity
+from .elm_memory import elm_memory, plot_elm_memory, write_elm_memory_csv
 from .style import save_figure
 
 __all__ = ["FIGURES", "make_figure"]
@@ -57,6 +58,14 @@ _REGISTRY: dict[str, _Figure] = {
         phase.cmc_phase,
         phase.plot_cmc_phase,
         phase.write_cmc_phase_csv,
+    ),
+    "elm-memory": _Figure(
+        "What a trained ELM neuron remembers: each memory unit's time constant (initial "
+        "and trained) and its memory over a few test inputs, units sorted by timescale; "
+        "needs --runs RUN_DIR of --cell elm or branch_elm",
+        elm_memory,
+        plot_elm_memory,
+        write_elm_memory_csv,
     ),
 }
 

@@ -5,6 +5,11 @@ Each run directory (``microcircuits train``) is loaded with its best checkpoint;
 task supplies a test batch as the recurrent stack's input and the loss through the
 trained head (:meth:`microcircuits.tasks.Task.probe`). The network at initialisation
 is rebuilt from the run's seed and measured on the same input through the same head.
+``cmc-phase`` and ``elm-memory`` show one trained run alone and read it themselves.
+
+``--runs`` takes run directories or folders holding them (:func:`resolve_runs`), as
+``microcircuits report`` does: ``--runs runs/compare-adding-<time>`` finds the runs that
+``microcircuits compare`` wrote there.
 """
 
 from __future__ import annotations
@@ -25,14 +30,47 @@ from ..runs import load_run
 from .figures import _REGISTRY
 from .style import save_figure
 
-__all__ = ["TRAINED_FIGURES", "trained_figure"]
+__all__ = ["TRAINED_FIGURES", "resolve_runs", "trained_figure"]
 
 logger = logging.getLogger(__name__)
 
-TRAINED_FIGURES = ("gradients", "balance", "cmc-phase")
+TRAINED_FIGURES = ("gradients", "balance", "cmc-phase", "elm-memory")
 # Figures of a trained run alone (no network at initialisation beside it); their data
 # function reads the run directories itself.
-_RUN_ONLY_FIGURES = ("cmc-phase",)
+_RUN_ONLY_FIGURES = ("cmc-phase", "elm-memory")
+
+
+def resolve_runs(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """The run directories that ``--runs`` names, as ``microcircuits report`` reads them.
+
+    Each path is a run directory (it holds ``config.json``): that run; or a folder
+    holding run directories at any depth (e.g. the ``runs/compare-adding-<time>`` of
+    ``microcircuits compare``, beside its CSV and PNG files): each of them, sorted.
+    Files are ignored, so a shell glob over such a folder works too. Runs come in the
+    order the paths are given, each once.
+
+    Raises:
+        FileNotFoundError: a path does not exist.
+        ValueError: no run directory was found at all.
+    """
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise FileNotFoundError(f"--runs: {path} does not exist")
+        if not path.is_dir():
+            continue  # a table or plot beside the runs
+        if (path / "config.json").is_file():
+            runs = [path]
+        else:
+            runs = sorted(p.parent for p in path.rglob("config.json") if p.is_file())
+        found.extend(run for run in runs if run not in found)
+    if not found:
+        raise ValueError(
+            f"--runs: no run directory (a folder holding config.json) in or under "
+            f"{[str(p) for p in paths]}; give run directories of `microcircuits train` or "
+            "folders holding them (e.g. runs/compare-adding-<time>)"
+        )
+    return found
 
 
 def _measure(
@@ -86,19 +124,23 @@ def trained_figure(
     stem: str | None = None,
     **options: Any,
 ) -> list[Path]:
-    """Write figure ``name`` (``gradients``, ``balance`` or ``cmc-phase``) for trained runs.
+    """Write figure ``name`` (``gradients``, ``balance``, ``cmc-phase`` or ``elm-memory``)
+    for trained runs.
 
     Args:
         name: one of :data:`TRAINED_FIGURES`.
-        run_dirs: run directories (one per cell, same task, for a comparison;
-            ``cmc-phase``: one CMC run).
+        run_dirs: run directories, or folders holding them (:func:`resolve_runs`): one
+            per cell, same task, for a comparison; ``cmc-phase``: one CMC run;
+            ``elm-memory``: one ELM run.
         out_dir: where PNG, PDF and CSV go.
         checkpoint: ``"best"`` or ``"last"``.
         batch: test sequences measured per run (not used by ``cmc-phase``, which takes
-            one test image per class of its ``classes`` option).
+            one test image per class of its ``classes`` option, nor by ``elm-memory``,
+            which takes the test inputs of its ``samples`` option).
         include_init: also measure each network at its initialisation (not
-            ``cmc-phase``).
-        stem: file name stem (default ``NAME-trained``; ``cmc-phase``: ``cmc-phase``).
+            ``cmc-phase``; ``elm-memory`` shows the initial time constants anyway).
+        stem: file name stem (default ``NAME-trained``; ``cmc-phase`` and ``elm-memory``:
+            ``NAME``).
         **options: further options of the analysis (e.g. ``threshold`` for balance).
 
     Returns:
@@ -108,6 +150,7 @@ def trained_figure(
         raise ValueError(f"figure {name!r} takes no runs; runs work with {list(TRAINED_FIGURES)}")
     if not run_dirs:
         raise ValueError("run_dirs is empty: give at least one run directory")
+    run_dirs = resolve_runs(run_dirs)
     figure = _REGISTRY[name]
     if name in _RUN_ONLY_FIGURES:
         data = figure.compute(list(run_dirs), checkpoint=checkpoint, **options)

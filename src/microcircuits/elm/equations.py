@@ -108,9 +108,15 @@ def memory_tau(raw: Tensor, tau_min: float, tau_max: float) -> Tensor:
 
 
 def raw_memory_tau(tau: Tensor, tau_min: float, tau_max: float) -> Tensor:
-    """Inverse of :func:`memory_tau`; ``tau`` is first clipped 1e-6 inside the bounds."""
-    tau = tau.clamp(tau_min + 1e-6, tau_max - 1e-6)
-    return torch.log((tau - tau_min) / (tau_max - tau))
+    """Inverse of :func:`memory_tau`; ``tau`` is first clipped 1e-6 inside the bounds.
+
+    In float64: in float32 ``tau_max - 1e-6`` rounds to ``tau_max`` once ``tau_max``
+    exceeds 32 (float32's spacing there is over 2e-6), which gave a unit initialised at
+    ``tau_max`` (e.g. 500 or 1000) the raw value ``+inf``: harmless for fixed time
+    constants, but a learned one is then a non-finite parameter.
+    """
+    wide = tau.to(torch.float64).clamp(tau_min + 1e-6, tau_max - 1e-6)
+    return torch.log((wide - tau_min) / (tau_max - wide)).to(tau.dtype)
 
 
 def decay_factor(tau: Tensor, delta_t: float) -> Tensor:

@@ -13,12 +13,14 @@ psmnist       same, pixels in a fixed random order  cross-entr.   accuracy
 mnist         image -> CMC or MLP -> 10 classes      cross-entr.   accuracy
 ptb           embedding -> RNN -> decoder           cross-entr.   perplexity
 wikitext2     same                                  cross-entr.   perplexity
+shd           RNN over 700 spike channels -> 20     cross-entr.   accuracy
+shd_adding    same, two digits -> their sum (19)    cross-entr.   accuracy
 ============  ====================================  ============  ===========
 
 "RNN" is the model of ``config.cell``: an LSTM-family stack, or on the last-step tasks
-(adding, smnist, psmnist) the ELM neuron (:func:`~.models.make_last_step_model`). The
-image task (mnist) classifies whole images with a canonical microcircuit or an MLP
-(:func:`~.models.make_image_model`).
+(adding, smnist, psmnist, shd, shd_adding) the ELM neuron
+(:func:`~.models.make_last_step_model`). The image task (mnist) classifies whole images
+with a canonical microcircuit or an MLP (:func:`~.models.make_image_model`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from .models import (
     make_last_step_model,
     make_recurrent_stack,
 )
+from .shd import SHDAddingTask, SHDTask
 
 __all__ = [
     "AddingTask",
@@ -56,6 +59,8 @@ __all__ = [
     "LastStepReadout",
     "MLPClassifier",
     "MNISTTask",
+    "SHDAddingTask",
+    "SHDTask",
     "SequentialMNISTTask",
     "TASK_KINDS",
     "Task",
@@ -77,6 +82,8 @@ _TASK_CLASSES: dict[str, Callable[[ExperimentConfig, torch.device], Task]] = {
     "mnist": MNISTTask,
     "ptb": LanguageModelTask,
     "wikitext2": LanguageModelTask,
+    "shd": SHDTask,
+    "shd_adding": SHDAddingTask,
 }
 
 
