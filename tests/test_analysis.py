@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import microcircuits as mc
 from microcircuits.analysis import (
@@ -402,3 +403,14 @@ def test_make_figure_refuses_unknown_names_and_options(tmp_path):
         make_figure("gates", tmp_path)
     with pytest.raises(ValueError, match="trials"):
         make_figure("gating", tmp_path, trails=3)
+
+
+@pytest.mark.parametrize("module", ["LSTM", "SubLSTM", "nn.LSTM"])
+def test_analyses_refuse_projected_modules(module):
+    """The analyses read h as the layer's hidden units: with proj_size > 0 it is not."""
+    from microcircuits.analysis.recording import module_cell
+
+    build = nn.LSTM if module == "nn.LSTM" else getattr(mc, module)
+    with pytest.raises(ValueError, match="proj_size > 0 is not supported by the analyses"):
+        module_cell(build(3, 5, proj_size=2))
+    assert module_cell(build(3, 5)).name in ("lstm", "sublstm")

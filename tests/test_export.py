@@ -155,3 +155,60 @@ def test_torch_compile_does_not_recompile_per_sequence_length(cell):
     # graphs around the break, compiled once static and once dynamic, none per length
     assert counter.frame_count <= 4
     assert counter.op_count <= 8  # no unrolled steps inside them
+
+
+# -- projected hidden states (proj_size > 0) ------------------------------------------
+
+
+def _projected(cell):
+    torch.manual_seed(0)
+    return mc.make_rnn(cell, 3, 4, num_layers=2, proj_size=2).eval()
+
+
+def _check_onnx_runs_like_eager(model_proto, m, x):
+    from onnx.reference import ReferenceEvaluator
+
+    got = ReferenceEvaluator(model_proto).run(None, {model_proto.graph.input[0].name: x.numpy()})
+    with torch.no_grad():
+        want_out, (want_h, want_c) = m(x)
+    for a, b in zip(got, (want_out, want_h, want_c)):
+        torch.testing.assert_close(torch.from_numpy(a), b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported")  # ATen's
+@needs_onnx
+@pytest.mark.parametrize("cell", ["lstm", "sublstm"])
+def test_projected_modules_export_to_onnx_through_torchscript(cell):
+    """torch.onnx cannot export ATen's LSTM with projections (nor torch.nn.LSTM with
+    proj_size > 0); while it records, projected layers take the reference path."""
+    import onnx
+
+    m, x = _projected(cell), torch.randn(5, 2, 3)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(m, (x,), buffer, dynamo=False)
+    model = onnx.load_from_string(buffer.getvalue())
+    onnx.checker.check_model(model)
+    _check_onnx_runs_like_eager(model, m, x)
+
+
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported")  # ATen's
+@needs_onnxscript
+def test_projected_lstm_exports_to_onnx_through_torch_export():
+    m, x = _projected("lstm"), torch.randn(5, 2, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(m, (x,), dynamo=True, verbose=False)
+    _check_onnx_runs_like_eager(program.model_proto, m, x)
+
+
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported")  # ATen's
+@pytest.mark.parametrize("cell", CELL_NAMES)
+def test_projected_modules_trace_and_export(cell):
+    m, x = _projected(cell), torch.randn(5, 2, 3)
+    traced = _trace(m, x)
+    torch.testing.assert_close(traced(x)[0], m(x)[0])
+    program = torch.export.export(m, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x)[0], m(x)[0])

@@ -4,7 +4,12 @@ the reference path. (Their numerics are also covered by every test of
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,3 +156,137 @@ def test_fake_tensors_keep_to_aten_ops(cell, step_loops):
         out, (h, c) = model(x)
         out.sum().backward()
     assert isinstance(out, FakeTensor) and out.shape == (5, 2, 4) and h.shape == (2, 2, 4)
+
+
+# -- one build for every copy of the package (the build directory and its sources) -------
+
+
+def _copy_sources(root):
+    """Copies of the compiled sources (and any headers beside them) under ``root``."""
+    copies = []
+    for source in native._source_files():
+        target = root / "csrc" / source.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target)
+        if source in native._SOURCES:
+            copies.append(target)
+    return tuple(copies)
+
+
+def test_the_build_is_named_by_contents_not_by_where_the_sources_are(monkeypatch, tmp_path):
+    name = native._module_name()
+    for copy in ("a", "b"):
+        monkeypatch.setattr(native, "_SOURCES", _copy_sources(tmp_path / copy))
+        assert native._module_name() == name
+    # a header beside the sources, or an edit, is another build
+    (tmp_path / "b" / "csrc" / "extra.h").write_text("#pragma once\n")
+    with_header = native._module_name()
+    assert with_header != name
+    edited = tmp_path / "b" / "csrc" / native._SOURCES[0].name
+    edited.write_text(edited.read_text() + "\n// changed\n")
+    assert native._module_name() not in (name, with_header)
+
+
+def test_the_compiler_is_part_of_the_build_name(monkeypatch, tmp_path):
+    monkeypatch.delenv("CXX", raising=False)
+    default = native._module_name()
+    monkeypatch.setenv("CXX", "c++")
+    assert native._module_name() == default  # torch's default compiler, spelt out
+    names = set()
+    for version in ("1.0", "2.0"):
+        fake = tmp_path / version / "fake-c++"
+        fake.parent.mkdir()
+        fake.write_text(f"#!/bin/sh\necho 'fake c++ {version}'\n")
+        fake.chmod(0o755)
+        monkeypatch.setenv("CXX", str(fake))
+        assert f"fake c++ {version}" in native._compiler_identity(str(fake))
+        names.add(native._module_name())
+    assert len(names) == 2 and default not in names
+    monkeypatch.setenv("CXX", str(tmp_path / "missing-c++"))
+    assert "not found" in native._compiler_identity(str(tmp_path / "missing-c++"))
+
+
+def test_sources_are_staged_into_the_build_directory_once(tmp_path):
+    staged = native._stage_sources(tmp_path)
+    assert [p.name for p in staged] == [s.name for s in native._SOURCES]
+    assert all(p.parent == tmp_path / "src" for p in staged)
+    for copy, source in zip(staged, native._SOURCES):
+        assert copy.read_bytes() == source.read_bytes()
+    times = [p.stat().st_mtime_ns for p in staged]
+    os.utime(staged[0], ns=(times[0] - 10**9, times[0] - 10**9))  # older than "now"
+    times[0] -= 10**9
+    assert native._stage_sources(tmp_path) == staged
+    assert [p.stat().st_mtime_ns for p in staged] == times  # untouched: ninja sees no change
+    staged[1].write_text("stale")
+    native._stage_sources(tmp_path)
+    assert staged[1].read_bytes() == native._SOURCES[1].read_bytes()
+    assert not [p for p in (tmp_path / "src").iterdir() if p.name.startswith(".")]
+
+
+def test_a_build_says_so_on_stderr(monkeypatch, tmp_path, capsys):
+    import types
+
+    import torch.utils.cpp_extension as cpp_extension
+
+    loads = []
+
+    def fake_load(**kwargs):
+        loads.append(kwargs)
+        return types.ModuleType(kwargs["name"])
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    monkeypatch.setenv(native.CACHE_ENV_VAR, str(tmp_path))
+    native.step_loops.cache_clear()
+    try:
+        assert native.step_loops() is not None
+        err = capsys.readouterr().err
+        directory = native.build_directory()
+        assert "building (once per source, torch and compiler" in err and str(directory) in err
+        assert len(err.strip().splitlines()) == 1
+        # the build reads the copies in the build directory, never the package's files
+        (source,) = {Path(s).parent for s in loads[0]["sources"]}
+        assert source == directory / "src"
+        (directory / f"{loads[0]['name']}.so").write_bytes(b"")  # built
+        native.step_loops.cache_clear()
+        native.step_loops()
+        assert capsys.readouterr().err == ""
+    finally:
+        native.step_loops.cache_clear()
+
+
+@pytest.mark.parametrize("step_loops", ["native"], indirect=True)
+def test_copies_of_the_package_elsewhere_share_one_build(step_loops, tmp_path):
+    """The package copied to two other places (a second checkout, a worktree, an
+    installed copy): each loads the build this process uses, and nothing compiles."""
+    import microcircuits
+
+    built = Path(native.step_loops().__file__)
+    outputs = sorted(built.parent.glob("*.o")) + [built]
+    before = [p.stat().st_mtime_ns for p in outputs]
+    package = Path(microcircuits.__file__).parent
+    script = (
+        "import microcircuits\n"
+        "from microcircuits.kernels import native\n"
+        "module = native.step_loops()\n"
+        "print(microcircuits.__file__)\n"
+        "print(module.__file__ if module is not None else None)\n"
+    )
+    for copy in ("a", "b"):
+        root = tmp_path / copy
+        shutil.copytree(
+            package, root / "microcircuits", ignore=shutil.ignore_patterns("__pycache__")
+        )
+        path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
+        done = subprocess.run(
+            [sys.executable, "-c", script],
+            env={**os.environ, "PYTHONPATH": path},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stderr
+        where, loaded = done.stdout.split()[-2:]
+        assert Path(where).is_relative_to(root)  # the copy ran, not this checkout
+        assert Path(loaded) == built, done.stderr
+        assert "building" not in done.stderr
+    assert [p.stat().st_mtime_ns for p in outputs] == before  # nothing recompiled

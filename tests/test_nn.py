@@ -708,16 +708,25 @@ def test_any_wrong_state_shape_is_refused(cell, h_shape):
         m(torch.randn(4, 3, 3), (bad, good))
 
 
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported")  # ATen's
 @pytest.mark.parametrize("cell", CELL_NAMES)
-def test_constructor_takes_torch_lstm_positional_arguments_and_proj_size_zero(cell):
+@pytest.mark.parametrize("proj_size", [0, 2])
+def test_constructor_takes_torch_lstm_positional_arguments(cell, proj_size):
     """Code written for torch.nn.LSTM passes its arguments positionally, proj_size
-    included; proj_size=0 works, projections are refused with a clear message."""
+    included (projections: tests/test_proj_size.py); bad ones are refused clearly."""
     cls = type(mc.make_rnn(cell, 3, 4))
-    args = (3, 4, 2, True, True, 0.0, True, 0)  # ..., batch_first, dropout, bidir, proj
+    args = (3, 4, 2, True, True, 0.0, True, proj_size)  # ..., batch_first, dropout, bidir, proj
     ours, theirs = cls(*args), torch.nn.LSTM(*args)
-    assert ours.proj_size == theirs.proj_size == 0
+    assert ours.proj_size == theirs.proj_size == proj_size
     assert ours.batch_first and ours.bidirectional and ours.num_layers == 2
-    with pytest.raises(ValueError, match="proj_size=2.*not implemented"):
-        cls(3, 4, proj_size=2)
+    x = torch.randn(2, 5, 3)
+    assert [t.shape for t in _flat(ours(x))] == [t.shape for t in _flat(theirs(x))]
+    with pytest.raises(ValueError, match="proj_size=4 must be 0 .* hidden_size=4"):
+        cls(3, 4, proj_size=4)
     with pytest.raises(ValueError, match="proj_size"):
         cls(3, 4, proj_size=True)
+
+
+def _flat(result):
+    out, (h, c) = result
+    return out, h, c

@@ -23,6 +23,10 @@ drawn once per sequence by the caller, so the same units are dropped at every st
 
 Shapes: ``B`` batch, ``I`` input size, ``H`` hidden size, ``G`` number of gate blocks
 (4 for LSTM and subLSTM, 3 for fix-subLSTM).
+
+A projection of the hidden state (the modules' ``proj_size > 0``, ``h' = W_hr h'``) is
+not a cell equation: the layer applies it after each step (``kernels.reference``), and
+the step reads the projected ``h`` (``P`` features) through ``weight_hh`` ``(G*H, P)``.
 """
 
 from __future__ import annotations
@@ -59,8 +63,17 @@ class LSTMState(NamedTuple):
     """Recurrent state of one layer and direction.
 
     Attributes:
-        h: hidden output, ``(B, H)``.
+        h: hidden output, ``(B, H)`` (``(B, P)`` where the layer projects it).
         c: memory cell, ``(B, H)``.
+
+    Examples::
+
+        >>> import torch
+        >>> from microcircuits import LSTMState
+        >>> state = LSTMState(h=torch.zeros(2, 3), c=torch.zeros(2, 3))
+        >>> h, c = state  # a tuple, as torch.nn.LSTMCell's (h, c)
+        >>> state.c.shape
+        torch.Size([2, 3])
     """
 
     h: Tensor
@@ -72,10 +85,25 @@ class CellWeights(NamedTuple):
 
     Attributes:
         weight_ih: input weights ``W``, ``(G*H, I)``.
-        weight_hh: recurrent weights ``R``, ``(G*H, H)``.
+        weight_hh: recurrent weights ``R``, ``(G*H, H)`` (``(G*H, P)`` in a layer that
+            projects its hidden state to ``P`` features; the projection ``weight_hr``
+            is not part of these weights).
         bias_ih: input bias, ``(G*H,)``, or ``None``.
         bias_hh: recurrent bias, ``(G*H,)``, or ``None``.
         forget: fix-subLSTM only: ``phi`` with ``f = sigma(phi)``, ``(H,)``; else ``None``.
+
+    Examples::
+
+        >>> import torch
+        >>> from microcircuits import CellWeights, LSTMState, SubLSTM, cell_kind
+        >>> rnn = SubLSTM(3, 4)
+        >>> weights = rnn.layer_weights(0)  # a CellWeights
+        >>> weights.weight_hh.shape, weights.forget is None
+        (torch.Size([16, 4]), True)
+        >>> state = LSTMState(torch.zeros(2, 4), torch.zeros(2, 4))
+        >>> h, new_state = cell_kind("sublstm").step(torch.randn(2, 3), state, weights)
+        >>> h.shape, new_state.c.shape
+        (torch.Size([2, 4]), torch.Size([2, 4]))
     """
 
     weight_ih: Tensor
@@ -366,6 +394,13 @@ def cell_kind(name: str) -> CellKind:
     Raises:
         TypeError: ``name`` is not a str.
         ValueError: naming the valid choices when ``name`` is unknown.
+
+    Examples::
+
+        >>> from microcircuits import cell_kind
+        >>> kind = cell_kind("Fix-subLSTM")
+        >>> kind.name, kind.num_gates, kind.gate_names, kind.learned_decay
+        ('fix_sublstm', 3, ('i', 'z', 'o'), True)
     """
     if not isinstance(name, str):
         raise TypeError(f"cell name must be a str, got {type(name).__name__}")

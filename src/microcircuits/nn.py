@@ -5,10 +5,11 @@ The modules own parameters, check their inputs and run layers through
 :mod:`microcircuits.cells`.
 
 Parameter names and gate order follow ``torch.nn.LSTM`` (``weight_ih_l{k}``,
-``weight_hh_l{k}``, ``bias_ih_l{k}``, ``bias_hh_l{k}``, ``_reverse`` for the backward
-direction; gate blocks (i, f, z, o)), so that :class:`LSTM`'s ``state_dict`` loads
-into ``torch.nn.LSTM`` and back. :class:`FixSubLSTM` has three blocks (i, z, o) and
-one more parameter per layer, ``forget_l{k}`` (phi, the per-unit decay is sigma(phi)).
+``weight_hh_l{k}``, ``bias_ih_l{k}``, ``bias_hh_l{k}``, with ``proj_size > 0`` also
+``weight_hr_l{k}``, ``_reverse`` for the backward direction; gate blocks (i, f, z, o)),
+so that :class:`LSTM`'s ``state_dict`` loads into ``torch.nn.LSTM`` and back.
+:class:`FixSubLSTM` has three blocks (i, z, o) and one more parameter per layer,
+``forget_l{k}`` (phi, the per-unit decay is sigma(phi)).
 
 Regularisers of the paper (Costa et al. 2017, Tables 2 and 3) map to arguments:
 
@@ -27,8 +28,10 @@ All dropouts act in training mode only.
 
 from __future__ import annotations
 
+import numbers
 import warnings
-from typing import ClassVar
+from collections.abc import Callable
+from typing import ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +61,7 @@ __all__ = [
 ]
 
 HiddenState = tuple[Tensor, Tensor]
+_T = TypeVar("_T")
 
 
 def _init_gate_blocks(weight: Tensor, num_gates: int) -> None:
@@ -85,14 +89,23 @@ class _RecurrentParameters(nn.Module):
         return cell_kind(self.cell_name)
 
     def _make_parameters(
-        self, suffix: str, input_size: int, hidden_size: int, bias: bool, factory: dict
+        self,
+        suffix: str,
+        input_size: int,
+        hidden_size: int,
+        bias: bool,
+        factory: dict,
+        proj_size: int = 0,
     ) -> None:
+        """Register one layer's (and direction's) parameters; with ``proj_size > 0`` the
+        recurrent weights read the projected ``h`` and ``weight_hr`` projects it."""
         gates = self.cell.num_gates * hidden_size
+        recurrent = proj_size or hidden_size
         self.register_parameter(
             f"weight_ih{suffix}", nn.Parameter(torch.empty(gates, input_size, **factory))
         )
         self.register_parameter(
-            f"weight_hh{suffix}", nn.Parameter(torch.empty(gates, hidden_size, **factory))
+            f"weight_hh{suffix}", nn.Parameter(torch.empty(gates, recurrent, **factory))
         )
         for name in (f"bias_ih{suffix}", f"bias_hh{suffix}"):
             self.register_parameter(
@@ -101,6 +114,10 @@ class _RecurrentParameters(nn.Module):
         if self.cell.learned_decay:
             self.register_parameter(
                 f"forget{suffix}", nn.Parameter(torch.empty(hidden_size, **factory))
+            )
+        if proj_size:
+            self.register_parameter(
+                f"weight_hr{suffix}", nn.Parameter(torch.empty(proj_size, hidden_size, **factory))
             )
 
     def _reset_suffix(self, suffix: str, hidden_size: int, forget_bias: float) -> None:
@@ -117,6 +134,13 @@ class _RecurrentParameters(nn.Module):
                     bias_ih[block * hidden_size : (block + 1) * hidden_size].fill_(forget_bias)
             if kind.learned_decay:
                 getattr(self, f"forget{suffix}").fill_(forget_bias)
+            projection = self._projection(suffix)
+            if projection is not None:
+                nn.init.xavier_uniform_(projection)
+
+    def _projection(self, suffix: str) -> Tensor | None:
+        """``weight_hr{suffix}`` where the module projects its hidden state, else ``None``."""
+        return getattr(self, f"weight_hr{suffix}", None)
 
     def _weights(self, suffix: str) -> CellWeights:
         return CellWeights(
@@ -149,6 +173,8 @@ class _RecurrentSequence(_RecurrentParameters):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
+        """Check the arguments, create the parameters and initialise them
+        (:meth:`reset_parameters`); the class's docstring describes the arguments."""
         super().__init__()
         self.input_size = check_positive_int("input_size", input_size)
         self.hidden_size = check_positive_int("hidden_size", hidden_size)
@@ -157,12 +183,14 @@ class _RecurrentSequence(_RecurrentParameters):
         self.batch_first = check_bool("batch_first", batch_first)
         self.dropout = check_probability("dropout", dropout)
         self.bidirectional = check_bool("bidirectional", bidirectional)
-        if isinstance(proj_size, bool) or not isinstance(proj_size, int) or proj_size != 0:
+        if isinstance(proj_size, bool) or not isinstance(proj_size, numbers.Integral):
+            raise ValueError(f"proj_size must be an int >= 0 (0: no projection), got {proj_size!r}")
+        if not 0 <= proj_size < self.hidden_size:
             raise ValueError(
-                f"proj_size={proj_size!r}: projected hidden states (torch.nn.LSTM's "
-                "proj_size > 0) are not implemented for these cells; only proj_size=0"
+                f"proj_size={proj_size} must be 0 (no projection) or in [1, hidden_size="
+                f"{self.hidden_size}) as in torch.nn.LSTM"
             )
-        self.proj_size = 0  # as torch.nn.LSTM, for code that reads it
+        self.proj_size = int(proj_size)
         self.input_dropout = check_probability("input_dropout", input_dropout)
         self.output_dropout = check_probability("output_dropout", output_dropout)
         self.update_dropout = check_probability("update_dropout", update_dropout)
@@ -176,14 +204,23 @@ class _RecurrentSequence(_RecurrentParameters):
             )
         factory = {"device": device, "dtype": dtype}
         for layer in range(self.num_layers):
-            layer_input = self.input_size if layer == 0 else self.hidden_size * self.num_directions
+            layer_input = self.input_size if layer == 0 else self.output_size * self.num_directions
             for suffix in self._direction_suffixes(layer):
-                self._make_parameters(suffix, layer_input, self.hidden_size, self.bias, factory)
+                self._make_parameters(
+                    suffix, layer_input, self.hidden_size, self.bias, factory, self.proj_size
+                )
         self.reset_parameters()
 
     @property
     def num_directions(self) -> int:
+        """2 if bidirectional, else 1 (``D`` in the shapes)."""
         return 2 if self.bidirectional else 1
+
+    @property
+    def output_size(self) -> int:
+        """Features of ``h`` per direction: ``proj_size`` if it is > 0, else ``hidden_size``
+        (``H_out`` in the shapes)."""
+        return self.proj_size or self.hidden_size
 
     def _direction_suffixes(self, layer: int) -> list[str]:
         return [f"_l{layer}", f"_l{layer}_reverse"][: self.num_directions]
@@ -193,16 +230,27 @@ class _RecurrentSequence(_RecurrentParameters):
         forget-gate bias (or fix-subLSTM's phi) equal to ``forget_bias`` (1 by default).
 
         Glorot's bound is computed per gate block (fan-out ``H``), since each block is
-        its own linear map. The forget bias sits in ``bias_ih`` (``bias_hh`` is zero).
-        Override this method, or re-initialise parameters after construction, for
-        another scheme.
+        its own linear map; ``weight_hr`` (``proj_size > 0``) is Glorot-uniform as a
+        whole. The forget bias sits in ``bias_ih`` (``bias_hh`` is zero). This is not
+        ``torch.nn.LSTM``'s scheme (uniform in +-1/sqrt(hidden_size)); override this
+        method, or re-initialise parameters after construction, for another one.
         """
         for layer in range(self.num_layers):
             for suffix in self._direction_suffixes(layer):
                 self._reset_suffix(suffix, self.hidden_size, self.forget_bias)
 
     def layer_weights(self, layer: int, reverse: bool = False) -> CellWeights:
-        """The parameters of one layer and direction as :class:`CellWeights`."""
+        """The parameters of one layer and direction as :class:`CellWeights` (the
+        projection ``weight_hr``, if any, apart: :meth:`layer_projection`)."""
+        return self._weights(self._suffix(layer, reverse))
+
+    def layer_projection(self, layer: int, reverse: bool = False) -> Tensor | None:
+        """``weight_hr_l{layer}`` (``_reverse``) ``(proj_size, hidden_size)``, or ``None``
+        when ``proj_size`` is 0. :meth:`layer_weights` leaves it out: a layer's cell reads
+        the projected ``h`` through ``weight_hh`` ``(G*hidden_size, proj_size)``."""
+        return self._projection(self._suffix(layer, reverse))
+
+    def _suffix(self, layer: int, reverse: bool) -> str:
         if (
             isinstance(layer, bool)
             or not isinstance(layer, int)
@@ -211,13 +259,14 @@ class _RecurrentSequence(_RecurrentParameters):
             raise ValueError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
         if reverse and not self.bidirectional:
             raise ValueError("reverse=True needs a bidirectional module")
-        return self._weights(self._direction_suffixes(layer)[int(reverse)])
+        return self._direction_suffixes(layer)[int(reverse)]
 
     @property
     def all_weights(self) -> list[list[Tensor]]:
-        """Parameters per layer and direction, as ``torch.nn.LSTM.all_weights`` lists them."""
+        """Parameters per layer and direction, as ``torch.nn.LSTM.all_weights`` lists them
+        (``weight_ih, weight_hh[, bias_ih, bias_hh][, forget][, weight_hr]``)."""
         return [
-            [p for p in self._weights(suffix) if p is not None]
+            [p for p in (*self._weights(suffix), self._projection(suffix)) if p is not None]
             for layer in range(self.num_layers)
             for suffix in self._direction_suffixes(layer)
         ]
@@ -246,6 +295,7 @@ class _RecurrentSequence(_RecurrentParameters):
             "batch_first": False,
             "dropout": 0.0,
             "bidirectional": False,
+            "proj_size": 0,
             "input_dropout": 0.0,
             "output_dropout": 0.0,
             "update_dropout": 0.0,
@@ -267,15 +317,18 @@ class _RecurrentSequence(_RecurrentParameters):
                 what += f" of length {len(hx)}"
             raise TypeError(f"hx must be a tuple (h_0, c_0) of two tensors, got {what}")
         stacked = self.num_layers * self.num_directions
-        expected = (
-            (stacked, self.hidden_size) if batch is None else (stacked, batch, self.hidden_size)
+        rows = (stacked,) if batch is None else (stacked, batch)
+        sizes = (
+            (self.output_size, "proj_size" if self.proj_size else "hidden_size"),
+            (self.hidden_size, "hidden_size"),
         )
-        for name, tensor in zip(("h_0", "c_0"), hx):
+        for name, tensor, (size, size_name) in zip(("h_0", "c_0"), hx, sizes):
             check_tensor(name, tensor)
+            expected = (*rows, size)
             if tuple(tensor.shape) != expected:
                 raise ValueError(
                     f"{name} must have shape {expected} (num_layers * num_directions, "
-                    f"{'' if batch is None else 'batch, '}hidden_size), got {tuple(tensor.shape)}"
+                    f"{'' if batch is None else 'batch, '}{size_name}), got {tuple(tensor.shape)}"
                 )
             check_matches_parameters(name, tensor, reference)
         return hx[0], hx[1]
@@ -283,19 +336,22 @@ class _RecurrentSequence(_RecurrentParameters):
     def forward(
         self, input: Tensor | PackedSequence, hx: HiddenState | None = None
     ) -> tuple[Tensor | PackedSequence, HiddenState]:
-        """Run the network over a sequence.
+        """Run the network over a sequence (the class's docstring has the details).
 
         Args:
             input: ``(L, N, H_in)`` (``(N, L, H_in)`` if ``batch_first``), unbatched
                 ``(L, H_in)``, or a ``PackedSequence``.
-            hx: optional ``(h_0, c_0)``, each ``(D * num_layers, N, H)`` (unbatched:
-                ``(D * num_layers, H)``); zeros when ``None``. ``D`` is 2 if
-                bidirectional else 1.
+            hx: optional ``(h_0, c_0)``, ``(D * num_layers, N, H_out)`` and
+                ``(D * num_layers, N, H_cell)`` (unbatched: without ``N``); zeros when
+                ``None``. ``D`` is 2 if bidirectional else 1, ``H_cell`` is
+                ``hidden_size``, ``H_out`` is ``proj_size`` if it is > 0 else
+                ``hidden_size``.
 
         Returns:
-            ``output`` ``(L, N, D * H)`` (batch-first or packed like the input) with the
-            last layer's ``h_t`` for every ``t``, and ``(h_n, c_n)``, each
-            ``(D * num_layers, N, H)``, the state after each sequence's last step.
+            ``output`` ``(L, N, D * H_out)`` (batch-first or packed like the input) with
+            the last layer's ``h_t`` for every ``t``, and ``(h_n, c_n)``,
+            ``(D * num_layers, N, H_out)`` and ``(D * num_layers, N, H_cell)``, the state
+            after each sequence's last step.
         """
         reference = self.weight_ih_l0
         packed = isinstance(input, PackedSequence)
@@ -328,8 +384,9 @@ class _RecurrentSequence(_RecurrentParameters):
             )
         batch = x.shape[1]
         if hx is None:
-            zeros = x.new_zeros(self.num_layers * self.num_directions, batch, self.hidden_size)
-            h0, c0 = zeros, zeros
+            stacked = self.num_layers * self.num_directions
+            c0 = x.new_zeros(stacked, batch, self.hidden_size)
+            h0 = c0 if not self.proj_size else x.new_zeros(stacked, batch, self.proj_size)
         else:
             h0, c0 = self._check_hidden(hx, batch if batched else None, reference)
             if not batched:
@@ -350,18 +407,26 @@ class _RecurrentSequence(_RecurrentParameters):
     def _run_layers(
         self, x: Tensor, h0: Tensor, c0: Tensor, lengths: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Time-major core: ``x`` ``(T, B, I)``, ``h0``/``c0`` ``(L*D, B, H)``."""
+        """Time-major core: ``x`` ``(T, B, I)``, ``h0`` ``(L*D, B, H_out)``, ``c0``
+        ``(L*D, B, H)``."""
         kind = self.cell
         batch = x.shape[1]
         x = F.dropout(x, self.input_dropout, self.training)
-        layers = [  # nn.LSTM's order: layer-major, forward before reverse
-            self._weights(suffix)
-            for layer in range(self.num_layers)
-            for suffix in self._direction_suffixes(layer)
+        suffixes = [  # nn.LSTM's order: layer-major, forward before reverse
+            suffix for layer in range(self.num_layers) for suffix in self._direction_suffixes(layer)
         ]
+        layers = [self._weights(suffix) for suffix in suffixes]
+        projections = [self._projection(suffix) for suffix in suffixes]
         if not self._drops_inside_stack():
             whole = kernels.run_stack(
-                kind, x, h0, c0, layers, bidirectional=self.num_directions == 2, lengths=lengths
+                kind,
+                x,
+                h0,
+                c0,
+                layers,
+                bidirectional=self.num_directions == 2,
+                lengths=lengths,
+                projections=projections if self.proj_size else None,
             )
             if whole is not None:
                 x, h_n, c_n = whole
@@ -380,6 +445,7 @@ class _RecurrentSequence(_RecurrentParameters):
                     lengths=lengths,
                     update_mask=mask,
                     reverse=direction == 1,
+                    weight_hr=projections[index],
                 )
                 outputs.append(out)
                 final_h.append(state.h)
@@ -409,43 +475,369 @@ class _RecurrentSequence(_RecurrentParameters):
         return PackedSequence(data, batch_sizes, like.sorted_indices, like.unsorted_indices)
 
 
+# -- documentation shared by the modules of the three cells ------------------------------
+
+_SEQUENCE_SECTIONS = r"""    With ``proj_size > 0`` every layer projects its hidden state, as
+    ``torch.nn.LSTM`` does: the read-out above becomes :math:`h_t = W_{hr} h_t`, so
+    :math:`h_t` (what the layer outputs and feeds back through ``weight_hh``) has
+    ``proj_size`` features while the memory :math:`c_t` keeps ``hidden_size``.
+
+    Args:
+        input_size: The number of expected features in the input ``x``.
+        hidden_size: The number of features of the memory ``c`` (and of ``h``, unless
+            ``proj_size > 0``).
+        num_layers: Number of recurrent layers. E.g., setting ``num_layers=2`` stacks
+            two layers, the second taking the outputs of the first. Default: 1
+        bias: If ``False``, the layers have no ``bias_ih`` and ``bias_hh``.
+            Default: ``True``
+        batch_first: If ``True``, the input and output tensors are
+            ``(batch, seq, feature)`` instead of ``(seq, batch, feature)``. It does not
+            apply to the hidden and cell states. Default: ``False``
+        dropout: If non-zero, dropout with this probability on the outputs of each
+            layer except the last (``torch.nn.LSTM``'s ``dropout``). Default: 0
+        bidirectional: If ``True``, every layer also runs backward in time, and its
+            output is the two directions' outputs concatenated. Default: ``False``
+        proj_size: If ``> 0``, the hidden state of every layer is projected to
+            ``proj_size`` features by ``weight_hr_l[k]``; it must be smaller than
+            ``hidden_size``. Default: 0
+        input_dropout: (keyword-only) dropout on the module's input (the paper's input
+            dropout, e.g. on word embeddings). Default: 0
+        output_dropout: (keyword-only) dropout on the output sequence (not on
+            ``h_n``). Default: 0
+        update_dropout: (keyword-only) dropout on the candidate ``z`` of every layer,
+            one mask per sequence, kept over its steps (recurrent dropout without
+            memory loss, Semeniuta et al. 2016). Default: 0
+        forget_bias: (keyword-only) the initial @forget_what@.
+            Default: 1
+        device: (keyword-only) where the parameters are created. Default: torch's
+        dtype: (keyword-only) the floating-point type of the parameters.
+            Default: torch's
+
+    Inputs: input, (h_0, c_0)
+        * **input**: tensor of shape ``(L, H_in)`` for unbatched input,
+          ``(L, N, H_in)`` when ``batch_first=False`` or ``(N, L, H_in)`` when
+          ``batch_first=True``; or a packed variable-length sequence (see
+          :func:`torch.nn.utils.rnn.pack_padded_sequence` and
+          :func:`torch.nn.utils.rnn.pack_sequence`).
+        * **h_0**: tensor of shape ``(D * num_layers, H_out)`` for unbatched input or
+          ``(D * num_layers, N, H_out)``: the initial hidden state of each layer and
+          direction. Zeros if ``(h_0, c_0)`` is not given.
+        * **c_0**: tensor of shape ``(D * num_layers, H_cell)`` for unbatched input or
+          ``(D * num_layers, N, H_cell)``: the initial memory of each layer and
+          direction. Zeros if ``(h_0, c_0)`` is not given.
+
+        where::
+
+            N = batch size
+            L = sequence length
+            D = 2 if bidirectional=True otherwise 1
+            H_in = input_size
+            H_cell = hidden_size
+            H_out = proj_size if proj_size > 0 otherwise hidden_size
+
+    Outputs: output, (h_n, c_n)
+        * **output**: tensor of shape ``(L, D * H_out)`` for unbatched input,
+          ``(L, N, D * H_out)`` when ``batch_first=False`` or ``(N, L, D * H_out)``
+          when ``batch_first=True``: the last layer's :math:`h_t` for every ``t`` (the
+          forward and reverse directions concatenated if bidirectional). For packed
+          input, a packed sequence with the input's layout.
+        * **h_n**: tensor of shape ``(D * num_layers, H_out)`` for unbatched input or
+          ``(D * num_layers, N, H_out)``: the final hidden state of each layer and
+          direction (for packed input, after each sequence's own last step).
+        * **c_n**: tensor of shape ``(D * num_layers, H_cell)`` for unbatched input or
+          ``(D * num_layers, N, H_cell)``: the final memory of each layer and
+          direction.
+
+    Attributes:
+        weight_ih_l[k]: the input weights of layer ``k``, gate blocks @gates@ stacked:
+            ``(@g@*hidden_size, input_size)`` for ``k = 0``, otherwise
+            ``(@g@*hidden_size, D * H_out)``.
+        weight_hh_l[k]: the recurrent weights of layer ``k``, blocks @gates@:
+            ``(@g@*hidden_size, H_out)``.
+        bias_ih_l[k]: the input biases of layer ``k``, ``(@g@*hidden_size)``.
+        bias_hh_l[k]: the recurrent biases of layer ``k``, ``(@g@*hidden_size)``.
+@forget_attribute@
+        weight_hr_l[k]: the projection of layer ``k``, ``(proj_size, hidden_size)``;
+            only with ``proj_size > 0``.
+        weight_ih_l[k]_reverse: like ``weight_ih_l[k]``, for the reverse direction
+            (this and the other ``*_reverse`` parameters only with
+            ``bidirectional=True``).
+        weight_hh_l[k]_reverse: like ``weight_hh_l[k]``, for the reverse direction.
+        bias_ih_l[k]_reverse: like ``bias_ih_l[k]``, for the reverse direction.
+        bias_hh_l[k]_reverse: like ``bias_hh_l[k]``, for the reverse direction.
+@forget_reverse@
+        weight_hr_l[k]_reverse: like ``weight_hr_l[k]``, for the reverse direction.
+
+    The initialisation is the paper's, not ``torch.nn.LSTM``'s: Glorot-uniform
+    weights, zero biases and the forget bias above (:meth:`reset_parameters`). All
+    dropouts act in training mode only.
+
+    Kernels (:mod:`microcircuits.kernels` picks one per call): @kernels@
+
+"""
+
+_FORGET_ATTRIBUTE = """\
+        forget_l[k]: ``phi`` of layer ``k``, ``(hidden_size)``: each unit's memory
+            decays by the factor ``f = sigmoid(phi)`` per step.
+"""
+_FORGET_REVERSE = """\
+        forget_l[k]_reverse: like ``forget_l[k]``, for the reverse direction.
+"""
+
+_CELL_SECTIONS = r"""    Args:
+        input_size: The number of expected features in the input ``x``.
+        hidden_size: The number of features of the hidden state ``h`` and the
+            memory ``c``.
+        bias: If ``False``, the cell has no ``bias_ih`` and ``bias_hh``.
+            Default: ``True``
+        forget_bias: (keyword-only) the initial @forget_what@.
+            Default: 1
+        device: (keyword-only) where the parameters are created. Default: torch's
+        dtype: (keyword-only) the floating-point type of the parameters.
+            Default: torch's
+
+    Inputs: input, (h_0, c_0), update_mask
+        * **input**: tensor of shape ``(N, H_in)`` or ``(H_in)`` (unbatched).
+        * **h_0**: tensor of shape ``(N, H)`` or ``(H)``: the hidden state before the
+          step. Zeros if ``(h_0, c_0)`` is not given.
+        * **c_0**: tensor of shape ``(N, H)`` or ``(H)``: the memory before the step.
+          Zeros if ``(h_0, c_0)`` is not given.
+        * **update_mask** (optional): tensor of shape ``(N, H)`` or ``(H)`` that
+          multiplies the candidate ``z`` (update dropout): already scaled by
+          ``1 / (1 - p)``, and kept the same over a sequence's steps.
+
+        where ``N`` is the batch size, ``H_in`` ``input_size`` and ``H``
+        ``hidden_size``.
+
+    Outputs: (h_1, c_1)
+        * **h_1**: tensor of shape ``(N, H)`` or ``(H)``: the next hidden state.
+        * **c_1**: tensor of shape ``(N, H)`` or ``(H)``: the next memory.
+
+    Attributes:
+        weight_ih: the input weights, gate blocks @gates@ stacked:
+            ``(@g@*hidden_size, input_size)``.
+        weight_hh: the recurrent weights, ``(@g@*hidden_size, hidden_size)``.
+        bias_ih: the input biases, ``(@g@*hidden_size)``.
+        bias_hh: the recurrent biases, ``(@g@*hidden_size)``.
+@cell_forget_attribute@
+
+    The initialisation is the paper's: Glorot-uniform weights, zero biases and the
+    forget bias above (:meth:`reset_parameters`).
+
+"""
+
+_CELL_FORGET_ATTRIBUTE = """\
+        forget: ``phi``, ``(hidden_size)``: each unit's memory decays by the factor
+            ``f = sigmoid(phi)`` per step.
+"""
+
+_KERNELS = {
+    "lstm": (
+        "on the CPU,\n"
+        "    without update dropout and packed input, the whole stack runs as one call of\n"
+        "    ATen's LSTM, what ``torch.nn.LSTM`` runs (projections included); otherwise\n"
+        "    the fused whole-sequence kernels, and with ``proj_size > 0`` the reference\n"
+        "    path, the slow one (a few torch ops per step, differentiated by autograd)."
+    ),
+    "subtractive": (
+        "the fused\n"
+        "    whole-sequence kernels (CPU; CUDA with Triton); with ``proj_size > 0`` the\n"
+        "    reference path, the slow one (a few torch ops per step, differentiated by\n"
+        "    autograd)."
+    ),
+}
+
+
+def _fill_in(template: str, kind: CellKind) -> str:
+    """``template`` with the gate blocks, their count and the decay parameter of ``kind``."""
+    decay = kind.learned_decay
+    if decay:
+        forget_what = "``phi`` (the decay is ``sigmoid(phi)``)"
+    else:
+        forget_what = "bias of the forget gate ``f`` (in ``bias_ih``)"
+    values = {
+        "@gates@": "(" + ", ".join(kind.gate_names) + ")",
+        "@g@": str(kind.num_gates),
+        "@forget_what@": forget_what,
+        "@forget_attribute@\n": _FORGET_ATTRIBUTE if decay else "",
+        "@forget_reverse@\n": _FORGET_REVERSE if decay else "",
+        "@cell_forget_attribute@\n": _CELL_FORGET_ATTRIBUTE if decay else "",
+        "@kernels@": _KERNELS["subtractive" if kind.subtractive else "lstm"],
+    }
+    for key, value in values.items():
+        template = template.replace(key, value)
+    return template
+
+
+def _documented(sections: str) -> Callable[[type[_T]], type[_T]]:
+    """Put ``sections`` (Args, Inputs, Outputs, Attributes), filled in for the class's
+    cell, where its docstring says ``@sections@``: one text for the three cells, each
+    class's docstring complete for ``help()`` and the docs."""
+
+    def decorate(cls: type[_T]) -> type[_T]:
+        if cls.__doc__:  # None under python -OO
+            text = _fill_in(sections, cell_kind(cls.cell_name))  # type: ignore[attr-defined]
+            cls.__doc__ = cls.__doc__.replace("    @sections@\n", text)
+        return cls
+
+    return decorate
+
+
+@_documented(_SEQUENCE_SECTIONS)
 class LSTM(_RecurrentSequence):
-    r"""Multiplicatively gated LSTM; drop-in for ``torch.nn.LSTM`` (same state_dict).
+    r"""Multi-layer LSTM; a drop-in for ``torch.nn.LSTM`` (its arguments, inputs, outputs
+    and ``state_dict``), with the paper's dropouts and initialisation.
+
+    For each element of the input sequence each layer computes
 
     .. math::
-        [i, f, o] = \sigma(\cdot),\; z = \tanh(W x + R h + b),\quad
-        c' = f \odot c + z \odot i,\quad h' = \tanh(c') \odot o
+        \begin{array}{ll}
+        i_t = \sigma(W_{ii} x_t + b_{ii} + W_{hi} h_{t-1} + b_{hi}) \\
+        f_t = \sigma(W_{if} x_t + b_{if} + W_{hf} h_{t-1} + b_{hf}) \\
+        z_t = \tanh(W_{iz} x_t + b_{iz} + W_{hz} h_{t-1} + b_{hz}) \\
+        o_t = \sigma(W_{io} x_t + b_{io} + W_{ho} h_{t-1} + b_{ho}) \\
+        c_t = f_t \odot c_{t-1} + i_t \odot z_t \\
+        h_t = o_t \odot \tanh(c_t)
+        \end{array}
 
-    Arguments are those of ``torch.nn.LSTM`` (``proj_size`` only 0) plus the paper's
-    ``input_dropout``, ``output_dropout``, ``update_dropout`` and ``forget_bias``.
+    where :math:`h_t` is the hidden state at time ``t``, :math:`c_t` the memory,
+    :math:`x_t` the input (for the layers after the first, the previous layer's
+    :math:`h_t`, with dropout ``dropout`` in training), :math:`i_t, f_t, o_t` the input,
+    forget and output gates and :math:`z_t` the candidate (``torch.nn.LSTM``'s
+    :math:`g_t`); :math:`\sigma` is the logistic sigmoid and :math:`\odot` the
+    elementwise product. Gates multiply: this is the LSTM the paper compares its
+    subtractive cells with (:class:`SubLSTM`, :class:`FixSubLSTM`).
+
+    @sections@
+    Examples::
+
+        >>> import torch
+        >>> from microcircuits import LSTM
+        >>> rnn = LSTM(10, 20, num_layers=2)
+        >>> x = torch.randn(5, 3, 10)  # (L, N, H_in)
+        >>> h0, c0 = torch.zeros(2, 3, 20), torch.zeros(2, 3, 20)
+        >>> output, (hn, cn) = rnn(x, (h0, c0))
+        >>> output.shape, hn.shape, cn.shape
+        (torch.Size([5, 3, 20]), torch.Size([2, 3, 20]), torch.Size([2, 3, 20]))
+
+        ``torch.nn.LSTM``'s weights load as they are, projections included, and give
+        its outputs:
+
+        >>> reference = torch.nn.LSTM(10, 20, proj_size=4, bidirectional=True)
+        >>> rnn = LSTM(10, 20, proj_size=4, bidirectional=True)
+        >>> rnn.load_state_dict(reference.state_dict())
+        <All keys matched successfully>
+        >>> output, (hn, cn) = rnn(x)
+        >>> output.shape, hn.shape, cn.shape
+        (torch.Size([5, 3, 8]), torch.Size([2, 3, 4]), torch.Size([2, 3, 20]))
+        >>> torch.allclose(output, reference(x)[0], atol=1e-6)
+        True
     """
 
     cell_name = "lstm"
 
 
+@_documented(_SEQUENCE_SECTIONS)
 class SubLSTM(_RecurrentSequence):
-    r"""Subtractively gated LSTM (Costa et al. 2017); API of ``torch.nn.LSTM``.
+    r"""Multi-layer subtractively gated LSTM (subLSTM, Costa et al. 2017) with the API of
+    ``torch.nn.LSTM``.
+
+    For each element of the input sequence each layer computes
 
     .. math::
-        [i, f, z, o] = \sigma(W x + R h + b),\quad c' = f \odot c + z - i,\quad
-        h' = \sigma(c') - o
+        \begin{array}{ll}
+        i_t = \sigma(W_{ii} x_t + b_{ii} + W_{hi} h_{t-1} + b_{hi}) \\
+        f_t = \sigma(W_{if} x_t + b_{if} + W_{hf} h_{t-1} + b_{hf}) \\
+        z_t = \sigma(W_{iz} x_t + b_{iz} + W_{hz} h_{t-1} + b_{hz}) \\
+        o_t = \sigma(W_{io} x_t + b_{io} + W_{ho} h_{t-1} + b_{ho}) \\
+        c_t = f_t \odot c_{t-1} + z_t - i_t \\
+        h_t = \sigma(c_t) - o_t
+        \end{array}
 
-    Inhibitory gates ``i`` and ``o`` subtract from the excitatory ``z`` and
-    ``sigma(c')``. Parameters as in ``torch.nn.LSTM``, gate blocks (i, f, z, o).
+    where :math:`h_t` is the hidden state at time ``t``, :math:`c_t` the memory,
+    :math:`x_t` the input (for the layers after the first, the previous layer's
+    :math:`h_t`, with dropout ``dropout`` in training), :math:`\sigma` the logistic
+    sigmoid and :math:`\odot` the elementwise product. Every gate is a sigmoid, and
+    inhibition subtracts: the input gate :math:`i_t` from the excitatory candidate
+    :math:`z_t`, the output gate :math:`o_t` from the excitatory read-out
+    :math:`\sigma(c_t)` -- the paper's model of a cortical microcircuit, where
+    inhibitory interneurons subtract from pyramidal cells' input and output.
+
+    @sections@
+    Examples::
+
+        >>> import torch
+        >>> from microcircuits import SubLSTM
+        >>> rnn = SubLSTM(10, 20, num_layers=2, batch_first=True)
+        >>> x = torch.randn(3, 5, 10)  # (N, L, H_in)
+        >>> output, (hn, cn) = rnn(x)  # zero initial state
+        >>> output.shape, hn.shape, cn.shape
+        (torch.Size([3, 5, 20]), torch.Size([2, 3, 20]), torch.Size([2, 3, 20]))
+        >>> bool(torch.all(output.abs() < 1))  # sigma(c) - o lies in (-1, 1)
+        True
+
+        Sequences of different lengths, packed; projected hidden states:
+
+        >>> from torch.nn.utils.rnn import pack_sequence, pad_packed_sequence
+        >>> rnn = SubLSTM(10, 20, proj_size=6)
+        >>> packed = pack_sequence([torch.randn(7, 10), torch.randn(4, 10)])
+        >>> output, (hn, cn) = rnn(packed)
+        >>> padded, lengths = pad_packed_sequence(output)
+        >>> padded.shape, lengths, hn.shape, cn.shape
+        (torch.Size([7, 2, 6]), tensor([7, 4]), torch.Size([1, 2, 6]), torch.Size([1, 2, 20]))
+        >>> rnn.weight_hh_l0.shape, rnn.weight_hr_l0.shape
+        (torch.Size([80, 6]), torch.Size([6, 20]))
     """
 
     cell_name = "sublstm"
 
 
+@_documented(_SEQUENCE_SECTIONS)
 class FixSubLSTM(_RecurrentSequence):
-    r"""subLSTM whose memory decay is a learned per-unit constant (Costa et al. 2017).
+    r"""Multi-layer fix-subLSTM (Costa et al. 2017): a subLSTM whose memory decay is a
+    learned constant of each unit, not a gate; API of ``torch.nn.LSTM``.
+
+    For each element of the input sequence each layer computes
 
     .. math::
-        [i, z, o] = \sigma(W x + R h + b),\quad f = \sigma(\phi),\quad
-        c' = f \odot c + z - i,\quad h' = \sigma(c') - o
+        \begin{array}{ll}
+        i_t = \sigma(W_{ii} x_t + b_{ii} + W_{hi} h_{t-1} + b_{hi}) \\
+        z_t = \sigma(W_{iz} x_t + b_{iz} + W_{hz} h_{t-1} + b_{hz}) \\
+        o_t = \sigma(W_{io} x_t + b_{io} + W_{ho} h_{t-1} + b_{ho}) \\
+        f = \sigma(\phi) \\
+        c_t = f \odot c_{t-1} + z_t - i_t \\
+        h_t = \sigma(c_t) - o_t
+        \end{array}
 
-    Gate blocks (i, z, o); ``forget_l{k}`` holds ``phi`` ``(H,)``, initialised to
-    ``forget_bias``.
+    where :math:`h_t` is the hidden state at time ``t``, :math:`c_t` the memory,
+    :math:`x_t` the input (for the layers after the first, the previous layer's
+    :math:`h_t`, with dropout ``dropout`` in training), :math:`\sigma` the logistic
+    sigmoid and :math:`\odot` the elementwise product. The decay :math:`f` depends on
+    neither input nor state: :math:`\phi` (``forget_l[k]``) is a parameter of each
+    unit, so the weights have three gate blocks (i, z, o) instead of four.
+
+    @sections@
+    Examples::
+
+        >>> import torch
+        >>> from microcircuits import FixSubLSTM
+        >>> rnn = FixSubLSTM(10, 20)
+        >>> rnn.weight_ih_l0.shape, rnn.weight_hh_l0.shape, rnn.forget_l0.shape
+        (torch.Size([60, 10]), torch.Size([60, 20]), torch.Size([20]))
+        >>> torch.sigmoid(rnn.forget_l0[:3].detach())  # initial decay sigmoid(forget_bias)
+        tensor([0.7311, 0.7311, 0.7311])
+        >>> output, (hn, cn) = rnn(torch.randn(5, 10))  # unbatched (L, H_in)
+        >>> output.shape, hn.shape, cn.shape
+        (torch.Size([5, 20]), torch.Size([1, 20]), torch.Size([1, 20]))
+
+        A sequence can continue from where the previous one stopped:
+
+        >>> x = torch.randn(8, 2, 10)
+        >>> whole, _ = rnn(x)
+        >>> first, state = rnn(x[:5])
+        >>> rest, _ = rnn(x[5:], state)
+        >>> torch.allclose(torch.cat([first, rest]), whole, atol=1e-6)
+        True
     """
 
     cell_name = "fix_sublstm"
@@ -467,6 +859,8 @@ class _RecurrentCell(_RecurrentParameters):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
+        """Check the arguments, create the parameters and initialise them
+        (:meth:`reset_parameters`); the class's docstring describes the arguments."""
         super().__init__()
         self.input_size = check_positive_int("input_size", input_size)
         self.hidden_size = check_positive_int("hidden_size", hidden_size)
@@ -485,6 +879,8 @@ class _RecurrentCell(_RecurrentParameters):
 
     @property
     def weights(self) -> CellWeights:
+        """The parameters as :class:`~microcircuits.cells.CellWeights` (for the step
+        functions of :mod:`microcircuits.cells`)."""
         return self._weights("")
 
     def extra_repr(self) -> str:
@@ -554,20 +950,116 @@ class _RecurrentCell(_RecurrentParameters):
         return new.h, new.c
 
 
+@_documented(_CELL_SECTIONS)
 class LSTMCell(_RecurrentCell):
-    """One LSTM step; drop-in for ``torch.nn.LSTMCell`` (same state_dict)."""
+    r"""One LSTM step; a drop-in for ``torch.nn.LSTMCell`` (its arguments, inputs,
+    outputs and ``state_dict``).
+
+    .. math::
+        \begin{array}{ll}
+        i = \sigma(W_{ii} x + b_{ii} + W_{hi} h + b_{hi}) \\
+        f = \sigma(W_{if} x + b_{if} + W_{hf} h + b_{hf}) \\
+        z = \tanh(W_{iz} x + b_{iz} + W_{hz} h + b_{hz}) \\
+        o = \sigma(W_{io} x + b_{io} + W_{ho} h + b_{ho}) \\
+        c' = f \odot c + i \odot z \\
+        h' = o \odot \tanh(c')
+        \end{array}
+
+    where :math:`\sigma` is the logistic sigmoid and :math:`\odot` the elementwise
+    product (the equations of :class:`LSTM`, one step at a time).
+
+    @sections@
+    Examples::
+
+        >>> import torch
+        >>> from microcircuits import LSTMCell
+        >>> reference = torch.nn.LSTMCell(10, 20)
+        >>> cell = LSTMCell(10, 20)
+        >>> cell.load_state_dict(reference.state_dict())
+        <All keys matched successfully>
+        >>> x, h, c = torch.randn(3, 10), torch.randn(3, 20), torch.randn(3, 20)
+        >>> h1, c1 = cell(x, (h, c))
+        >>> h1.shape, c1.shape
+        (torch.Size([3, 20]), torch.Size([3, 20]))
+        >>> torch.allclose(h1, reference(x, (h, c))[0], atol=1e-6)
+        True
+    """
 
     cell_name = "lstm"
 
 
+@_documented(_CELL_SECTIONS)
 class SubLSTMCell(_RecurrentCell):
-    """One subLSTM step: ``c' = f*c + z - i``, ``h' = sigma(c') - o``; gates (i, f, z, o)."""
+    r"""One subLSTM step (Costa et al. 2017) with the API of ``torch.nn.LSTMCell``.
+
+    .. math::
+        \begin{array}{ll}
+        i = \sigma(W_{ii} x + b_{ii} + W_{hi} h + b_{hi}) \\
+        f = \sigma(W_{if} x + b_{if} + W_{hf} h + b_{hf}) \\
+        z = \sigma(W_{iz} x + b_{iz} + W_{hz} h + b_{hz}) \\
+        o = \sigma(W_{io} x + b_{io} + W_{ho} h + b_{ho}) \\
+        c' = f \odot c + z - i \\
+        h' = \sigma(c') - o
+        \end{array}
+
+    where :math:`\sigma` is the logistic sigmoid and :math:`\odot` the elementwise
+    product (the equations of :class:`SubLSTM`, one step at a time).
+
+    @sections@
+    Examples::
+
+        >>> import torch
+        >>> from microcircuits import SubLSTMCell
+        >>> cell = SubLSTMCell(10, 20)
+        >>> x = torch.randn(6, 3, 10)  # (time, batch, input_size)
+        >>> h, c = torch.zeros(3, 20), torch.zeros(3, 20)
+        >>> outputs = []
+        >>> for x_t in x:
+        ...     h, c = cell(x_t, (h, c))
+        ...     outputs.append(h)
+        >>> torch.stack(outputs).shape
+        torch.Size([6, 3, 20])
+    """
 
     cell_name = "sublstm"
 
 
+@_documented(_CELL_SECTIONS)
 class FixSubLSTMCell(_RecurrentCell):
-    """One fix-subLSTM step (``f = sigma(phi)``, ``phi`` in ``forget``); gates (i, z, o)."""
+    r"""One fix-subLSTM step (Costa et al. 2017) with the API of ``torch.nn.LSTMCell``.
+
+    .. math::
+        \begin{array}{ll}
+        i = \sigma(W_{ii} x + b_{ii} + W_{hi} h + b_{hi}) \\
+        z = \sigma(W_{iz} x + b_{iz} + W_{hz} h + b_{hz}) \\
+        o = \sigma(W_{io} x + b_{io} + W_{ho} h + b_{ho}) \\
+        c' = \sigma(\phi) \odot c + z - i \\
+        h' = \sigma(c') - o
+        \end{array}
+
+    where :math:`\sigma` is the logistic sigmoid, :math:`\odot` the elementwise product
+    and :math:`\phi` the parameter ``forget`` (the equations of :class:`FixSubLSTM`,
+    one step at a time).
+
+    @sections@
+    Examples::
+
+        >>> import torch
+        >>> from microcircuits import FixSubLSTMCell
+        >>> cell = FixSubLSTMCell(10, 20)
+        >>> h, c = cell(torch.randn(10))  # unbatched, zero state
+        >>> h.shape, c.shape
+        (torch.Size([20]), torch.Size([20]))
+
+        Update dropout: one scaled mask on the candidate ``z``, the same at every step:
+
+        >>> mask = torch.bernoulli(torch.full((3, 20), 0.75)) / 0.75
+        >>> h, c = torch.zeros(3, 20), torch.zeros(3, 20)
+        >>> for x_t in torch.randn(4, 3, 10):
+        ...     h, c = cell(x_t, (h, c), mask)
+        >>> h.shape
+        torch.Size([3, 20])
+    """
 
     cell_name = "fix_sublstm"
 
@@ -584,28 +1076,59 @@ _CELL_MODULES: dict[str, type[_RecurrentCell]] = {
 def make_rnn(cell: str, input_size: int, hidden_size: int, **kwargs) -> _RecurrentSequence:
     """Build :class:`LSTM`, :class:`SubLSTM` or :class:`FixSubLSTM` by cell name.
 
-    ``kwargs`` are the modules' constructor arguments (``num_layers``, dropouts, ...).
+    ``cell`` is a name of :data:`microcircuits.CELLS` (any case, aliases such as
+    ``"fix-sublstm"`` too); ``kwargs`` are the modules' constructor arguments
+    (``num_layers``, ``proj_size``, dropouts, ...).
+
+    Examples::
+
+        >>> from microcircuits import make_rnn
+        >>> make_rnn("fix-subLSTM", 10, 20, num_layers=2, update_dropout=0.25)
+        FixSubLSTM(10, 20, num_layers=2, update_dropout=0.25)
     """
     return _SEQUENCE_MODULES[cell_kind(cell).name](input_size, hidden_size, **kwargs)
 
 
 def make_cell(cell: str, input_size: int, hidden_size: int, **kwargs) -> _RecurrentCell:
-    """Build :class:`LSTMCell`, :class:`SubLSTMCell` or :class:`FixSubLSTMCell` by name."""
+    """Build :class:`LSTMCell`, :class:`SubLSTMCell` or :class:`FixSubLSTMCell` by name.
+
+    Examples::
+
+        >>> from microcircuits import make_cell
+        >>> make_cell("sublstm", 10, 20, bias=False)
+        SubLSTMCell(10, 20, bias=False)
+    """
     return _CELL_MODULES[cell_kind(cell).name](input_size, hidden_size, **kwargs)
 
 
-def parameter_count(cell: str, input_size: int, hidden_size: int, num_layers: int = 1) -> int:
+def parameter_count(
+    cell: str, input_size: int, hidden_size: int, num_layers: int = 1, proj_size: int = 0
+) -> int:
     """Number of recurrent parameters of a unidirectional stack with biases.
 
     Used to match model sizes across cells (the paper's fix-subLSTM sizes 11/115/230/750
-    match (sub)LSTM sizes 10/100/200/650).
+    match (sub)LSTM sizes 10/100/200/650). ``proj_size > 0`` counts ``weight_hr`` and
+    the narrower recurrent and next-layer input weights.
+
+    Examples::
+
+        >>> parameter_count("lstm", 10, 20) == sum(
+        ...     p.numel() for p in torch.nn.LSTM(10, 20).parameters()
+        ... )
+        True
+        >>> parameter_count("fix_sublstm", 10, 20, num_layers=2, proj_size=5) == sum(
+        ...     p.numel() for p in FixSubLSTM(10, 20, num_layers=2, proj_size=5).parameters()
+        ... )
+        True
     """
     kind = cell_kind(cell)
+    output_size = proj_size or hidden_size
     total = 0
     for layer in range(num_layers):
-        layer_input = input_size if layer == 0 else hidden_size
+        layer_input = input_size if layer == 0 else output_size
         gates = kind.num_gates * hidden_size
-        total += gates * (layer_input + hidden_size + 2) + (
+        total += gates * (layer_input + output_size + 2) + (
             hidden_size if kind.learned_decay else 0
         )
+        total += proj_size * hidden_size
     return total

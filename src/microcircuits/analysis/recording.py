@@ -59,14 +59,17 @@ def module_cell(module: nn.Module) -> CellKind:
 
     Raises:
         TypeError: for a module that is neither one of ours nor ``torch.nn.LSTM``.
-        ValueError: for ``torch.nn.LSTM`` with ``proj_size > 0``.
+        ValueError: for a module with ``proj_size > 0`` (the analyses read h as the
+            layer's hidden units).
     """
+    if getattr(module, "proj_size", 0):
+        raise ValueError(
+            f"{type(module).__name__} with proj_size > 0 is not supported by the analyses"
+        )
     kind = getattr(module, "cell", None)
     if isinstance(kind, CellKind):
         return kind
     if isinstance(module, nn.LSTM):
-        if module.proj_size:
-            raise ValueError("torch.nn.LSTM with proj_size > 0 is not supported by the analyses")
         return CELLS["lstm"]
     raise TypeError(
         "expected a microcircuits LSTM/SubLSTM/FixSubLSTM or torch.nn.LSTM, "

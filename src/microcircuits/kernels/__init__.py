@@ -29,6 +29,13 @@ Kernels (:data:`KERNELS`):
 as ``torch.nn.LSTM`` does, saving the per-call overhead of each layer and direction),
 and otherwise returns ``None`` so the caller goes layer by layer through ``run_layer``.
 
+Projected hidden states (``proj_size > 0``; a ``weight_hr`` ``(P, H)`` per layer and
+direction, passed beside the :class:`~microcircuits.cells.CellWeights`): ``aten_lstm``
+takes them where it takes the call anyway (the LSTM cell without update dropout or
+variable lengths: ``torch.nn.LSTM``'s own path); everything else runs on the reference
+path -- the slow path, a few torch ops per step. The fused kernels do not project, and
+forcing one for a projected call raises.
+
 While a graph is recorded -- ``torch.jit.trace``, ``torch.onnx.export`` (either
 exporter) -- ``"auto"`` takes only kernels that are single ATen ops (``aten_lstm``, which
 records as ``aten::lstm`` and so keeps the sequence length free), else the reference
@@ -137,30 +144,44 @@ def run_layer(
     lengths: Tensor | None = None,
     update_mask: Tensor | None = None,
     reverse: bool = False,
+    weight_hr: Tensor | None = None,
 ) -> tuple[Tensor, LSTMState]:
     """Run one layer and direction over a whole sequence.
 
     Args:
         kind: which cell (:data:`microcircuits.cells.CELLS`).
         x: input ``(T, B, I)``.
-        state: initial ``(h, c)``, each ``(B, H)``.
+        state: initial ``(h, c)``, ``(B, P)`` and ``(B, H)`` (``P = H`` without a
+            projection).
         weights: the layer's parameters.
         lengths: valid length of each sequence ``(B,)`` (int64, on CPU or ``x``'s
             device), or ``None`` when all have length ``T``.
         update_mask: update-dropout mask ``(B, H)`` (scaled), fixed over time, or ``None``.
         reverse: run each sequence from its last valid step back to its first
             (the backward direction of a bidirectional layer).
+        weight_hr: the projection ``(P, H)`` of the hidden state (``torch.nn.LSTM``'s
+            ``weight_hr_l{k}``, ``proj_size > 0``), or ``None``. Only ``aten_lstm`` and
+            the reference path take it.
 
     Returns:
-        ``output`` ``(T, B, H)`` (zero at padding steps), and the final state, taken
+        ``output`` ``(T, B, P)`` (zero at padding steps), and the final state, taken
         at each sequence's last processed step.
     """
     if _compiling_outside_export():  # a graph break: ATen's LSTM and the fused kernels
         # fail inside inductor's graph or trace into it step by step
         return _eagerly(run_layer)(
-            kind, x, state, weights, lengths=lengths, update_mask=update_mask, reverse=reverse
+            kind,
+            x,
+            state,
+            weights,
+            lengths=lengths,
+            update_mask=update_mask,
+            reverse=reverse,
+            weight_hr=weight_hr,
         )
-    name = choose_kernel(kind, x, state, weights, lengths=lengths, update_mask=update_mask)
+    name = choose_kernel(
+        kind, x, state, weights, lengths=lengths, update_mask=update_mask, weight_hr=weight_hr
+    )
     if name == "cpu_fused":
         return cpu_fused.run_layer_cpu_fused(
             kind, x, state, weights, lengths, update_mask, reverse=reverse
@@ -170,10 +191,12 @@ def run_layer(
             kind, x, state, weights, lengths, update_mask, reverse=reverse
         )
     if name == "aten_lstm":
-        return aten_lstm.run_layer_aten_lstm(kind, x, state, weights, reverse=reverse)
+        return aten_lstm.run_layer_aten_lstm(
+            kind, x, state, weights, reverse=reverse, weight_hr=weight_hr
+        )
     if reverse:
         x = reverse_within_lengths(x, lengths)
-    output, final = run_layer_reference(kind, x, state, weights, lengths, update_mask)
+    output, final = run_layer_reference(kind, x, state, weights, lengths, update_mask, weight_hr)
     if reverse:
         output = reverse_within_lengths(output, lengths)
     return output, final
@@ -197,7 +220,12 @@ def _unsupported_reason(
     weights: CellWeights,
     lengths: Tensor | None,
     update_mask: Tensor | None,
+    weight_hr: Tensor | None = None,
 ) -> str | None:
+    if weight_hr is not None and name in ("cpu_fused", "gpu_fused"):
+        return (
+            "projections (proj_size > 0) are not among its features (the reference path runs them)"
+        )
     if name not in _RECORDABLE:
         recording = recording_reason()
         if recording is not None:
@@ -207,7 +235,9 @@ def _unsupported_reason(
     if name == "gpu_fused":
         return gpu_fused.unsupported_reason(x, state, weights, lengths, update_mask)
     if name == "aten_lstm":
-        return aten_lstm.unsupported_reason(kind, x, state, weights, lengths, update_mask)
+        return aten_lstm.unsupported_reason(
+            kind, x, state, weights, lengths, update_mask, weight_hr
+        )
     return None
 
 
@@ -219,6 +249,7 @@ def choose_kernel(
     *,
     lengths: Tensor | None = None,
     update_mask: Tensor | None = None,
+    weight_hr: Tensor | None = None,
 ) -> str:
     """The kernel :func:`run_layer` takes for these arguments under the current selection.
 
@@ -230,10 +261,13 @@ def choose_kernel(
         return "reference"
     if selected == "auto":
         for name in _AUTO_ORDER:
-            if _unsupported_reason(name, kind, x, state, weights, lengths, update_mask) is None:
+            reason = _unsupported_reason(
+                name, kind, x, state, weights, lengths, update_mask, weight_hr
+            )
+            if reason is None:
                 return name
         return "reference"
-    reason = _unsupported_reason(selected, kind, x, state, weights, lengths, update_mask)
+    reason = _unsupported_reason(selected, kind, x, state, weights, lengths, update_mask, weight_hr)
     if reason is not None:
         raise ValueError(
             f"kernel {selected!r} cannot run this call: {reason} "
@@ -250,6 +284,7 @@ def choose_stack_kernel(
     layers: Sequence[CellWeights],
     *,
     lengths: Tensor | None = None,
+    projections: Sequence[Tensor | None] | None = None,
 ) -> str | None:
     """The kernel that runs the whole stack in one call (:func:`run_stack`), or ``None``.
 
@@ -259,12 +294,29 @@ def choose_stack_kernel(
     """
     if get_kernel() not in ("auto", "aten_lstm"):
         return None
+    hr = _projections(projections, len(layers))
+    if hr is None:
+        return None
     # x stands in for every layer's input: the checks read its dtype, device and rank
     for index, weights in enumerate(layers):
         state = LSTMState(h0[index], c0[index])
-        if aten_lstm.unsupported_reason(kind, x, state, weights, lengths, None) is not None:
+        reason = aten_lstm.unsupported_reason(kind, x, state, weights, lengths, None, hr[index])
+        if reason is not None:
             return None
     return "aten_lstm"
+
+
+def _projections(
+    projections: Sequence[Tensor | None] | None, count: int
+) -> list[Tensor | None] | None:
+    """``projections`` as a list of ``count`` entries, or ``None`` where one stack call
+    cannot take them (a different count, or some layers projected and others not)."""
+    if projections is None:
+        return [None] * count
+    hr = list(projections)
+    if len(hr) != count or len({w is None for w in hr}) > 1:
+        return None
+    return hr
 
 
 def run_stack(
@@ -276,6 +328,7 @@ def run_stack(
     *,
     bidirectional: bool = False,
     lengths: Tensor | None = None,
+    projections: Sequence[Tensor | None] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor] | None:
     """Run a whole stack in one kernel call where one applies; else ``None``.
 
@@ -286,23 +339,35 @@ def run_stack(
     Args:
         kind: which cell.
         x: input ``(T, B, I)``.
-        h0, c0: initial state ``(L*D, B, H)``, ``D`` 2 if bidirectional else 1.
+        h0, c0: initial state, ``(L*D, B, P)`` and ``(L*D, B, H)``, ``D`` 2 if
+            bidirectional else 1 (``P = H`` without projections).
         layers: the weights of each layer and direction in ``torch.nn.LSTM``'s order
             (layer-major, forward before reverse), ``L*D`` of them.
         bidirectional: whether each layer has a reverse direction.
         lengths: valid length of each sequence ``(B,)``, or ``None`` when all are ``T``.
+        projections: the ``weight_hr`` ``(P, H)`` of each layer and direction, in the
+            order of ``layers`` (``proj_size > 0``), or ``None``.
 
     Returns:
-        ``output`` ``(T, B, D*H)`` of the last layer, ``h_n`` and ``c_n``
-        ``(L*D, B, H)``; or ``None`` when no kernel takes the stack.
+        ``output`` ``(T, B, D*P)`` of the last layer, ``h_n`` ``(L*D, B, P)`` and
+        ``c_n`` ``(L*D, B, H)``; or ``None`` when no kernel takes the stack.
     """
     if _compiling_outside_export():  # a graph break, as in run_layer
         return _eagerly(run_stack)(
-            kind, x, h0, c0, layers, bidirectional=bidirectional, lengths=lengths
+            kind,
+            x,
+            h0,
+            c0,
+            layers,
+            bidirectional=bidirectional,
+            lengths=lengths,
+            projections=projections,
         )
-    if choose_stack_kernel(kind, x, h0, c0, layers, lengths=lengths) is None:
+    chosen = choose_stack_kernel(kind, x, h0, c0, layers, lengths=lengths, projections=projections)
+    if chosen is None:
         return None
     num_directions = 2 if bidirectional else 1
+    hr = None if projections is None or projections[0] is None else list(projections)
     return aten_lstm.run_stack_aten_lstm(
-        x, h0, c0, list(layers), len(layers) // num_directions, bidirectional
+        x, h0, c0, list(layers), len(layers) // num_directions, bidirectional, hr
     )

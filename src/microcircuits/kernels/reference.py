@@ -3,6 +3,10 @@
 Readable, differentiable by autograd, and the oracle every fast kernel is tested
 against. Variable lengths are handled by freezing a sequence's state after its last
 step (its output there is zero, as ``pad_packed_sequence`` gives for padding).
+
+It is also the one path for projected hidden states (``proj_size > 0``, ``weight_hr``)
+where ATen's LSTM cannot take the call (the subtractive cells, update dropout, variable
+lengths): correct, differentiable to any order, and slow (a few torch ops per step).
 """
 
 from __future__ import annotations
@@ -38,19 +42,25 @@ def run_layer_reference(
     weights: CellWeights,
     lengths: Tensor | None = None,
     update_mask: Tensor | None = None,
+    weight_hr: Tensor | None = None,
 ) -> tuple[Tensor, LSTMState]:
     """Run one layer and direction forward in time.
 
     Args:
         kind: which cell.
         x: input ``(T, B, I)``.
-        state: initial ``(h, c)``, each ``(B, H)``.
-        weights: the layer's parameters.
+        state: initial ``(h, c)``, ``(B, P)`` and ``(B, H)`` (``P = H`` without a
+            projection).
+        weights: the layer's parameters (``weight_hh`` ``(G*H, P)``).
         lengths: optional valid length of each sequence ``(B,)``; ``None`` means all ``T``.
         update_mask: optional update-dropout mask ``(B, H)``, fixed over time.
+        weight_hr: optional projection ``(P, H)`` of the hidden state, as
+            ``torch.nn.LSTM``'s ``weight_hr_l{k}`` (``proj_size > 0``): each step's
+            ``h`` (the cell's read-out) becomes ``weight_hr @ h``, which is the output and
+            the ``h`` fed back.
 
     Returns:
-        ``output`` ``(T, B, H)`` and the state after each sequence's last valid step.
+        ``output`` ``(T, B, P)`` and the state after each sequence's last valid step.
     """
     outputs = []
     active_at = None
@@ -60,6 +70,9 @@ def run_layer_reference(
         active_at = (steps < lengths.to(x.device).unsqueeze(0)).unsqueeze(-1)
     for t, x_t in enumerate(x.unbind(0)):  # unbind, not x[t]: keeps backward linear in T
         h, new = kind.step(x_t, state, weights, update_mask)
+        if weight_hr is not None:
+            h = torch.nn.functional.linear(h, weight_hr)
+            new = LSTMState(h, new.c)
         if active_at is not None:
             active = active_at[t]
             new = LSTMState(
