@@ -254,6 +254,34 @@ def test_plateau_decays_the_lr_and_early_stopping_stops(tmp_path: Path) -> None:
     assert (again.stopped, again.steps_done) == ("early_stop", 18)  # stays stopped
 
 
+def test_the_plateau_schedule_decides_and_checkpoints_its_state_under_the_same_keys() -> None:
+    from microcircuits.plateau import PlateauSchedule
+
+    def schedule() -> PlateauSchedule:
+        return PlateauSchedule(
+            False, decay_factor=0.5, decay_patience=1, min_lr=0.03, early_stop_patience=3
+        )
+
+    plateau = schedule()
+    first = plateau.observe(1.0, 2.0, lr=0.1, step=5, epoch=1.0)
+    assert (first.best, first.lr, first.stop) == (True, None, False)
+    worse = plateau.observe(1.5, 2.5, lr=0.1, step=10, epoch=2.0)
+    assert (worse.best, worse.lr, worse.stop) == (False, 0.05, False)
+    floor = plateau.observe(1.2, 2.2, lr=0.05, step=15, epoch=3.0)
+    assert (floor.best, floor.lr, floor.stop) == (False, 0.03, False)  # min_lr
+    at_min = plateau.observe(1.1, 2.1, lr=0.03, step=20, epoch=4.0)
+    assert (at_min.best, at_min.lr, at_min.stop) == (False, None, True)
+    state = plateau.state_dict()
+    # the "plateau" entry of checkpoints that running experiments resume from
+    assert state == {
+        "best": 1.0, "best_loss": 2.0, "best_step": 5, "best_epoch": 1.0,
+        "since_decay": 0, "since_best": 3, "decays": 2,
+    }  # fmt: skip
+    resumed = schedule()
+    resumed.load_state_dict(state)
+    assert resumed.exhausted and resumed.state_dict() == state
+
+
 def test_an_existing_run_is_neither_overwritten_nor_resumed_silently(tmp_path: Path) -> None:
     train(_adding(tmp_path, epochs=1))
     with pytest.raises(FileExistsError, match=r"already holds a run; resume it \(--resume\)"):

@@ -19,20 +19,11 @@ Storage, concurrency, crashes. The study lives in an Optuna RDB storage: by defa
 SQLite file ``<out>/study.db``; any SQLAlchemy URL (e.g. ``postgresql+psycopg://...``)
 lets processes on several machines share it. ``workers=K`` starts K processes on this
 machine, and more ``microcircuits search`` commands may join the same study at any time;
-together they finish exactly ``n_trials`` trials (complete, pruned or failed). For that,
-a worker takes a lock before it counts the study's trials and starts a new one
-(:class:`_TrialClaim`: ``flock`` on a file beside a SQLite database, an advisory lock on
-PostgreSQL or MySQL), so no two workers can both take the last slot.
-
-Running trials send a heartbeat to the storage. A trial whose process died (killed,
-machine lost) stops beating; after the grace period the next worker to start a trial
-marks it failed and queues a retry with the same parameters, seed and run directory,
-which resumes the dead trial's training from its last checkpoint. A trial whose worker
-ran on this machine and is gone is treated so at once: by the command whose worker
-died (it then finishes the study itself) and by a command started again. The retry
-takes the dead trial's slot: a failed trial with a retry does not count towards
-``n_trials`` (a retry that dies too is not retried again, and counts as failed).
-Rerunning the command continues a study (``load_if_exists``).
+together they finish exactly ``n_trials`` trials (complete, pruned or failed), each
+taking a lock before it counts the trials and starts one. A trial whose process died is
+failed and retried once, resuming its training from its last checkpoint; the retry takes
+its slot. Both are :mod:`microcircuits.search_trials`. Rerunning the command continues
+a study (``load_if_exists``).
 
 Outputs, in ``<out>``: ``best_preset.toml`` (the best trial's values as a preset file
 for ``microcircuits train TASK --preset``), ``optimization_history.png`` and
@@ -42,14 +33,12 @@ for ``microcircuits train TASK --preset``), ``optimization_history.png`` and
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import math
 import multiprocessing
 import os
 import socket
 import sys
-import warnings
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -62,6 +51,18 @@ from optuna.trial import TrialState
 from .checkpoint import checkpoint_file
 from .config import ExperimentConfig, config_fields, load_config, write_preset_file
 from .model_registry import model_kind
+from .run_dir import run_directory
+from .search_plots import plot_history, plot_importances
+from .search_trials import (
+    TrialClaim,
+    counted_trials,
+    default_storage,
+    display_url,
+    fail_dead_trials,
+    open_storage,
+    retried_trial_number,
+    sqlite_path,
+)
 from .task_registry import TASK_KINDS
 
 if sys.version_info >= (3, 11):
@@ -86,10 +87,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 PRUNERS = ("median", "halving", "none")
-COUNTED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
-"""A trial in one of these states has taken one of the study's ``n_trials`` slots, unless
-it failed and a retry replaces it."""
-
 # Overrides that say where and how a run is observed, not what it computes: a command
 # joining a study may change them, and the best preset leaves them out.
 _RUN_CONTROL = frozenset(
@@ -303,7 +300,7 @@ class SearchSpec:
         study_name = self.study_name or f"{base.task}-{base.cell}-{base.nominal_size}"
         out_dir = self.out_dir or str(Path("runs") / f"search-{study_name}")
         storage = self.storage or default_storage(out_dir)
-        if _sqlite_path(storage) == ":memory:":
+        if sqlite_path(storage) == ":memory:":
             raise ValueError(
                 f"storage must be a database that outlives a connection, got {storage!r}; "
                 "give a SQLite file (sqlite:///path/study.db) or a server URL"
@@ -320,240 +317,7 @@ class SearchSpec:
         )
 
 
-def default_storage(out_dir: str | os.PathLike[str]) -> str:
-    """The SQLite URL of ``<out_dir>/study.db`` (absolute, so that workers agree)."""
-    return f"sqlite:///{(Path(out_dir) / 'study.db').resolve()}"
-
-
-def _sqlite_path(url: str) -> str | None:
-    """The database file of a SQLite URL (``":memory:"`` for none), else ``None``."""
-    from sqlalchemy.engine import make_url
-
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite":
-        return None
-    return parsed.database or ":memory:"
-
-
-def _display_url(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)
-
-
-# Optuna 4.9 renamed the retry callback and the storage argument that takes it.
-_RETRY = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
-_RETRY_ARGUMENT = "heartbeat_stale_trial_callback"
-if _RETRY is None:  # pragma: no cover - Optuna < 4.9
-    _RETRY = optuna.storages.RetryFailedTrialCallback
-    _RETRY_ARGUMENT = "failed_trial_callback"
-
-
-def open_storage(
-    url: str, *, heartbeat_interval: int = 60, grace_period: int | None = None
-) -> optuna.storages.RDBStorage:
-    """An Optuna RDB storage with heartbeats, whose dead trials are failed and retried once.
-
-    Args:
-        url: SQLAlchemy URL (``sqlite:///file.db``, ``postgresql+psycopg://...``).
-        heartbeat_interval: seconds between heartbeats of a running trial.
-        grace_period: seconds of silence after which a running trial is dead
-            (default: twice the interval).
-    """
-    engine_kwargs: dict[str, Any] = {}
-    if _sqlite_path(url) is not None:
-        # Concurrent writers wait for the file lock instead of failing after 5 s.
-        engine_kwargs["connect_args"] = {"timeout": 120}
-    else:
-        engine_kwargs["pool_pre_ping"] = True
-    from sqlalchemy.exc import ArgumentError, OperationalError
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        try:
-            return optuna.storages.RDBStorage(
-                url,
-                engine_kwargs=engine_kwargs,
-                heartbeat_interval=heartbeat_interval,
-                grace_period=grace_period,
-                **{_RETRY_ARGUMENT: _RETRY(max_retry=1, inherit_intermediate_values=True)},
-            )
-        except ArgumentError as exc:
-            raise ValueError(
-                f"storage {url!r} is not a database URL this installation can open ({exc}); "
-                "use e.g. sqlite:///path/to/study.db or postgresql+psycopg://user@host/db"
-            ) from exc
-        except OperationalError as exc:
-            raise ValueError(f"cannot open the storage {url!r}: {exc.orig or exc}") from exc
-
-
-# -- claiming a trial -------------------------------------------------------------------
-
-
-class _TrialClaim:
-    """A lock shared by every worker of a study, held while one counts and starts a trial.
-
-    Optuna numbers trials atomically but cannot "start a trial only if fewer than N
-    exist". With this lock held from the count to the trial's creation, the workers
-    together start exactly the trials that are missing. SQLite: ``flock`` on
-    ``<database>.lock`` (processes of one machine, as SQLite itself requires);
-    PostgreSQL: ``pg_advisory_lock``; MySQL: ``GET_LOCK``. Both database locks belong
-    to a connection and vanish with a dead worker. Other databases: no lock, and up to
-    one extra trial per concurrent worker may run (a warning says so).
-    """
-
-    def __init__(self, url: str, study_name: str) -> None:
-        self._held = False
-        self._file = None
-        self._engine = None
-        self._connection = None
-        self._dialect = None
-        database = _sqlite_path(url)
-        key = hashlib.sha256(f"microcircuits-search:{study_name}".encode()).digest()
-        self._key = int.from_bytes(key[:8], "big", signed=True)  # pg: a signed 64-bit key
-        self._name = f"mc-search-{key.hex()[:40]}"  # MySQL: at most 64 characters
-        if database is not None:
-            try:
-                import fcntl  # noqa: F401 - POSIX only
-            except ImportError:  # pragma: no cover - Windows
-                self._warn_unlocked("sqlite without fcntl")
-            else:
-                self._file = open(f"{database}.lock", "a+b")  # noqa: SIM115 - kept open
-            return
-        from sqlalchemy import create_engine
-        from sqlalchemy.pool import NullPool
-
-        self._engine = create_engine(url, poolclass=NullPool)
-        self._dialect = self._engine.dialect.name
-        if self._dialect not in ("postgresql", "mysql", "mariadb"):
-            self._warn_unlocked(self._dialect)
-
-    @staticmethod
-    def _warn_unlocked(what: str) -> None:
-        logger.warning(
-            "no lock between search workers for %s: concurrent workers may run up to one "
-            "trial each beyond --trials", what,
-        )  # fmt: skip
-
-    def acquire(self) -> None:
-        if self._held:
-            return
-        if self._file is not None:
-            import fcntl
-
-            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX)
-        elif self._dialect in ("postgresql", "mysql", "mariadb"):
-            from sqlalchemy import text
-
-            self._connection = self._engine.connect()
-            if self._dialect == "postgresql":
-                self._connection.execute(text("SELECT pg_advisory_lock(:k)"), {"k": self._key})
-            else:
-                self._connection.execute(text("SELECT GET_LOCK(:n, -1)"), {"n": self._name})
-        self._held = True
-
-    def release(self) -> None:
-        """Give the lock back (nothing happens when it is not held)."""
-        if not self._held:
-            return
-        self._held = False
-        if self._file is not None:
-            import fcntl
-
-            fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
-        elif self._connection is not None:
-            from sqlalchemy import text
-
-            try:
-                if self._dialect == "postgresql":
-                    self._connection.execute(
-                        text("SELECT pg_advisory_unlock(:k)"), {"k": self._key}
-                    )
-                else:
-                    self._connection.execute(text("SELECT RELEASE_LOCK(:n)"), {"n": self._name})
-            finally:
-                self._connection.close()  # a closed session releases its locks anyway
-                self._connection = None
-
-    def close(self) -> None:
-        self.release()
-        if self._file is not None:
-            self._file.close()
-        if self._engine is not None:
-            self._engine.dispose()
-
-
-def _counted_trials(study: optuna.Study) -> int:
-    """Trials that take a slot: finished or running, less failed ones that a retry
-    replaces (the retry, waiting or not, takes their slot instead)."""
-    trials = study.get_trials(deepcopy=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        replaced = {number for t in trials for number in _RETRY.retry_history(t)}
-    return sum(
-        t.state in COUNTED_STATES and not (t.state == TrialState.FAIL and t.number in replaced)
-        for t in trials
-    )
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # e.g. no permission: it exists
-        return True
-    return True
-
-
-def _fail_dead_trials(study: optuna.Study, dead_pids: Collection[int] = ()) -> None:
-    """Fail the study's dead running trials and queue their retries (as Optuna's
-    heartbeat check does), holding the trial claim.
-
-    Dead: silent for the grace period, or run by a worker of this machine whose process
-    is in ``dead_pids`` or no longer exists.
-    """
-    storage = study._storage
-    host = socket.gethostname()
-    orphans = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker = str(trial.user_attrs.get("worker", ""))
-        if trial.user_attrs.get("host") != host or not worker.startswith("pid "):
-            continue
-        try:
-            pid = int(worker[len("pid ") :])
-        except ValueError:
-            continue
-        if pid != os.getpid() and (pid in dead_pids or not _process_alive(pid)):
-            orphans.append(trial)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        get_retry = getattr(storage, "get_heartbeat_stale_trial_callback", None)
-        retry = get_retry() if get_retry else storage.get_failed_trial_callback()
-        for trial in orphans:
-            try:
-                if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
-                    continue
-            except optuna.exceptions.UpdateFinishedTrialError:
-                continue  # another process got there first
-            logger.warning(
-                "trial %d: its worker (%s) is gone; marked failed, a retry is queued",
-                trial.number, trial.user_attrs["worker"],
-            )  # fmt: skip
-            if retry is not None:
-                retry(study, storage.get_trial(trial._trial_id))
-        optuna.storages.fail_stale_trials(study)
-
-
 # -- one trial --------------------------------------------------------------------------
-
-
-def _retried_trial_number(trial: optuna.Trial) -> int | None:
-    """The first trial of the retry chain ``trial`` belongs to (``None``: not a retry)."""
-    frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return _RETRY.retried_trial_number(frozen)
 
 
 class _Objective:
@@ -567,11 +331,9 @@ class _Objective:
 
     def config(self, trial: optuna.Trial) -> tuple[ExperimentConfig, bool]:
         """The trial's run config, and whether it resumes a dead trial's checkpoint."""
-        from .train import run_directory
-
         spec = self.spec
         params = {name: span.suggest(trial) for name, span in self.space.params.items()}
-        original = _retried_trial_number(trial)
+        original = retried_trial_number(trial)
         number = trial.number if original is None else original
         # A retry inherits the user attributes of the trial it repeats: same seed.
         seed = int(trial.user_attrs.get("seed", spec.seed + trial.number))
@@ -645,7 +407,7 @@ def _optimise(spec: SearchSpec, worker: int, dead_pids: Collection[int] = ()) ->
         pruner=make_pruner(spec.pruner, space.pruners),
     )
     objective = _Objective(spec, space)
-    claim = _TrialClaim(spec.storage, spec.study_name)
+    claim = TrialClaim(spec.storage, spec.study_name)
     objective.on_start = claim.release
     try:
         while True:
@@ -654,8 +416,8 @@ def _optimise(spec: SearchSpec, worker: int, dead_pids: Collection[int] = ()) ->
                 # Under the claim: fail dead trials (queueing their retries, which take
                 # their slots), count, then take a queued retry or create a trial; the
                 # objective releases the claim first.
-                _fail_dead_trials(study, dead_pids)
-                if _counted_trials(study) >= spec.n_trials:
+                fail_dead_trials(study, dead_pids)
+                if counted_trials(study) >= spec.n_trials:
                     return
                 study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
             finally:
@@ -776,7 +538,7 @@ def _open_study(spec: SearchSpec) -> optuna.Study:
     if differences:
         details = ", ".join(f"{k}: study {a!r}, command {b!r}" for k, (a, b) in differences.items())
         raise ValueError(
-            f"study {spec.study_name!r} in {_display_url(spec.storage)} was made for another "
+            f"study {spec.study_name!r} in {display_url(spec.storage)} was made for another "
             f"experiment ({details}); choose another --study-name or the same settings"
         )
     return study
@@ -853,7 +615,7 @@ def run_search(spec: SearchSpec) -> SearchResult:
     study = _open_study(spec)
     logger.info(
         "study %r in %s: %d of %d trials taken; %d worker(s) here",
-        spec.study_name, _display_url(spec.storage), _counted_trials(study), spec.n_trials,
+        spec.study_name, display_url(spec.storage), counted_trials(study), spec.n_trials,
         spec.workers,
     )  # fmt: skip
     if spec.workers == 1:
@@ -891,11 +653,11 @@ def write_study_outputs(
     preset = None
     if best is not None and "task" in record:
         preset = _write_best_preset(study, best, out_dir / "best_preset.toml")
-    figures = _plot_history(study, out_dir)
-    figures += _plot_importances(study, out_dir)
+    figures = plot_history(study, out_dir)
+    figures += plot_importances(study, out_dir)
     return SearchResult(
         study_name=study.study_name,
-        storage=_display_url(storage) if storage else "",
+        storage=display_url(storage) if storage else "",
         out_dir=out_dir,
         metric=record.get("metric", "value"),
         direction=study.direction.name.lower(),
@@ -933,84 +695,3 @@ def _write_best_preset(study: optuna.Study, best: optuna.trial.FrozenTrial, path
         source=source,
         comment=comment,
     )
-
-
-def _save_png(fig: Any, path: Path) -> Path:
-    from .analysis.style import PNG_DPI
-
-    temp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(temp, dpi=PNG_DPI)
-    os.replace(temp, path)  # a reader never sees half a file
-    return path
-
-
-def _plot_history(study: optuna.Study, out_dir: Path) -> list[Path]:
-    """Each finished trial's value against its number, and the best value so far."""
-    from matplotlib.ticker import MaxNLocator
-
-    from .analysis.style import new_figure, styled
-
-    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
-    done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
-    pruned = [t for t in trials if t.state == TrialState.PRUNED and t.intermediate_values]
-    if not done and not pruned:
-        return []
-    maximise = study.direction == optuna.study.StudyDirection.MAXIMIZE
-    metric = study.user_attrs.get("metric", "objective")
-
-    @styled
-    def plot() -> list[Path]:
-        fig, axes = new_figure(1, width=4.5, height=3.0)
-        ax = axes[0, 0]
-        if done:
-            ax.plot([t.number for t in done], [t.value for t in done], "o", color="#0072B2",
-                    label="completed")  # fmt: skip
-            best, running = [], None
-            for t in done:
-                better = running is None or (t.value > running if maximise else t.value < running)
-                running = t.value if better else running
-                best.append(running)
-            ax.step(
-                [t.number for t in done], best, where="post", color="#D55E00", label="best so far"
-            )
-        if pruned:
-            last = [t.intermediate_values[max(t.intermediate_values)] for t in pruned]
-            ax.plot([t.number for t in pruned], last, "x", color="grey",
-                    label="pruned (last report)")  # fmt: skip
-        ax.set(xlabel="trial", ylabel=f"validation {metric}", title=study.study_name)
-        if metric in ("perplexity", "mse"):
-            ax.set_yscale("log")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend()
-        return _save_png(fig, out_dir / "optimization_history.png")
-
-    return [plot()]
-
-
-def _plot_importances(study: optuna.Study, out_dir: Path) -> list[Path]:
-    """Optuna's parameter importances as bars; needs >= 2 completed trials."""
-    from .analysis.style import new_figure, styled
-
-    completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if len(completed) < 2:
-        logger.info("parameter importances need >= 2 completed trials, have %d", len(completed))
-        return []
-    try:
-        importances = optuna.importance.get_param_importances(study)
-    except (RuntimeError, ValueError) as error:  # e.g. no parameter varied
-        logger.info("no parameter importances: %s", error)
-        return []
-    if not importances:
-        return []
-
-    @styled
-    def plot() -> list[Path]:
-        names = list(importances)[::-1]  # most important on top
-        fig, axes = new_figure(1, width=4.5, height=0.4 * len(names) + 1.0)
-        ax = axes[0, 0]
-        ax.barh(names, [importances[n] for n in names], color="#0072B2")
-        ax.set(xlabel="importance (share of the objective's variation)",
-               title=f"{study.study_name}: {len(completed)} completed trials")  # fmt: skip
-        return _save_png(fig, out_dir / "param_importances.png")
-
-    return [plot()]

@@ -3,8 +3,9 @@ r"""Fused whole-sequence CPU path of the ELM neuron: no per-step autograd graph.
 The reference loop (:meth:`microcircuits.elm.ELM.forward` over
 :func:`~microcircuits.elm.equations.elm_state_step`) records a dozen autograd nodes per
 step; on the published shapes (a Branch-ELM with 20 memory units and a batch of 8) the
-recording and replaying of that graph, not the arithmetic, is the time. This path
-computes the same function in three parts:
+recording and replaying of that graph, not the arithmetic, is most of the time
+(measurements: ``benchmarks/NOTES.md``, "ELM neuron"). This path computes the same
+function in three parts:
 
 1. **Time-independent work, whole sequence at once, plain autograd ops.** The synaptic
    drive of every step (:func:`~microcircuits.elm.equations.synaptic_drive`), summed per
