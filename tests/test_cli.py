@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from microcircuits.cli import build_parser, main, register_command
+from microcircuits.config import TASKS
 from microcircuits.data import MissingDataError, data_file, read_verified
 
 TINY = [
@@ -69,6 +70,85 @@ def test_report_command(tmp_path: Path, capsys) -> None:
     assert (tmp_path / "rep" / "results.csv").is_file()
 
 
+def test_report_without_out_prints_the_table_and_writes_nothing(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    main(["train", "adding", "--out", str(tmp_path / "runs"), *TINY])
+    capsys.readouterr()
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", "runs"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("## Results") and "| adding-lstm-4-seed0 |" in out
+    assert "Perplexity" not in out and "wrote" not in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+
+
+# -- presets, --preset in their format, --config, --dry-run ------------------------------
+
+
+def test_presets_lists_them_and_prints_one(tmp_path: Path, capsys) -> None:
+    assert main(["presets"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:2] == ["name", "default"]
+    rows = {line.split()[0]: line for line in lines[1:] if line.strip()}
+    for task in TASKS:
+        assert task in rows
+    assert "lstm 100" in rows["ptb"] and "at 10/100/200/650" in rows["ptb"]
+    assert "fix_sublstm (10: 11, 100: 115, 200: 230, 650: 750)" in rows["ptb"]
+    assert rows["ptb"].endswith("Table 2 of Costa et al. 2017")
+    assert "cmc 64" in rows["mnist"] and "mlp (64: 96)" in rows["mnist"]
+    # a printed preset, edited, is a preset file: the task comes from it
+    assert main(["presets", "adding"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("# The delayed-addition task")
+    (tmp_path / "mine.toml").write_text(text.replace("lr = 0.003", "lr = 0.0123"))
+    args = ["train", "--preset", str(tmp_path / "mine.toml"), "--dry-run", "--cell", "sublstm"]
+    assert main(args) == 0
+    config = json.loads(capsys.readouterr().out)
+    assert (config["task"], config["cell"], config["lr"], config["hidden_size"]) == (
+        "adding", "sublstm", 0.0123, 32,
+    )  # fmt: skip
+
+
+def test_dry_run_prints_the_config_and_parameters_and_creates_nothing(
+    tmp_path: Path, capsys
+) -> None:
+    from microcircuits.config import load_config
+    from microcircuits.tasks import make_task
+
+    out = tmp_path / "runs"
+    args = ["train", "adding", "--cell", "sublstm", "--size", "16", "--set", "lr=0.01"]
+    assert main([*args, "--out", str(out), "--dry-run"]) == 0
+    printed = capsys.readouterr()
+    config = load_config("adding", "sublstm", 16, {"lr": "0.01", "out_dir": str(out)})
+    assert json.loads(printed.out) == config.to_dict()
+    model = make_task(config).build_model()
+    count = sum(p.numel() for p in model.parameters())
+    assert f"parameters: {count:,} (subLSTM, 16 units, 1 layer, adding)" in printed.err
+    assert f"run directory (not created): {out / 'adding-sublstm-16-seed0'}" in printed.err
+    assert not out.exists()
+
+
+def test_config_reruns_a_run_exactly(tmp_path: Path, capsys) -> None:
+    assert main(["train", "adding", "--cell", "fix_sublstm", "--out", str(tmp_path / "a"),
+                 "--seed", "5", *TINY]) == 0  # fmt: skip
+    first = tmp_path / "a" / "adding-fix_sublstm-4-seed5"
+    saved = json.loads((first / "config.json").read_text())
+    capsys.readouterr()
+    # the run directory or its config.json; --out decides where the rerun goes
+    assert main(["train", "--config", str(first), "--out", str(tmp_path / "b"), "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out) == {**saved, "out_dir": str(tmp_path / "b")}
+    assert main(["train", "--preset", str(first / "config.json"),
+                 "--out", str(tmp_path / "b"), "--no-progress"]) == 0  # fmt: skip
+    again = json.loads((tmp_path / "b" / first.name / "results.json").read_text())
+    assert again["test"] == json.loads((first / "results.json").read_text())["test"]
+    # what the config fixes cannot be changed; what may be changed, is
+    assert main(["train", "--config", str(first), "--cell", "lstm", "--dry-run"]) == 2
+    assert "cell 'lstm' differs from the cell 'fix_sublstm'" in capsys.readouterr().err
+    assert main(["train", "--config", str(first), "--epochs", "7", "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["epochs"] == 7
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -78,6 +158,13 @@ def test_report_command(tmp_path: Path, capsys) -> None:
         (["train", "ptb", "--size", "300"], "size must be one of [10, 100, 200, 650]"),
         (["compare", "adding", "--resume"], "--resume needs --out"),
         (["report", "does-not-exist", "--out", "x"], "does not exist"),
+        (["report", "does-not-exist"], "does not exist"),
+        (["train", "--config", "best.toml"], "--config takes a run's config.json"),
+        (["train", "--config", "."], "the directory has no config.json"),
+        (["train", "--preset", "a.toml", "--config", "b.json"], "give --preset or --config"),
+        (["train", "--preset", "absent.toml"], "preset file absent.toml does not exist"),
+        (["train"], "a task is needed, one of ['adding'"),
+        (["compare"], "compare needs TASK"),
     ],
 )
 def test_bad_values_exit_with_a_message_not_a_traceback(

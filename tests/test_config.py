@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from importlib import resources
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,8 +14,12 @@ from microcircuits.config import (
     TASKS,
     ExperimentConfig,
     available_sizes,
+    list_presets,
     load_config,
     parse_assignments,
+    preset_task,
+    read_preset_file,
+    write_preset_file,
 )
 
 # Rows copied by hand from the paper's Table 2 (PTB) and Table 3 (WikiText-2):
@@ -220,3 +226,166 @@ def test_overrides_cannot_change_what_selects_the_preset(key: str) -> None:
     value = {"task": "ptb", "cell": "sublstm", "size": 100}[key]
     with pytest.raises(ValueError, match=rf"{key} cannot be overridden .*{key}="):
         load_config("adding", "lstm", 32, {key: value})
+
+
+# -- preset files: the format of the shipped presets ------------------------------------
+
+
+def _shipped_text(task: str) -> str:
+    return resources.files("microcircuits").joinpath("configs", f"{task}.toml").read_text("utf-8")
+
+
+def _without_file_notes(config: ExperimentConfig) -> dict:
+    values = config.to_dict()
+    values["extra"] = {
+        k: v for k, v in values["extra"].items() if k not in ("preset_file", "preset_source")
+    }
+    return values
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_a_copy_of_a_shipped_preset_is_a_preset_file(tmp_path: Path, task: str) -> None:
+    """One format: every shipped preset, copied, reads as --preset and resolves the same
+    for every cell it has and its sizes; the file names its task."""
+    path = tmp_path / f"{task}.toml"
+    path.write_text(_shipped_text(task))
+    assert preset_task(path) == task
+    [info] = [i for i in list_presets() if i.name == task]
+    for cell, sizes in info.cells.items():
+        for size in sizes or (None, 24):
+            ours = load_config(None, cell, size, preset=path)
+            assert _without_file_notes(ours) == load_config(task, cell, size).to_dict()
+            assert ours.extra["preset_file"] == str(path)
+
+
+def test_a_preset_file_refines_the_task_preset_table_by_table(tmp_path: Path) -> None:
+    path = tmp_path / "mine.toml"
+    path.write_text(
+        "[preset]\n"
+        'source = "my PTB"\n'
+        'default_cell = "sublstm"\n'
+        "[defaults]\n"
+        'task = "ptb"\n'
+        "epochs = 3\n"
+        "weight_decay = 0.0\n"  # a [defaults] of the file beats the paper's row
+        "[cell_defaults.sublstm]\n"
+        "forget_bias = 2.0\n"
+        "[hidden_size.fix_sublstm]\n"
+        '"300" = 345\n'
+        "[rows.sublstm.100]\n"
+        "lr = 0.02\n"  # refines the paper's row: its other values stay
+        "[rows.sublstm.300]\n"
+        "lr = 0.004\n"
+        "[rows.fix_sublstm.300]\n"
+        "lr = 0.003\n"
+    )
+    config = load_config(None, preset=path)  # task and cell from the file, size the task's
+    paper = load_config("ptb", "sublstm", 100)
+    selected = (config.task, config.cell, config.size, config.hidden_size)
+    assert selected == ("ptb", "sublstm", 100, 100)
+    assert (config.epochs, config.weight_decay, config.forget_bias) == (3, 0.0, 2.0)
+    assert config.lr == 0.02
+    assert config.input_dropout == paper.input_dropout and config.num_layers == 2
+    assert config.extra["preset_source"] == "my PTB" and config.extra["row"] == "sublstm 100"
+    # a size that only the file has a row for; the file's parameter-matched units
+    assert load_config("ptb", "sublstm", 300, preset=path).hidden_size == 300
+    fix = load_config("ptb", "fix_sublstm", 300, preset=path)
+    assert (fix.hidden_size, fix.lr, fix.forget_bias) == (345, 0.003, 1.0)
+    with pytest.raises(ValueError, match=r"size must be one of \[10, 100, 200, 650\] .*'lstm'"):
+        load_config("ptb", "lstm", 300, preset=path)  # no lstm row at 300 anywhere
+    with pytest.raises(ValueError, match=r"one of \[10, 100, 200, 300, 650\] .* and my PTB\)"):
+        load_config("ptb", "sublstm", 400, preset=path)
+    with pytest.raises(ValueError, match="is for task 'ptb', not 'adding'"):
+        load_config("adding", preset=path)
+
+
+def test_the_size_sets_the_units_over_a_files_defaults(tmp_path: Path) -> None:
+    """An edited copy of smnist.toml ([defaults] hidden_size = 100) with --size 50 trains
+    50 units, as the shipped preset does; without --size, its default size."""
+    path = tmp_path / "smnist.toml"
+    path.write_text(_shipped_text("smnist").replace("lr = 1e-4", "lr = 3e-4"))
+    assert load_config(None, "lstm", 50, preset=path).hidden_size == 50
+    config = load_config(None, "fix_sublstm", preset=path)
+    assert (config.hidden_size, config.lr, config.forget_bias) == (115, 3e-4, 3.0)
+
+
+def test_what_a_search_writes_reads_back(tmp_path: Path) -> None:
+    path = write_preset_file(
+        tmp_path / "best.toml", task="smnist", cell="sublstm", size=100,
+        config={"lr": 0.002, "hidden_size": 50, "clip_norm": None}, source="a search",
+        comment="best trial",
+    )  # fmt: skip
+    text = path.read_text()
+    assert text.startswith("# best trial\n[preset]\n") and "\n[defaults]\ntask = " in text
+    preset = read_preset_file(path)
+    assert (preset.task, preset.cell, preset.size) == ("smnist", "sublstm", 100)
+    assert preset.config == {"lr": 0.002, "hidden_size": 50, "clip_norm": "none"}
+    config = load_config("smnist", preset=path)
+    # hidden_size 50 at size 100 is kept as the units of that size
+    assert (config.cell, config.size, config.hidden_size) == ("sublstm", 100, 50)
+    assert (config.lr, config.clip_norm, config.forget_bias) == (0.002, None, 3.0)
+    # the values apply to every cell (as compare --preset trains them)
+    assert load_config("smnist", "lstm", preset=path).lr == 0.002
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            '[preset]\ntask = "adding"\n[config]\nlr = 0.1\n',
+            r"unknown table\(s\) \['config'\].*now \[defaults\], with the task in it",
+        ),
+        ("[defaults]\nlr = 0.1\n", r"\[defaults\] task of .* must be one of .*got None"),
+        ('[defaults]\ntask = "adding"\nspeed = 1\n', r"unknown \[defaults\] of .*\['speed'\]"),
+        ('[defaults]\ntask = "adding"\ncell = "sublstm"\n', r"\['cell'\] in \[defaults\]"),
+        ('[preset]\ncell = "lstm"\n[defaults]\ntask = "adding"\n', r"\['cell'\] in \[preset\]"),
+        ('[defaults]\ntask = "ptb"\n[rows.gru.10]\nlr = 0.1\n', r"\[rows.gru\] of .*'gru'"),
+        ('[defaults]\ntask = "ptb"\n[rows.lstm.big]\nlr = 0.1\n', r"sizes must be .*'big'"),
+        ('extends = "cifar"\n', r"extends of .* must name a shipped preset.*'cifar'"),
+        ("lr = ", "is not valid TOML"),
+    ],
+)
+def test_bad_preset_files_name_what_is_wrong(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_config(None, preset=path)
+
+
+def test_a_run_config_is_rerun_as_it_was(tmp_path: Path) -> None:
+    saved = load_config("ptb", "fix_sublstm", 200, {"seed": 4, "data_dir": "/nowhere/data"})
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(saved.to_dict()))
+    again = load_config(None, preset=path)
+    assert again.data_dir is None  # another machine's data folder: the default instead
+    assert again == saved.replace(data_dir=None)
+    assert again.extra == saved.extra  # notes too: a resume compares them
+    changed = load_config("ptb", "fix-subLSTM", 200, {"epochs": "2"}, preset=path)
+    assert changed == saved.replace(data_dir=None, epochs=2)
+    with pytest.raises(ValueError, match=r"cell 'lstm' differs from the cell 'fix_sublstm'"):
+        load_config("ptb", "lstm", preset=path)
+    with pytest.raises(ValueError, match=r"size 100 differs from the size 200"):
+        load_config(None, size=100, preset=path)
+    with pytest.raises(ValueError, match="lr must be a number, got 'x'"):  # typed as ever
+        load_config(None, overrides={"lr": "x"}, preset=path)
+    with pytest.raises(ValueError, match="task cannot be overridden"):
+        load_config(None, overrides={"task": "adding"}, preset=path)
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="must be a JSON object of config fields"):
+        load_config(None, preset=tmp_path / "bad.json")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_config(None, preset=tmp_path / "absent.json")
+
+
+def test_presets_are_listed_with_their_cells_and_sizes() -> None:
+    infos = {info.name: info for info in list_presets()}
+    assert list(infos) == list(TASKS)
+    ptb = infos["ptb"]
+    assert (ptb.default_cell, ptb.default_size, ptb.source) == (
+        "lstm", 100, "Table 2 of Costa et al. 2017",
+    )  # fmt: skip
+    assert ptb.cells == {c: (10, 100, 200, 650) for c in ("lstm", "sublstm", "fix_sublstm")}
+    assert ptb.matched == {"fix_sublstm": {10: 11, 100: 115, 200: 230, 650: 750}}
+    assert infos["mnist"].default_cell == "cmc" and "mlp" in infos["mnist"].cells
+    assert infos["smnist"].matched["fix_sublstm"] == {100: 115}
+    assert infos["adding"].cells["sublstm"] == () and infos["adding"].hidden_size == 32

@@ -12,9 +12,12 @@ import torch
 from microcircuits.config import load_config
 from microcircuits.report import (
     Comparison,
+    _comparison_figure,
     comparisons,
     find_runs,
     paper_result,
+    report_text,
+    run_labels,
     summarize_run,
     write_report,
 )
@@ -132,6 +135,21 @@ def test_a_run_trained_to_fewer_epochs_than_its_preset_is_paused(tmp_path: Path)
     assert summarize_run(tmp_path / "staged").status == f"paused at epoch 1 of {planned}"
 
 
+def test_a_run_that_did_its_preset_files_epochs_is_done(tmp_path: Path) -> None:
+    """The plan is the preset file's (``--preset``) where the run had one, not the task's."""
+    preset = tmp_path / "short.toml"
+    preset.write_text('[defaults]\ntask = "adding"\nepochs = 1\n')
+    overrides = {
+        "hidden_size": 4, "seq_len": 6, "batch_size": 8, "steps_per_epoch": 2,
+        "valid_size": 20, "test_size": 20, "progress": False, "tensorboard": False,
+        "out_dir": str(tmp_path), "run_name": "short",
+    }  # fmt: skip
+    train(load_config("adding", "lstm", overrides=overrides, preset=preset))
+    assert summarize_run(tmp_path / "short").status == "done"
+    preset.unlink()  # the plan is unknown now: the run is not called paused
+    assert summarize_run(tmp_path / "short").status == "done"
+
+
 def test_accuracy_is_shown_in_percent(tmp_path: Path) -> None:
     run = tmp_path / "smnist"
     run.mkdir()
@@ -171,3 +189,67 @@ def test_no_runs_is_a_clear_error(tmp_path: Path) -> None:
         write_report([tmp_path], tmp_path / "out")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         write_report([tmp_path / "absent"], tmp_path / "out")
+
+
+def _fake_smnist_run(run_dir: Path, test: float) -> None:
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps(load_config("smnist", "lstm").to_dict()))
+    results = {
+        "task": "smnist", "cell": "lstm", "size": 100, "hidden_size": 100,
+        "metric": "accuracy", "best_valid": test, "test": test, "epochs_done": 3.0,
+        "steps_done": 1650, "wall_time_s": 60.0, "stopped": "early_stop", "parameters": 31,
+    }  # fmt: skip
+    (run_dir / "results.json").write_text(json.dumps(results))
+
+
+def test_each_row_names_its_run_so_same_named_runs_differ(tmp_path: Path) -> None:
+    """An archived probe and a main run of the same cell and size: the run column tells
+    them apart, with as many parent folders as it takes."""
+    main_run = tmp_path / "results" / "smnist" / "smnist-lstm-100-seed0"
+    probe = tmp_path / "results" / "archive" / "probes" / "smnist-lstm-100-seed0"
+    other = tmp_path / "results" / "archive" / "probes" / "smnist-lstm-100-lr3e-4"
+    for run, test in ((main_run, 0.9), (probe, 0.5), (other, 0.6)):
+        _fake_smnist_run(run, test)
+    labels = run_labels([main_run, probe, other])
+    assert labels == {
+        main_run: "smnist/smnist-lstm-100-seed0",
+        probe: "probes/smnist-lstm-100-seed0",
+        other: "smnist-lstm-100-lr3e-4",
+    }
+    text = report_text([tmp_path / "results"])
+    assert "| parameters | run |" in text
+    assert "| 90.00 | 97.96 | 3 | 60 s | 31 | smnist/smnist-lstm-100-seed0 |" in text
+    assert "| 50.00 | 97.96 | 3 | 60 s | 31 | probes/smnist-lstm-100-seed0 |" in text
+    assert "| smnist-lstm-100-lr3e-4 |" in text
+    assert not (tmp_path / "results" / "results.md").exists()  # report_text writes nothing
+
+
+def test_the_perplexity_note_is_only_under_perplexity_tables(tmp_path: Path) -> None:
+    _fake_smnist_run(tmp_path / "smnist", 0.9)
+    accuracy_only = report_text([tmp_path / "smnist"])
+    assert "valid: best validation metric" in accuracy_only
+    assert "Perplexity" not in accuracy_only
+    _fake_lm_run(tmp_path / "ptb", "sublstm", 10, finished=True)
+    both = report_text([tmp_path])
+    assert "Perplexity = exp(mean per-token NLL" in both
+
+
+@pytest.mark.parametrize("metric", ["perplexity", "accuracy"])
+def test_the_comparison_legend_leaves_the_axes_free(metric: str) -> None:
+    """The legend sat in the corner where runs worse than the paper fall (upper left for
+    perplexity, lower right for accuracy): it is now outside the axes."""
+    if metric == "perplexity":
+        rows = [Comparison("ptb", c, s, metric, 3 * p, p) for c, s, p in (
+            ("lstm", 10, 215.93), ("sublstm", 100, 91.46), ("fix_sublstm", 200, 81.97),
+        )]  # fmt: skip
+    else:
+        rows = [Comparison("smnist", c, 100, metric, 60.0, 97.3) for c in ("lstm", "sublstm")]
+    fig = _comparison_figure(rows[0].task, rows)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    [ax] = fig.axes
+    legend = ax.get_legend() or fig.legends[0]
+    box, frame = legend.get_window_extent(renderer), ax.get_window_extent(renderer)
+    assert box.x0 >= frame.x1 or box.y0 >= frame.y1  # beside or above, never over the axes
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert "LSTM" in labels and any(label.startswith("size ") for label in labels)

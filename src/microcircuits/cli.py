@@ -5,15 +5,21 @@
     microcircuits train TASK [--cell C] [--size N] [--epochs N] [--set key=value ...]
                              [--data-dir DIR] [--out DIR] [--name NAME] [--resume]
                              [--device cpu|cuda|auto] [--seed N] [--no-progress]
+                             [--preset FILE | --config RUN/config.json] [--dry-run]
     microcircuits compare TASK [--cells lstm,sublstm,fix_sublstm,elm] [same options]
-    microcircuits report RUNS... --out DIR
+    microcircuits presets [NAME]
+    microcircuits report RUNS... [--out DIR]
     microcircuits search TASK [--cell C] [--size N] --trials N [--workers K]
                               [--storage URL] [--study-name NAME] [--out DIR]
                               [--pruner median|halving|none] [--seed N] [--set key=value ...]
 
-``train`` and ``compare`` take ``--preset FILE`` (e.g. the ``best_preset.toml`` of a
-search); under ``torchrun --nproc_per_node K -m microcircuits train ...`` the run is
-data-parallel over K processes (see :mod:`microcircuits.distributed`).
+``train`` and ``compare`` take ``--preset FILE``: a TOML file in the format of the
+shipped presets (``microcircuits presets NAME`` prints one; a search's
+``best_preset.toml`` is one), layered over the task's preset; it names the task, so TASK
+may be left out. ``train --config RUN/config.json`` reruns a run's exact config, and
+``train ... --dry-run`` prints the resolved config without training. Under
+``torchrun --nproc_per_node K -m microcircuits train ...`` the run is data-parallel over
+K processes (see :mod:`microcircuits.distributed`).
 
 Every subcommand is one ``add_<name>_command(subparsers)`` function that adds its
 parser and sets ``handler``, a function ``(args) -> exit status``. More subcommands
@@ -34,11 +40,12 @@ from typing import Any
 from . import __version__
 from .cells import CELLS
 from .config import DEVICES, TASKS
-from .model_registry import MODELS, model_kind
+from .model_registry import LSTM_FAMILY, MODELS, model_kind
 
 __all__ = [
     "COMMANDS",
     "add_compare_command",
+    "add_presets_command",
     "add_report_command",
     "add_search_command",
     "add_train_command",
@@ -61,10 +68,21 @@ COMPARED_CELLS = tuple(CELLS)
 # -- shared options ---------------------------------------------------------------------
 
 
-def _add_experiment_options(parser: argparse.ArgumentParser, runs: str) -> None:
+def _add_experiment_options(
+    parser: argparse.ArgumentParser, runs: str, *, task_optional: bool = False
+) -> None:
     """The task and the options that shape one training run, shared by ``train``,
-    ``compare`` and ``search``; ``runs`` names what they apply to in the help texts."""
-    parser.add_argument("task", choices=TASKS, help="the experiment")
+    ``compare`` and ``search``; ``runs`` names what they apply to in the help texts.
+    ``task_optional``: TASK may be left out (a preset file names it)."""
+    if task_optional:
+        parser.add_argument(
+            "task",
+            nargs="?",
+            choices=TASKS,
+            help="the experiment (default: the one --preset/--config names)",
+        )
+    else:
+        parser.add_argument("task", choices=TASKS, help="the experiment")
     parser.add_argument(
         "--size",
         type=int,
@@ -93,12 +111,14 @@ def _add_experiment_options(parser: argparse.ArgumentParser, runs: str) -> None:
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by ``train`` and ``compare``."""
-    _add_experiment_options(parser, "the run")
+    _add_experiment_options(parser, "the run", task_optional=True)
     parser.add_argument(
         "--preset",
         metavar="FILE",
-        help="a preset file (e.g. best_preset.toml of `microcircuits search`) applied after "
-        "the task's preset and before --set; it also gives the default --cell and --size",
+        help="a preset file in the format of the shipped presets (`microcircuits presets "
+        "NAME` prints one; best_preset.toml of `microcircuits search` is one), layered over "
+        "the task's preset and under --set; it names the task and gives the default --cell "
+        "and --size. A run's config.json (.json) is rerun as it was (as --config)",
     )
     parser.add_argument("--seed", type=int, help="random seed (default: 0)")
     parser.add_argument(
@@ -158,18 +178,90 @@ def add_train_command(subparsers: Any) -> None:
         help=f"one of {list(CELL_NAMES)} (default: the --preset file's, else the task's: "
         "cmc for mnist, lstm for the others)",
     )
+    parser.add_argument(
+        "--config",
+        metavar="RUN_CONFIG",
+        help="rerun a run's exact config: its config.json or its run directory (--set and "
+        "the flags still apply; TASK, --cell and --size, if given, must be its own)",
+    )
     parser.add_argument("--out", default="runs", help="parent directory of the run")
     parser.add_argument("--name", help="run directory name (default: TASK-CELL-SIZE-seedSEED)")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved config (JSON, as config.json; stdout) and the parameter "
+        "count (stderr), then exit without training or creating the run directory",
+    )
     parser.set_defaults(handler=_run_train)
+
+
+def _run_config_path(text: str) -> str:
+    """``--config``'s file: a run's ``config.json``, or the one in a run directory."""
+    path = Path(text)
+    if path.is_dir():
+        path = path / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"--config {text}: the directory has no config.json")
+    elif path.suffix.lower() != ".json":
+        raise ValueError(
+            f"--config takes a run's config.json or its run directory, got {text!r} (a "
+            "preset TOML goes to --preset)"
+        )
+    return str(path)
+
+
+def _parameter_count(config: Any) -> tuple[int | None, str]:
+    """The parameters of ``config``'s model, built on the CPU from the task's data as
+    found locally (nothing is downloaded); ``None`` and the reason when it is missing."""
+    from .data import DataError
+    from .tasks import make_task
+
+    try:
+        task = make_task(config.replace(download=False), "cpu")
+    except DataError as error:
+        return None, str(error)
+    model = task.build_model()
+    return sum(p.numel() for p in model.parameters()), ""  # as results.json counts
+
+
+def _dry_run(config: Any) -> int:
+    """Print ``config`` as ``config.json`` holds it and its parameter count."""
+    import json
+
+    print(json.dumps(config.to_dict(), indent=2))
+    count, reason = _parameter_count(config)
+    run_dir = Path(config.out_dir) / (config.run_name or config.default_run_name)
+    if count is None:
+        print(f"parameters: unknown ({reason})", file=sys.stderr)
+    else:
+        kind = model_kind(config.cell)
+        shape = f"{kind.label}, {config.hidden_size} units"
+        if kind.family == LSTM_FAMILY:
+            shape += f", {config.num_layers} layer{'s' if config.num_layers > 1 else ''}"
+        print(f"parameters: {count:,} ({shape}, {config.task})", file=sys.stderr)
+    print(f"run directory (not created): {run_dir}", file=sys.stderr)
+    return 0
 
 
 def _run_train(args: argparse.Namespace) -> int:
     from .config import load_config
+
+    preset = args.preset
+    if args.config is not None:
+        if preset is not None:
+            raise ValueError(
+                f"give --preset or --config, not both (got --preset {preset} and --config "
+                f"{args.config})"
+            )
+        preset = _run_config_path(args.config)
+    overrides = _overrides(args, out_dir=args.out, run_name=args.name)
+    config = load_config(args.task, args.cell, args.size, overrides, preset=preset)
+    if args.dry_run:
+        return _dry_run(config)
+
     from .report import format_table, summarize_run
     from .train import train
 
-    overrides = _overrides(args, out_dir=args.out, run_name=args.name)
-    config = load_config(args.task, args.cell, args.size, overrides, preset=args.preset)
     result = train(config, resume=args.resume, overwrite=args.overwrite)
     print(format_table([summarize_run(result.run_dir)]))
     print(f"run directory: {result.run_dir}")
@@ -203,9 +295,14 @@ def add_compare_command(subparsers: Any) -> None:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
+    from .config import preset_task
     from .report import write_report
     from .train import compare_cells
 
+    if args.task is None:
+        if args.preset is None:
+            raise ValueError(f"compare needs TASK (one of {list(TASKS)}) or a --preset naming it")
+        args.task = preset_task(args.preset)
     if args.out is None:
         if args.resume:
             raise ValueError("--resume needs --out: the directory of the comparison to resume")
@@ -234,23 +331,89 @@ def add_report_command(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "report",
         help="tabulate runs beside the paper's numbers; plot learning curves",
-        description="Find the run directories under RUNS, print a Markdown table of their "
-        "results beside the paper's, and write results.md, results.csv and "
-        "curves_<task>_<size>.png into --out. Unfinished runs are shown as in progress.",
+        description="Find the run directories under RUNS and print a Markdown table of "
+        "their results beside the paper's, one row per run (named in the run column). With "
+        "--out, also write results.md, results.csv, the learning curves "
+        "curves_<task>_<size>.png and comparison_<task>.png there. Unfinished runs are "
+        "shown as in progress.",
     )
     parser.add_argument("runs", nargs="+", help="run directories or folders holding them")
-    parser.add_argument("--out", required=True, help="where to write the report")
-    parser.add_argument("--no-plots", action="store_true", help="skip the learning curves")
+    parser.add_argument(
+        "--out", help="where to write the report (default: print the table only, write nothing)"
+    )
+    parser.add_argument("--no-plots", action="store_true", help="skip the figures (with --out)")
     parser.set_defaults(handler=_run_report)
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from .report import report_text, write_report
 
+    if args.out is None:
+        print(report_text(args.runs))
+        return 0
     files = write_report(args.runs, args.out, plots=not args.no_plots)
     print(files.text)
     written = [files.markdown, files.csv, *files.figures]
     print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+# -- presets ----------------------------------------------------------------------------
+
+
+def add_presets_command(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "presets",
+        help="list the shipped presets (or print one)",
+        description="List the presets shipped with the package: name (the task), default "
+        "cell and size, the cells with their sizes, and where the values come from. With "
+        "NAME, print that preset's TOML: a copy, edited, is a preset file for "
+        "`train --preset FILE` (the format is the same).",
+    )
+    parser.add_argument("name", nargs="?", choices=TASKS, help="print this preset's file")
+    parser.set_defaults(handler=_run_presets)
+
+
+def _preset_cells(info: Any) -> str:
+    """The cells of a preset, those with the same sizes together: ``lstm sublstm
+    fix_sublstm (10: 11, 100: 115) at 10/100`` (size: units where they differ)."""
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for cell, sizes in info.cells.items():
+        matched = info.matched.get(cell)
+        name = cell
+        if matched:
+            name += " (" + ", ".join(f"{s}: {u}" for s, u in matched.items()) + ")"
+        groups.setdefault(sizes, []).append(name)
+    return "; ".join(
+        " ".join(names) + (f" at {'/'.join(map(str, sizes))}" if sizes else "")
+        for sizes, names in groups.items()
+    )
+
+
+def _run_presets(args: argparse.Namespace) -> int:
+    from importlib import resources
+
+    from .config import list_presets
+
+    if args.name is not None:
+        text = resources.files("microcircuits").joinpath("configs", f"{args.name}.toml")
+        print(text.read_text("utf-8"), end="")
+        return 0
+    infos = list_presets()
+    rows = [("name", "default", "cells (size: units where parameter-matched)", "source")]
+    for info in infos:
+        default = f"{info.default_cell} {info.default_size}"
+        if info.hidden_size != info.default_size:
+            default += f" ({info.hidden_size} units)"
+        rows.append((info.name, default, _preset_cells(info), info.source))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(text.ljust(width) for text, width in zip(row, widths)) + "  " + row[3])
+    folder = Path(infos[0].path).parent
+    print(
+        f"\nfiles: {folder}. `microcircuits presets NAME` prints one; an edited copy is a "
+        "preset file for `microcircuits train --preset FILE` (layered over the task's preset)."
+    )
     return 0
 
 
@@ -455,6 +618,7 @@ COMMANDS: list[CommandAdder] = [
     add_train_command,
     add_compare_command,
     add_report_command,
+    add_presets_command,
     add_figure_command,
     add_search_command,
     add_build_native_command,

@@ -4,12 +4,16 @@
 ``config.json``) under the given paths and writes
 
 - ``results.md``: one table per task: our validation and test metric next to the
-  paper's test number (``configs/paper_results.toml``, the one place they live);
+  paper's test number (``configs/paper_results.toml``, the one place they live), one
+  row per run, named by its directory (with as many parent folders as tell runs of the
+  same name apart, e.g. an archived probe from a main run);
 - ``results.csv``: the same rows, machine-readable;
 - ``curves_<task>_<size>.png`` (and ``.pdf``): training loss and validation metric
   against epochs, one line per cell;
 - ``comparison_<task>.png`` (and ``.pdf``): each finished run's test metric against the
   paper's, one point per cell and size, beside the line where the two are equal.
+
+:func:`report_text` is the table alone (``microcircuits report RUNS`` without ``--out``).
 
 A run without ``results.json`` is still reported, from its ``metrics.jsonl``, and
 marked "in progress (epoch k)"; a run stopped by a non-finite loss is marked "failed".
@@ -44,6 +48,8 @@ __all__ = [
     "find_runs",
     "format_table",
     "paper_result",
+    "report_text",
+    "run_labels",
     "summarize_run",
     "write_report",
 ]
@@ -158,13 +164,18 @@ def paper_result(task: str, cell: str, size: int) -> float | None:
 
 
 def _preset_epochs(config: dict[str, Any]) -> int | None:
-    """The epochs the run's task preset plans (``None`` when unknown, e.g. a custom run)."""
-    if (config.get("extra") or {}).get("preset") is None:
+    """The epochs the run's presets plan: the task's, and the preset file's it was trained
+    with (``None`` when unknown, e.g. a custom run, or a preset file no longer there)."""
+    extra = config.get("extra") or {}
+    if extra.get("preset") is None:
         return None
     from .config import load_config
 
+    preset_file = extra.get("preset_file")
     try:
-        planned = load_config(config["task"], config.get("cell"), config.get("size")).epochs
+        planned = load_config(
+            config["task"], config.get("cell"), config.get("size"), preset=preset_file
+        ).epochs
     except (ValueError, KeyError, OSError):
         return None
     return int(planned) if planned else None
@@ -282,6 +293,28 @@ def _heading(task: str) -> str:
     return f"{_title(task)} ({reading})"
 
 
+def run_labels(run_dirs: Iterable[str | os.PathLike[str]]) -> dict[Path, str]:
+    """Each run's name in the table: its directory's name, with as many parent folders as
+    tell it apart from the others (``ptb-probes/ptb-lstm-100-seed0`` beside
+    ``ptb/ptb-lstm-100-seed0``)."""
+    dirs = [Path(d) for d in dict.fromkeys(run_dirs)]
+    parts = {d: Path(os.path.abspath(d)).parts for d in dirs}
+    labels = {}
+    for d in dirs:
+        suffix = parts[d][-1:]
+        for n in range(1, len(parts[d]) + 1):
+            suffix = parts[d][-n:]
+            if sum(parts[other][-n:] == suffix for other in dirs) == 1:
+                break
+        labels[d] = "/".join(suffix)
+    return labels
+
+
+def _escape_cell(text: str) -> str:
+    """``text`` safe inside a Markdown table cell."""
+    return text.replace("|", "\\|")
+
+
 def _sort_key(summary: RunSummary) -> tuple:
     task = _TASK_ORDER.index(summary.task) if summary.task in _TASK_ORDER else 99
     cell = _CELL_ORDER.index(summary.cell) if summary.cell in _CELL_ORDER else 99
@@ -289,9 +322,11 @@ def _sort_key(summary: RunSummary) -> tuple:
 
 
 def format_table(summaries: Sequence[RunSummary]) -> str:
-    """Markdown tables, one per task, of our results beside the paper's."""
+    """Markdown tables, one per task, of our results beside the paper's; the last column
+    names each run (:func:`run_labels`)."""
     lines: list[str] = []
     ordered = sorted(summaries, key=_sort_key)
+    names = run_labels(s.run_dir for s in ordered)
     for task in dict.fromkeys(s.task for s in ordered):
         rows = [s for s in ordered if s.task == task]
         lines.append(f"### {_heading(task)}")
@@ -299,9 +334,9 @@ def format_table(summaries: Sequence[RunSummary]) -> str:
         size_label = "size (units)"
         lines.append(
             f"| {size_label} | cell | status | valid | test | paper (test) | epochs | "
-            "time | parameters |"
+            "time | parameters | run |"
         )
-        lines.append("|---|---|---|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|")
         for s in rows:
             units = f"{s.size}" if s.hidden_size == s.size else f"{s.size} ({s.hidden_size})"
             paper = "—" if s.paper is None else f"{s.paper:.2f}"
@@ -310,13 +345,14 @@ def format_table(summaries: Sequence[RunSummary]) -> str:
                 f"| {units} | {model_kind(s.cell).label} | {s.status} | "
                 f"{_display(s.metric, s.valid)} | {_display(s.metric, s.test)} | {paper} | "
                 f"{epochs} | {_duration(s.wall_time_s)} | "
-                f"{'—' if s.parameters is None else f'{s.parameters:,}'} |"
+                f"{'—' if s.parameters is None else f'{s.parameters:,}'} | "
+                f"{_escape_cell(names[Path(s.run_dir)])} |"
             )
         lines.append("")
-    lines.append(
-        "valid: best validation metric; test: of the best-validation checkpoint. "
-        "Perplexity = exp(mean per-token NLL, `<eos>` included)."
-    )
+    note = "valid: best validation metric; test: of the best-validation checkpoint."
+    if any(s.metric == "perplexity" for s in ordered):
+        note += " Perplexity = exp(mean per-token NLL, `<eos>` included)."
+    lines.append(note)
     return "\n".join(lines) + "\n"
 
 
@@ -418,67 +454,93 @@ def comparisons(summaries: Sequence[RunSummary]) -> list[Comparison]:
 _SIZE_MARKERS = ("o", "s", "^", "D", "v", "P")
 
 
-def _plot_comparisons(points: Sequence[Comparison], out_dir: Path) -> list[Path]:
-    """One figure per task: our test metric (y) against the paper's (x), log axes for
-    perplexity; points below the diagonal beat the paper (above, for accuracy)."""
+def _comparison_figure(task: str, rows: Sequence[Comparison]) -> Any:
+    """Our test metric (y) against the paper's (x) for one task, log axes for perplexity;
+    points below the diagonal beat the paper (above, for accuracy). The legend sits
+    outside the axes, right of them: inside, either corner it could take off the diagonal
+    is one where points fall (worse or better than the paper)."""
+    from .analysis.style import styled
+
+    return styled(_draw_comparison)(task, rows)
+
+
+def _draw_comparison(task: str, rows: Sequence[Comparison]) -> Any:
     from matplotlib.lines import Line2D
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    from .analysis.style import cell_color, new_figure, save_figure, styled
+    from .analysis.style import cell_color, new_figure
 
-    @styled
-    def plot(task: str, rows: list[Comparison]) -> list[Path]:
-        fig, axes = new_figure(1, width=3.6, height=3.3)
-        ax = axes[0][0]
-        sizes = sorted({p.size for p in rows})
-        for p in rows:
-            marker = _SIZE_MARKERS[sizes.index(p.size) % len(_SIZE_MARKERS)]
-            ax.scatter(p.paper, p.ours, color=cell_color(p.cell), marker=marker, s=28, zorder=3)
-        values = [v for p in rows for v in (p.ours, p.paper)]
-        accuracy = rows[0].metric == "accuracy"
-        if accuracy:
-            pad = max(1.0, 0.1 * (max(values) - min(values)))
-            low, high = min(values) - pad, min(100.0, max(values) + pad)
-        else:
-            low, high = min(values) / 1.15, max(values) * 1.15
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            for axis in (ax.xaxis, ax.yaxis):  # plain numbers (80, 100, 150, ...)
-                axis.set_major_locator(LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
-                axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-                axis.set_minor_formatter(NullFormatter())
-        ax.plot([low, high], [low, high], color="grey", linestyle="--", linewidth=0.8)
-        ax.set_xlim(low, high)
-        ax.set_ylim(low, high)
-        ax.set_aspect("equal")
-        unit = "accuracy (%)" if accuracy else "perplexity"
-        better = "above" if accuracy else "below"
-        ax.set(xlabel=f"paper, test {unit}", ylabel=f"ours, test {unit}")
-        ax.set_title(
-            f"{_title(task)}\ndashed: equal; {better} it: ours is better",
-            fontsize=8,
-        )
-        handles = [
-            Line2D([], [], color=cell_color(c), marker="o", linestyle="", label=model_kind(c).label)
-            for c in dict.fromkeys(p.cell for p in rows)
-        ] + [
-            Line2D([], [], color="grey", marker=_SIZE_MARKERS[i % len(_SIZE_MARKERS)],
-                   linestyle="", label=f"size {size}")
-            for i, size in enumerate(sizes)
-        ]  # fmt: skip
-        ax.legend(handles=handles, loc="upper left" if not accuracy else "lower right")
-        return save_figure(fig, out_dir, f"comparison_{task}")
+    fig, axes = new_figure(1, width=4.6, height=3.3)
+    ax = axes[0][0]
+    sizes = sorted({p.size for p in rows})
+    for p in rows:
+        marker = _SIZE_MARKERS[sizes.index(p.size) % len(_SIZE_MARKERS)]
+        ax.scatter(p.paper, p.ours, color=cell_color(p.cell), marker=marker, s=28, zorder=3)
+    values = [v for p in rows for v in (p.ours, p.paper)]
+    accuracy = rows[0].metric == "accuracy"
+    if accuracy:
+        pad = max(1.0, 0.1 * (max(values) - min(values)))
+        low, high = min(values) - pad, min(100.0, max(values) + pad)
+    else:
+        low, high = min(values) / 1.15, max(values) * 1.15
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        for axis in (ax.xaxis, ax.yaxis):  # plain numbers (80, 100, 150, ...)
+            axis.set_major_locator(LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
+            axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            axis.set_minor_formatter(NullFormatter())
+    ax.plot([low, high], [low, high], color="grey", linestyle="--", linewidth=0.8)
+    ax.set_xlim(low, high)
+    ax.set_ylim(low, high)
+    ax.set_aspect("equal")
+    unit = "accuracy (%)" if accuracy else "perplexity"
+    better = "above" if accuracy else "below"
+    ax.set(xlabel=f"paper, test {unit}", ylabel=f"ours, test {unit}")
+    ax.set_title(
+        f"{_title(task)}\ndashed: equal; {better} it: ours is better",
+        fontsize=8,
+    )
+    handles = [
+        Line2D([], [], color=cell_color(c), marker="o", linestyle="", label=model_kind(c).label)
+        for c in dict.fromkeys(p.cell for p in rows)
+    ] + [
+        Line2D([], [], color="grey", marker=_SIZE_MARKERS[i % len(_SIZE_MARKERS)],
+               linestyle="", label=f"size {size}")
+        for i, size in enumerate(sizes)
+    ]  # fmt: skip
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    return fig
+
+
+def _plot_comparisons(points: Sequence[Comparison], out_dir: Path) -> list[Path]:
+    """One figure per task (:func:`_comparison_figure`), as ``comparison_<task>``."""
+    from .analysis.style import save_figure
 
     paths: list[Path] = []
     by_task: dict[str, list[Comparison]] = {}
     for p in points:
         by_task.setdefault(p.task, []).append(p)
     for task, rows in by_task.items():
-        paths.extend(p for p in plot(task, rows) if p.suffix == ".png")
+        written = save_figure(_comparison_figure(task, rows), out_dir, f"comparison_{task}")
+        paths.extend(p for p in written if p.suffix == ".png")
     return paths
 
 
 # -- the report -------------------------------------------------------------------------
+
+
+def _report_text(summaries: Sequence[RunSummary]) -> str:
+    return "## Results beside Costa et al. 2017\n\n" + format_table(summaries)
+
+
+def report_text(paths: Iterable[str | os.PathLike[str]]) -> str:
+    """The Markdown of :func:`write_report` for the runs under ``paths``, writing nothing.
+
+    Raises:
+        FileNotFoundError: a path does not exist.
+        ValueError: no run directory was found.
+    """
+    return _report_text([summarize_run(run) for run in find_runs(paths)])
 
 
 @dataclass
@@ -513,7 +575,7 @@ def write_report(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summaries = [summarize_run(run) for run in find_runs(paths)]
-    text = "## Results beside Costa et al. 2017\n\n" + format_table(summaries)
+    text = _report_text(summaries)
     markdown = out_dir / "results.md"
     markdown.write_text(text, encoding="utf-8")
     csv_path = write_csv(out_dir / "results.csv", CSV_COLUMNS, _csv_rows(summaries, out_dir))
