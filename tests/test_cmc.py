@@ -380,13 +380,47 @@ def test_hierarchy_wiring():
     traj = model.trajectory(images)
     assert traj.shape == (4, 2, 3, 8)
     assert traj[-1, :, 2].abs().max() > 0  # the image reaches the top through the chain
-    # masked-out connections get no gradient
     model(images).sum().backward()
-    assert (model.log_A.grad[~mask] == 0).all() and model.log_A.grad[mask].abs().sum() > 0
+    # one parameter per link (4 kinds x 2 links), each trained
+    assert model.log_A.shape == (8,) and (model.log_A.grad != 0).all()
     # a custom mask: no backward links
     none = torch.zeros(3, 3, dtype=torch.bool)
     custom = mc.CMCHierarchy(4, 2, 3, backward_mask=none, **SHORT)
     assert not custom.extrinsic_mask[2:].any()
+
+
+def test_hierarchy_levels():
+    """Levels (2, 3): the image drives both first-level nodes, every first-level node
+    links forward to every second-level node and back; each link kind into a node starts
+    at one prior link's strength in total (log-scale -log fan-in)."""
+    model = mc.CMCHierarchy(4, 2, (2, 3), **SHORT).double()
+    assert model.num_nodes == 5 and model.encoder.out_features == 2
+    up = torch.zeros(5, 5, dtype=torch.bool)
+    up[2:, :2] = True
+    mask = model.extrinsic_mask
+    assert torch.equal(mask[0], up) and torch.equal(mask[1], up)
+    assert torch.equal(mask[2], up.T) and torch.equal(mask[3], up.T)
+    strengths = model.extrinsic_log_scales().exp()  # exp(-inf) = 0 where no link
+    assert torch.allclose(strengths[:2, 2:].sum(-1), torch.ones(2, 3, dtype=torch.float64))
+    assert torch.allclose(strengths[2:, :2].sum(-1), torch.ones(2, 2, dtype=torch.float64))
+    log_A = model.extrinsic_log_scales()
+    assert torch.allclose(log_A[0, 2, 0], torch.tensor(-math.log(2), dtype=torch.float64))
+    assert torch.allclose(log_A[2, 0, 2], torch.tensor(-math.log(3), dtype=torch.float64))
+    assert model.log_A.numel() == 4 * 2 * 3  # only the links are parameters
+    # the readout of the top level sees its 3 nodes' 4 voltages at each readout time
+    assert model.readout.in_features == SHORT["num_readout_times"] * 3 * 4
+    images = torch.randn(2, 4, dtype=torch.float64)
+    # only the first level is driven: at the first step of the solver the second level's
+    # state is still at rest, while the first level moved
+    traj = model.trajectory(images, torch.tensor([0.0, SHORT["step_size"]], dtype=torch.float64))
+    assert traj[1, :, :2].abs().amax() > 0 and traj[1, :, 2:].abs().amax() < traj[1, :, :2].abs().amax()
+    assert model(images).shape == (2, 2)
+    torch.manual_seed(0)
+    chain = mc.CMCHierarchy(4, 2, 3, **SHORT)
+    torch.manual_seed(0)
+    as_levels = mc.CMCHierarchy(4, 2, (1, 1, 1), **SHORT)
+    images = torch.randn(3, 4)
+    assert torch.equal(chain(images), as_levels(images))
 
 
 @pytest.mark.parametrize(
@@ -398,6 +432,9 @@ def test_hierarchy_wiring():
         (lambda: mc.CMCNode(4, 2, num_columns=0), ValueError, "num_columns"),
         (lambda: mc.CMCNode(4, 2, adjoint=1), TypeError, "adjoint"),
         (lambda: mc.CMCHierarchy(4, 2, 1), ValueError, "num_nodes must be >= 2"),
+        (lambda: mc.CMCHierarchy(4, 2, (3,)), ValueError, "at least 2 levels"),
+        (lambda: mc.CMCHierarchy(4, 2, (3, 0)), ValueError, "level's size"),
+        (lambda: mc.CMCHierarchy(4, 2, "2"), TypeError, "sequence of level sizes"),
         (lambda: mc.CMCHierarchy(4, 2, readout="last"), ValueError, "readout must be one of"),
         (
             lambda: mc.CMCHierarchy(4, 2, 3, forward_mask=torch.ones(2, 2, dtype=torch.bool)),

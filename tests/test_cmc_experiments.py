@@ -97,7 +97,11 @@ def test_the_preset_builds_a_node_and_an_mlp_of_about_its_parameter_count(tiny_m
     assert counts["cmc"] == 784 * 64 + 64 + 10 * 4 * 64 * 10 + 10 + 64 * 10  # 76,490
     assert abs(counts["mlp"] - counts["cmc"]) / counts["cmc"] < 0.01
     hierarchy = make_task(load_config("mnist", "cmc_hierarchy"), "cpu").build_model()
-    assert isinstance(hierarchy, CMCHierarchy) and hierarchy.num_nodes == 2
+    assert isinstance(hierarchy, CMCHierarchy) and hierarchy.levels == (43, 43)
+    links = 4 * 43 * 43  # forward sp->ss, sp->dp up; backward dp->sp, dp->ii down
+    encoder, readout, dynamics = 784 * 43 + 43, 10 * 4 * 86 * 10 + 10, 86 * 10
+    assert sum(p.numel() for p in hierarchy.parameters()) == encoder + readout + links + dynamics
+    assert abs(encoder + readout + links + dynamics - counts["cmc"]) / counts["cmc"] < 0.01
 
 
 @pytest.mark.parametrize(
@@ -107,6 +111,9 @@ def test_the_preset_builds_a_node_and_an_mlp_of_about_its_parameter_count(tiny_m
         ("mlp", {"cmc_input_scale": "5"}, r"cmc_input_scale=5.0: the cmc_\* fields shape"),
         ("cmc", {"elm_lambda": "2"}, r"elm_lambda=2.0: the elm_\* fields shape the ELM"),
         ("cmc", {"cmc_readout": "all"}, "an option of the hierarchy; use --cell cmc_hierarchy"),
+        ("cmc", {"cmc_level_size": "2"}, "an option of the hierarchy; use --cell cmc_hierarchy"),
+        ("cmc_hierarchy", {"hidden_size": "6", "cmc_level_size": "4"}, "must divide"),
+        ("cmc_hierarchy", {"hidden_size": "4", "cmc_level_size": "4"}, "at least 2 levels"),
         ("cmc", {"cmc_method": "dopri5"}, "adaptive cmc_method='dopri5' chooses its steps"),
         ("cmc", {"cmc_step_size": "none"}, "fixed-step: set cmc_step_size"),
         ("cmc", {"cmc_step_size": "0.5"}, r"cmc_step_size must be in \(0, 0.1\]"),
@@ -170,8 +177,8 @@ def _tiny(out: Path, name: str, cell: str, **overrides) -> ExperimentConfig:
         values |= {"hidden_size": 3, "cmc_integration_time": 0.02, "cmc_step_size": 0.004,
                    "cmc_num_readout_times": 2}  # fmt: skip
     elif cell == "cmc_hierarchy":
-        values |= {"cmc_integration_time": 0.02, "cmc_step_size": 0.004,
-                   "cmc_num_readout_times": 2}  # fmt: skip
+        values |= {"hidden_size": 4, "cmc_level_size": 2, "cmc_integration_time": 0.02,
+                   "cmc_step_size": 0.004, "cmc_num_readout_times": 2}  # fmt: skip
     else:
         values |= {"hidden_size": 8}
     return load_config("mnist", cell, overrides=values | overrides)

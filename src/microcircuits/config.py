@@ -94,7 +94,7 @@ class ExperimentConfig:
     size: int | None = None  # the paper's nominal size (table key); None: = hidden_size
     hidden_size: int = 64  # units per layer (fix-subLSTM: the parameter-matched count);
     # the ELM: its memory units (the paper's d_m); the CMC node: its columns; the CMC
-    # hierarchy: its nodes (>= 2); the MLP: its hidden units
+    # hierarchy: its nodes (>= 2, cmc_level_size per level); the MLP: its hidden units
     num_layers: int = 1  # stacked recurrent layers (paper: 1 for sMNIST, 2 for LM)
     embedding_size: int | None = None  # language models: word-vector size; None: the
     # hidden size (as in Zaremba et al.; the paper does not say)
@@ -138,7 +138,9 @@ class ExperimentConfig:
     cmc_adjoint: bool = False  # gradients by the adjoint method (memory constant in the
     # steps, about twice the compute) instead of backpropagation through the solver
     cmc_learn_dynamics: bool = True  # train SPM's log-scale time constants and strengths
-    cmc_readout: str = "top"  # hierarchy: read out the last node ("top") or every node
+    cmc_readout: str = "top"  # hierarchy: read out the last level ("top") or every node
+    cmc_level_size: int = 1  # hierarchy: nodes per level (hidden_size / this = levels;
+    # 1: a chain of single nodes); the image drives each node of the first level
 
     # -- data ------------------------------------------------------------------------
     batch_size: int = 50  # sequences per training step (paper LM: 20)
@@ -400,13 +402,22 @@ class ExperimentConfig:
         _boolean("cmc_adjoint", self.cmc_adjoint)
         _boolean("cmc_learn_dynamics", self.cmc_learn_dynamics)
         _choice("cmc_readout", self.cmc_readout, _CMC_READOUTS)
+        _integer("cmc_level_size", self.cmc_level_size, low=1)
         if self.cell == "cmc_hierarchy":
             _integer("hidden_size (the hierarchy's nodes)", self.hidden_size, low=2)
-        elif self.cmc_readout != "top":
-            raise ValueError(
-                f"cmc_readout={self.cmc_readout!r}: which nodes are read out is an option of "
-                "the hierarchy; use --cell cmc_hierarchy"
-            )
+            levels, rest = divmod(self.hidden_size, self.cmc_level_size)
+            if rest or levels < 2:
+                raise ValueError(
+                    f"cmc_level_size={self.cmc_level_size} must divide the hierarchy's "
+                    f"hidden_size={self.hidden_size} nodes into at least 2 levels"
+                )
+        else:
+            for name, default in (("cmc_readout", "top"), ("cmc_level_size", 1)):
+                if getattr(self, name) != default:
+                    raise ValueError(
+                        f"{name}={getattr(self, name)!r}: "
+                        "an option of the hierarchy; use --cell cmc_hierarchy"
+                    )
 
     def _changed_from_defaults(self, names: Iterable[str]) -> list[str]:
         """``"name=value"`` of each field in ``names`` that differs from its default."""

@@ -265,10 +265,36 @@ class CMCNode(_CMCModel):
         return self.readout(voltages.movedim(0, 1).flatten(1))
 
 
-def _chain_masks(num_nodes: int) -> tuple[Tensor, Tensor]:
-    forward = torch.zeros(num_nodes, num_nodes, dtype=torch.bool)
-    index = torch.arange(num_nodes - 1)
-    forward[index + 1, index] = True  # node i -> node i + 1 (target, source)
+def _check_levels(value: object) -> tuple[int, ...]:
+    """``num_nodes`` as level sizes: an int ``n`` is a chain of ``n`` single nodes."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        levels = (1,) * check_positive_int("num_nodes", value)
+    elif isinstance(value, Sequence) and not isinstance(value, str):
+        levels = tuple(check_positive_int("num_nodes (a level's size)", v) for v in value)
+    else:
+        raise TypeError(
+            f"num_nodes must be an int (a chain) or a sequence of level sizes, got "
+            f"{type(value).__name__} ({value!r})"
+        )
+    if sum(levels) < 2:
+        raise ValueError(f"num_nodes must be >= 2 (use CMCNode for one), got {value!r}")
+    if len(levels) < 2:
+        raise ValueError(
+            f"num_nodes must give at least 2 levels (one level of independent columns is a "
+            f"CMCNode with num_columns), got {value!r}"
+        )
+    return levels
+
+
+def _level_masks(levels: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """Forward links from every node of level ``l`` to every node of level ``l + 1``
+    (``[target, source]``), backward links the other way."""
+    starts = [sum(levels[:i]) for i in range(len(levels) + 1)]
+    forward = torch.zeros(starts[-1], starts[-1], dtype=torch.bool)
+    for level in range(len(levels) - 1):
+        source = slice(starts[level], starts[level + 1])
+        target = slice(starts[level + 1], starts[level + 2])
+        forward[target, source] = True
     return forward, forward.T.clone()
 
 
@@ -288,33 +314,42 @@ class CMCHierarchy(_CMCModel):
     """A hierarchy of canonical microcircuits with learned extrinsic connectivity, as a
     classifier (:func:`~microcircuits.cmc.cmc_network_dynamics`).
 
-    The image drives the first node's spiny stellate cells (ours); forward connections
-    (sp -> ss and sp -> dp, excitatory) and backward ones (dp -> sp and dp -> ii,
-    inhibitory) link the nodes where ``forward_mask``/``backward_mask`` say, with learned
-    log-scale strengths that start at SPM's prior (0: 200 and 100 / s). By default
-    (ours) the nodes form a chain ``0 -> 1 -> ... -> n-1`` with backward links down it,
-    and the readout sees the voltages of the last node (``readout="top"``) or of every
-    node (``"all"``) at the readout times.
+    The nodes form levels (ours). The image drives the spiny stellate cells of each node
+    of the first level through its own scalar (as :class:`CMCNode`'s columns); forward
+    connections (sp -> ss and sp -> dp, excitatory) run from every node of a level to
+    every node of the next, backward ones (dp -> sp and dp -> ii, inhibitory) down again,
+    unless ``forward_mask``/``backward_mask`` say otherwise. Their log-scale strengths are
+    learned and start at SPM's prior (0: 200 and 100 / s) divided by the link's fan-in
+    (``-log`` of the number of links of that kind into the node), so that a node starts
+    with one prior link's worth of input. ``num_nodes=n`` is a chain of ``n`` single nodes
+    (fan-in 1, the prior itself), which reads the image through one number. The readout
+    sees the voltages of the last level (``readout="top"``) or of every node (``"all"``)
+    at the readout times.
 
     Args:
         input_size, output_size: as :class:`CMCNode`.
-        num_nodes: nodes ``n`` (at least 2: one node is a :class:`CMCNode`).
+        num_nodes: an int ``n`` (a chain of ``n`` nodes) or the level sizes, e.g.
+            ``(32, 32)``; at least 2 levels.
         forward_mask, backward_mask: bool ``(n, n)``, ``[i, j]`` for a link from node
-            ``j`` to node ``i``; ``None`` for the chain.
+            ``j`` to node ``i``; ``None`` for the links between adjacent levels.
         readout: ``"top"`` or ``"all"``.
         integration_time, num_readout_times, method, step_size, rtol, atol, adjoint,
         input_scale, learn_dynamics, device, dtype: as :class:`CMCNode`.
 
-    Parameters: ``encoder`` (``Linear(input_size, 1)``), ``log_A`` ``(4, n, n)`` (only the
-    masked-in entries are used and trained), per node ``log_T``/``log_G`` ``(n, 4)`` and
-    ``log_S``/``log_C`` ``(n,)``, and ``readout``. Buffer ``extrinsic_mask`` ``(4, n, n)``.
+    Parameters: ``encoder`` (``Linear(input_size, levels[0])``), ``log_A`` ``(links,)``
+    (one log-scale per link, in the order of ``extrinsic_mask.nonzero()``; the full
+    ``(4, n, n)`` matrix is :meth:`extrinsic_log_scales`), per node ``log_T``/``log_G``
+    ``(n, 4)`` and ``log_S``/``log_C`` ``(n,)``, and ``readout``. Buffer
+    ``extrinsic_mask`` ``(4, n, n)``.
+
+    Input: images ``(B, ...)``. Output: ``(B, output_size)``.
     """
 
     def __init__(
         self,
         input_size: int,
         output_size: int,
-        num_nodes: int = 2,
+        num_nodes: int | Sequence[int] = 2,
         *,
         forward_mask: Tensor | None = None,
         backward_mask: Tensor | None = None,
@@ -331,9 +366,10 @@ class CMCHierarchy(_CMCModel):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
+        levels = _check_levels(num_nodes)
         super().__init__(
             input_size,
-            1,
+            levels[0],
             integration_time=integration_time,
             num_readout_times=num_readout_times,
             method=method,
@@ -346,45 +382,45 @@ class CMCHierarchy(_CMCModel):
             dtype=dtype,
         )
         self.output_size = check_positive_int("output_size", output_size)
-        self.num_nodes = check_positive_int("num_nodes", num_nodes)
-        if self.num_nodes < 2:
-            raise ValueError(f"num_nodes must be >= 2 (use CMCNode for one), got {num_nodes}")
+        self.levels = levels
+        self.num_nodes = n = sum(levels)
         if readout not in READOUTS:
             raise ValueError(f"readout must be one of {list(READOUTS)}, got {readout!r}")
         self.readout_nodes = readout
-        chain_forward, chain_backward = _chain_masks(self.num_nodes)
+        level_forward, level_backward = _level_masks(levels)
         forward = (
-            chain_forward
-            if forward_mask is None
-            else _check_mask("forward_mask", forward_mask, self.num_nodes)
+            level_forward if forward_mask is None else _check_mask("forward_mask", forward_mask, n)
         )
         backward = (
-            chain_backward
+            level_backward
             if backward_mask is None
-            else _check_mask("backward_mask", backward_mask, self.num_nodes)
+            else _check_mask("backward_mask", backward_mask, n)
         )
-        mask = torch.stack([forward, forward, backward, backward]).to(device)
-        self.register_buffer("extrinsic_mask", mask)
-        self.log_A = nn.Parameter(
-            torch.zeros(4, self.num_nodes, self.num_nodes, device=device, dtype=dtype)
-        )
+        mask = torch.stack([forward, forward, backward, backward])
+        fan_in = mask.sum(-1, keepdim=True).clamp(min=1).to(torch.float64)
+        initial = (-fan_in.log()).expand(mask.shape) * mask  # 0 where there is no link
+        self.register_buffer("extrinsic_mask", mask.to(device))
+        links = initial[mask].to(device=device, dtype=dtype or torch.get_default_dtype())
+        self.log_A = nn.Parameter(links)
         learn = check_bool("learn_dynamics", learn_dynamics)
-        n = self.num_nodes
         for name, shape in (("log_T", (n, 4)), ("log_G", (n, 4)), ("log_S", (n,)), ("log_C", (n,))):
             _log_parameter(self, name, shape, learn, device, dtype)
-        read_nodes = n if readout == "all" else 1
+        read_nodes = n if readout == "all" else levels[-1]
         features = self.num_readout_times * read_nodes * 4
         self.readout = nn.Linear(features, self.output_size, device=device, dtype=dtype)
 
     def extrinsic_log_scales(self) -> Tensor:
-        """``log_A`` with ``-inf`` where the mask has no link, ``(4, n, n)``."""
-        return self.log_A.masked_fill(~self.extrinsic_mask, float("-inf"))
+        """The links' log-scales as SPM's ``(4, n, n)`` matrix, ``-inf`` where there is no
+        link (the ``log_A`` of :func:`~microcircuits.cmc.cmc_network_dynamics`)."""
+        full = self.log_A.new_full(self.extrinsic_mask.shape, float("-inf"))
+        return full.masked_scatter(self.extrinsic_mask, self.log_A)
 
     def trajectory(self, images: Tensor, times: Tensor | None = None) -> Tensor:
         """The nodes' states at ``times`` (as :meth:`CMCNode.trajectory`),
         ``(len(times), B, n, 8)``."""
-        drive = self._encode(images)  # (B, 1)
-        inputs = torch.cat([drive, drive.new_zeros(drive.shape[0], self.num_nodes - 1)], 1)
+        drive = self._encode(images)  # (B, levels[0])
+        rest = self.num_nodes - self.levels[0]
+        inputs = torch.cat([drive, drive.new_zeros(drive.shape[0], rest)], 1)  # (B, n)
         x0 = inputs.new_zeros(inputs.shape + (NUM_STATES,))
         log_A = self.extrinsic_log_scales()
         dynamics = (self.log_T, self.log_G, self.log_S, self.log_C)
@@ -397,6 +433,6 @@ class CMCHierarchy(_CMCModel):
     def forward(self, images: Tensor) -> Tensor:
         states = self.trajectory(images)[1:]  # (R, B, n, 8)
         if self.readout_nodes == "top":
-            states = states[:, :, -1:]
+            states = states[:, :, self.num_nodes - self.levels[-1] :]
         voltages = states[..., 0::2]  # (R, B, nodes read, 4)
         return self.readout(voltages.movedim(0, 1).flatten(1))
