@@ -34,7 +34,7 @@ demo: setup
 	$(BIN)/microcircuits compare adding
 
 lint: setup
-	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/ruff check src tests benchmarks scripts examples
 
 bench: setup
 	$(BIN)/python -m benchmarks.rnn
