@@ -111,9 +111,13 @@ def test_the_preset_builds_a_node_and_an_mlp_of_about_its_parameter_count(tiny_m
         ("mlp", {"cmc_input_scale": "5"}, r"cmc_input_scale=5.0: the cmc_\* fields shape"),
         ("cmc", {"elm_lambda": "2"}, r"elm_lambda=2.0: the elm_\* fields shape the ELM"),
         ("cmc", {"cmc_readout": "all"}, "an option of the hierarchy; use --cell cmc_hierarchy"),
-        ("cmc", {"cmc_level_size": "2"}, "an option of the hierarchy; use --cell cmc_hierarchy"),
-        ("cmc_hierarchy", {"hidden_size": "6", "cmc_level_size": "4"}, "must divide"),
-        ("cmc_hierarchy", {"hidden_size": "4", "cmc_level_size": "4"}, "at least 2 levels"),
+        ("cmc", {"cmc_levels": "2"}, "an option of the hierarchy; use --cell cmc_hierarchy"),
+        ("cmc_hierarchy", {"hidden_size": "6", "cmc_levels": "4"}, "must divide"),
+        (
+            "cmc_hierarchy",
+            {"hidden_size": "4", "cmc_levels": "1"},
+            r"cmc_levels must be an int >= 2",
+        ),
         ("cmc", {"cmc_method": "dopri5"}, "adaptive cmc_method='dopri5' chooses its steps"),
         ("cmc", {"cmc_step_size": "none"}, "fixed-step: set cmc_step_size"),
         ("cmc", {"cmc_step_size": "0.5"}, r"cmc_step_size must be in \(0, 0.1\]"),
@@ -177,7 +181,7 @@ def _tiny(out: Path, name: str, cell: str, **overrides) -> ExperimentConfig:
         values |= {"hidden_size": 3, "cmc_integration_time": 0.02, "cmc_step_size": 0.004,
                    "cmc_num_readout_times": 2}  # fmt: skip
     elif cell == "cmc_hierarchy":
-        values |= {"hidden_size": 4, "cmc_level_size": 2, "cmc_integration_time": 0.02,
+        values |= {"hidden_size": 4, "cmc_levels": 2, "cmc_integration_time": 0.02,
                    "cmc_step_size": 0.004, "cmc_num_readout_times": 2}  # fmt: skip
     else:
         values |= {"hidden_size": 8}

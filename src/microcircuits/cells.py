@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._validation import lookup_name
+
 __all__ = [
     "CELLS",
     "CellKind",
@@ -402,10 +404,4 @@ def cell_kind(name: str) -> CellKind:
         >>> kind.name, kind.num_gates, kind.gate_names, kind.learned_decay
         ('fix_sublstm', 3, ('i', 'z', 'o'), True)
     """
-    if not isinstance(name, str):
-        raise TypeError(f"cell name must be a str, got {type(name).__name__}")
-    key = name.strip().lower()
-    key = _ALIASES.get(key, key)
-    if key not in CELLS:
-        raise ValueError(f"unknown cell {name!r}; choose one of {sorted(CELLS)}")
-    return CELLS[key]
+    return lookup_name(name, CELLS, _ALIASES, what="cell", choices=sorted(CELLS))

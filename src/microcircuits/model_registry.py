@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ._validation import lookup_name
 from .cells import CELLS
 
 __all__ = ["LSTM_FAMILY", "MODELS", "MODEL_FAMILIES", "ModelKind", "model_kind"]
@@ -89,10 +90,4 @@ def model_kind(name: str) -> ModelKind:
         TypeError: ``name`` is not a str.
         ValueError: naming the valid choices when ``name`` is unknown.
     """
-    if not isinstance(name, str):
-        raise TypeError(f"cell name must be a str, got {type(name).__name__}")
-    key = name.strip().lower()
-    key = _ALIASES.get(key, key)
-    if key not in MODELS:
-        raise ValueError(f"unknown cell {name!r}; choose one of {list(MODELS)}")
-    return MODELS[key]
+    return lookup_name(name, MODELS, _ALIASES, what="cell", choices=MODELS)

@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import numbers
 import warnings
-from collections.abc import Callable
-from typing import ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -39,15 +37,21 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from . import kernels
+from ._nn_docs import CELL_SECTIONS, SEQUENCE_SECTIONS, documented
+from ._nn_parameters import RecurrentParameters
 from ._validation import (
     check_bool,
     check_finite_real,
+    check_float_dtype,
+    check_input,
+    check_input_size,
     check_matches_parameters,
+    check_pair,
     check_positive_int,
     check_probability,
-    check_tensor,
+    check_shaped,
 )
-from .cells import CellKind, CellWeights, LSTMState, cell_kind
+from .cells import CellWeights, LSTMState, cell_kind
 
 __all__ = [
     "FixSubLSTM",
@@ -61,13 +65,6 @@ __all__ = [
 ]
 
 HiddenState = tuple[Tensor, Tensor]
-_T = TypeVar("_T")
-
-
-def _init_gate_blocks(weight: Tensor, num_gates: int) -> None:
-    """Glorot-uniform init of each gate block on its own (each block maps to H units)."""
-    for block in weight.detach().chunk(num_gates, dim=0):
-        nn.init.xavier_uniform_(block)
 
 
 def _update_mask(p: float, batch: int, hidden: int, like: Tensor, training: bool) -> Tensor | None:
@@ -78,81 +75,7 @@ def _update_mask(p: float, batch: int, hidden: int, like: Tensor, training: bool
     return torch.empty(batch, hidden, dtype=like.dtype, device=like.device).bernoulli_(keep) / keep
 
 
-class _RecurrentParameters(nn.Module):
-    """Creates, names and initialises the parameters of one cell kind."""
-
-    cell_name: ClassVar[str]
-
-    @property
-    def cell(self) -> CellKind:
-        """The :class:`~microcircuits.cells.CellKind` of this module."""
-        return cell_kind(self.cell_name)
-
-    def _make_parameters(
-        self,
-        suffix: str,
-        input_size: int,
-        hidden_size: int,
-        bias: bool,
-        factory: dict,
-        proj_size: int = 0,
-    ) -> None:
-        """Register one layer's (and direction's) parameters; with ``proj_size > 0`` the
-        recurrent weights read the projected ``h`` and ``weight_hr`` projects it."""
-        gates = self.cell.num_gates * hidden_size
-        recurrent = proj_size or hidden_size
-        self.register_parameter(
-            f"weight_ih{suffix}", nn.Parameter(torch.empty(gates, input_size, **factory))
-        )
-        self.register_parameter(
-            f"weight_hh{suffix}", nn.Parameter(torch.empty(gates, recurrent, **factory))
-        )
-        for name in (f"bias_ih{suffix}", f"bias_hh{suffix}"):
-            self.register_parameter(
-                name, nn.Parameter(torch.empty(gates, **factory)) if bias else None
-            )
-        if self.cell.learned_decay:
-            self.register_parameter(
-                f"forget{suffix}", nn.Parameter(torch.empty(hidden_size, **factory))
-            )
-        if proj_size:
-            self.register_parameter(
-                f"weight_hr{suffix}", nn.Parameter(torch.empty(proj_size, hidden_size, **factory))
-            )
-
-    def _reset_suffix(self, suffix: str, hidden_size: int, forget_bias: float) -> None:
-        kind = self.cell
-        with torch.no_grad():
-            _init_gate_blocks(getattr(self, f"weight_ih{suffix}"), kind.num_gates)
-            _init_gate_blocks(getattr(self, f"weight_hh{suffix}"), kind.num_gates)
-            bias_ih = getattr(self, f"bias_ih{suffix}")
-            if bias_ih is not None:
-                bias_ih.zero_()
-                getattr(self, f"bias_hh{suffix}").zero_()
-                if "f" in kind.gate_names:
-                    block = kind.gate_names.index("f")
-                    bias_ih[block * hidden_size : (block + 1) * hidden_size].fill_(forget_bias)
-            if kind.learned_decay:
-                getattr(self, f"forget{suffix}").fill_(forget_bias)
-            projection = self._projection(suffix)
-            if projection is not None:
-                nn.init.xavier_uniform_(projection)
-
-    def _projection(self, suffix: str) -> Tensor | None:
-        """``weight_hr{suffix}`` where the module projects its hidden state, else ``None``."""
-        return getattr(self, f"weight_hr{suffix}", None)
-
-    def _weights(self, suffix: str) -> CellWeights:
-        return CellWeights(
-            getattr(self, f"weight_ih{suffix}"),
-            getattr(self, f"weight_hh{suffix}"),
-            getattr(self, f"bias_ih{suffix}"),
-            getattr(self, f"bias_hh{suffix}"),
-            getattr(self, f"forget{suffix}", None),
-        )
-
-
-class _RecurrentSequence(_RecurrentParameters):
+class _RecurrentSequence(RecurrentParameters):
     """Multi-layer, optionally bidirectional recurrent network over whole sequences."""
 
     def __init__(
@@ -195,8 +118,7 @@ class _RecurrentSequence(_RecurrentParameters):
         self.output_dropout = check_probability("output_dropout", output_dropout)
         self.update_dropout = check_probability("update_dropout", update_dropout)
         self.forget_bias = check_finite_real("forget_bias", forget_bias)
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        check_float_dtype(dtype)
         if self.dropout > 0 and self.num_layers == 1:
             warnings.warn(
                 f"dropout={dropout} acts between layers and has no effect with num_layers=1",
@@ -311,27 +233,19 @@ class _RecurrentSequence(_RecurrentParameters):
 
     def _check_hidden(self, hx: object, batch: int | None, reference: Tensor) -> HiddenState:
         """Validate ``hx = (h_0, c_0)``; ``batch is None`` means unbatched input."""
-        if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-            what = type(hx).__name__
-            if isinstance(hx, (tuple, list)):
-                what += f" of length {len(hx)}"
-            raise TypeError(f"hx must be a tuple (h_0, c_0) of two tensors, got {what}")
+        pair = check_pair("hx", hx, "a tuple (h_0, c_0)")
         stacked = self.num_layers * self.num_directions
         rows = (stacked,) if batch is None else (stacked, batch)
+        layout = "num_layers * num_directions, " + ("" if batch is None else "batch, ")
         sizes = (
             (self.output_size, "proj_size" if self.proj_size else "hidden_size"),
             (self.hidden_size, "hidden_size"),
         )
-        for name, tensor, (size, size_name) in zip(("h_0", "c_0"), hx, sizes):
-            check_tensor(name, tensor)
-            expected = (*rows, size)
-            if tuple(tensor.shape) != expected:
-                raise ValueError(
-                    f"{name} must have shape {expected} (num_layers * num_directions, "
-                    f"{'' if batch is None else 'batch, '}{size_name}), got {tuple(tensor.shape)}"
-                )
-            check_matches_parameters(name, tensor, reference)
-        return hx[0], hx[1]
+        h0, c0 = (
+            check_shaped(name, tensor, (*rows, size), reference, layout + size_name)
+            for name, tensor, (size, size_name) in zip(("h_0", "c_0"), pair, sizes)
+        )
+        return h0, c0
 
     def forward(
         self, input: Tensor | PackedSequence, hx: HiddenState | None = None
@@ -359,23 +273,13 @@ class _RecurrentSequence(_RecurrentParameters):
         if packed:
             check_matches_parameters("input", input.data, reference)
             x, lengths = pad_packed_sequence(input)  # (T, B, I), original batch order
+            check_input_size(x.shape[-1], self.input_size)
             batched = True
         else:
-            check_tensor("input", input)
-            if input.dim() not in (2, 3):
-                raise ValueError(
-                    f"input must be 3-D (batched) or 2-D (unbatched), got {input.dim()}-D "
-                    f"of shape {tuple(input.shape)}"
-                )
-            check_matches_parameters("input", input, reference)
-            batched = input.dim() == 3
+            batched = check_input(input, self.input_size, reference, batched_dim=3)
             x = input if batched else input.unsqueeze(1)
             if batched and self.batch_first:
                 x = x.transpose(0, 1)
-        if x.shape[-1] != self.input_size:
-            raise ValueError(
-                f"input.size(-1) must be equal to input_size={self.input_size}, got {x.shape[-1]}"
-            )
         if x.shape[0] == 0:  # RuntimeError, as torch.nn.LSTM raises for it
             raise RuntimeError(
                 f"input has sequence length 0 (shape {tuple(input.shape)}); a recurrent "
@@ -475,215 +379,7 @@ class _RecurrentSequence(_RecurrentParameters):
         return PackedSequence(data, batch_sizes, like.sorted_indices, like.unsorted_indices)
 
 
-# -- documentation shared by the modules of the three cells ------------------------------
-
-_SEQUENCE_SECTIONS = r"""    With ``proj_size > 0`` every layer projects its hidden state, as
-    ``torch.nn.LSTM`` does: the read-out above becomes :math:`h_t = W_{hr} h_t`, so
-    :math:`h_t` (what the layer outputs and feeds back through ``weight_hh``) has
-    ``proj_size`` features while the memory :math:`c_t` keeps ``hidden_size``.
-
-    Args:
-        input_size: The number of expected features in the input ``x``.
-        hidden_size: The number of features of the memory ``c`` (and of ``h``, unless
-            ``proj_size > 0``).
-        num_layers: Number of recurrent layers. E.g., setting ``num_layers=2`` stacks
-            two layers, the second taking the outputs of the first. Default: 1
-        bias: If ``False``, the layers have no ``bias_ih`` and ``bias_hh``.
-            Default: ``True``
-        batch_first: If ``True``, the input and output tensors are
-            ``(batch, seq, feature)`` instead of ``(seq, batch, feature)``. It does not
-            apply to the hidden and cell states. Default: ``False``
-        dropout: If non-zero, dropout with this probability on the outputs of each
-            layer except the last (``torch.nn.LSTM``'s ``dropout``). Default: 0
-        bidirectional: If ``True``, every layer also runs backward in time, and its
-            output is the two directions' outputs concatenated. Default: ``False``
-        proj_size: If ``> 0``, the hidden state of every layer is projected to
-            ``proj_size`` features by ``weight_hr_l[k]``; it must be smaller than
-            ``hidden_size``. Default: 0
-        input_dropout: (keyword-only) dropout on the module's input (the paper's input
-            dropout, e.g. on word embeddings). Default: 0
-        output_dropout: (keyword-only) dropout on the output sequence (not on
-            ``h_n``). Default: 0
-        update_dropout: (keyword-only) dropout on the candidate ``z`` of every layer,
-            one mask per sequence, kept over its steps (recurrent dropout without
-            memory loss, Semeniuta et al. 2016). Default: 0
-        forget_bias: (keyword-only) the initial @forget_what@.
-            Default: 1
-        device: (keyword-only) where the parameters are created. Default: torch's
-        dtype: (keyword-only) the floating-point type of the parameters.
-            Default: torch's
-
-    Inputs: input, (h_0, c_0)
-        * **input**: tensor of shape ``(L, H_in)`` for unbatched input,
-          ``(L, N, H_in)`` when ``batch_first=False`` or ``(N, L, H_in)`` when
-          ``batch_first=True``; or a packed variable-length sequence (see
-          :func:`torch.nn.utils.rnn.pack_padded_sequence` and
-          :func:`torch.nn.utils.rnn.pack_sequence`).
-        * **h_0**: tensor of shape ``(D * num_layers, H_out)`` for unbatched input or
-          ``(D * num_layers, N, H_out)``: the initial hidden state of each layer and
-          direction. Zeros if ``(h_0, c_0)`` is not given.
-        * **c_0**: tensor of shape ``(D * num_layers, H_cell)`` for unbatched input or
-          ``(D * num_layers, N, H_cell)``: the initial memory of each layer and
-          direction. Zeros if ``(h_0, c_0)`` is not given.
-
-        where::
-
-            N = batch size
-            L = sequence length
-            D = 2 if bidirectional=True otherwise 1
-            H_in = input_size
-            H_cell = hidden_size
-            H_out = proj_size if proj_size > 0 otherwise hidden_size
-
-    Outputs: output, (h_n, c_n)
-        * **output**: tensor of shape ``(L, D * H_out)`` for unbatched input,
-          ``(L, N, D * H_out)`` when ``batch_first=False`` or ``(N, L, D * H_out)``
-          when ``batch_first=True``: the last layer's :math:`h_t` for every ``t`` (the
-          forward and reverse directions concatenated if bidirectional). For packed
-          input, a packed sequence with the input's layout.
-        * **h_n**: tensor of shape ``(D * num_layers, H_out)`` for unbatched input or
-          ``(D * num_layers, N, H_out)``: the final hidden state of each layer and
-          direction (for packed input, after each sequence's own last step).
-        * **c_n**: tensor of shape ``(D * num_layers, H_cell)`` for unbatched input or
-          ``(D * num_layers, N, H_cell)``: the final memory of each layer and
-          direction.
-
-    Attributes:
-        weight_ih_l[k]: the input weights of layer ``k``, gate blocks @gates@ stacked:
-            ``(@g@*hidden_size, input_size)`` for ``k = 0``, otherwise
-            ``(@g@*hidden_size, D * H_out)``.
-        weight_hh_l[k]: the recurrent weights of layer ``k``, blocks @gates@:
-            ``(@g@*hidden_size, H_out)``.
-        bias_ih_l[k]: the input biases of layer ``k``, ``(@g@*hidden_size)``.
-        bias_hh_l[k]: the recurrent biases of layer ``k``, ``(@g@*hidden_size)``.
-@forget_attribute@
-        weight_hr_l[k]: the projection of layer ``k``, ``(proj_size, hidden_size)``;
-            only with ``proj_size > 0``.
-        weight_ih_l[k]_reverse: like ``weight_ih_l[k]``, for the reverse direction
-            (this and the other ``*_reverse`` parameters only with
-            ``bidirectional=True``).
-        weight_hh_l[k]_reverse: like ``weight_hh_l[k]``, for the reverse direction.
-        bias_ih_l[k]_reverse: like ``bias_ih_l[k]``, for the reverse direction.
-        bias_hh_l[k]_reverse: like ``bias_hh_l[k]``, for the reverse direction.
-@forget_reverse@
-        weight_hr_l[k]_reverse: like ``weight_hr_l[k]``, for the reverse direction.
-
-    The initialisation is the paper's, not ``torch.nn.LSTM``'s: Glorot-uniform
-    weights, zero biases and the forget bias above (:meth:`reset_parameters`). All
-    dropouts act in training mode only.
-
-    Kernels (:mod:`microcircuits.kernels` picks one per call): @kernels@
-
-"""
-
-_FORGET_ATTRIBUTE = """\
-        forget_l[k]: ``phi`` of layer ``k``, ``(hidden_size)``: each unit's memory
-            decays by the factor ``f = sigmoid(phi)`` per step.
-"""
-_FORGET_REVERSE = """\
-        forget_l[k]_reverse: like ``forget_l[k]``, for the reverse direction.
-"""
-
-_CELL_SECTIONS = r"""    Args:
-        input_size: The number of expected features in the input ``x``.
-        hidden_size: The number of features of the hidden state ``h`` and the
-            memory ``c``.
-        bias: If ``False``, the cell has no ``bias_ih`` and ``bias_hh``.
-            Default: ``True``
-        forget_bias: (keyword-only) the initial @forget_what@.
-            Default: 1
-        device: (keyword-only) where the parameters are created. Default: torch's
-        dtype: (keyword-only) the floating-point type of the parameters.
-            Default: torch's
-
-    Inputs: input, (h_0, c_0), update_mask
-        * **input**: tensor of shape ``(N, H_in)`` or ``(H_in)`` (unbatched).
-        * **h_0**: tensor of shape ``(N, H)`` or ``(H)``: the hidden state before the
-          step. Zeros if ``(h_0, c_0)`` is not given.
-        * **c_0**: tensor of shape ``(N, H)`` or ``(H)``: the memory before the step.
-          Zeros if ``(h_0, c_0)`` is not given.
-        * **update_mask** (optional): tensor of shape ``(N, H)`` or ``(H)`` that
-          multiplies the candidate ``z`` (update dropout): already scaled by
-          ``1 / (1 - p)``, and kept the same over a sequence's steps.
-
-        where ``N`` is the batch size, ``H_in`` ``input_size`` and ``H``
-        ``hidden_size``.
-
-    Outputs: (h_1, c_1)
-        * **h_1**: tensor of shape ``(N, H)`` or ``(H)``: the next hidden state.
-        * **c_1**: tensor of shape ``(N, H)`` or ``(H)``: the next memory.
-
-    Attributes:
-        weight_ih: the input weights, gate blocks @gates@ stacked:
-            ``(@g@*hidden_size, input_size)``.
-        weight_hh: the recurrent weights, ``(@g@*hidden_size, hidden_size)``.
-        bias_ih: the input biases, ``(@g@*hidden_size)``.
-        bias_hh: the recurrent biases, ``(@g@*hidden_size)``.
-@cell_forget_attribute@
-
-    The initialisation is the paper's: Glorot-uniform weights, zero biases and the
-    forget bias above (:meth:`reset_parameters`).
-
-"""
-
-_CELL_FORGET_ATTRIBUTE = """\
-        forget: ``phi``, ``(hidden_size)``: each unit's memory decays by the factor
-            ``f = sigmoid(phi)`` per step.
-"""
-
-_KERNELS = {
-    "lstm": (
-        "on the CPU,\n"
-        "    without update dropout and packed input, the whole stack runs as one call of\n"
-        "    ATen's LSTM, what ``torch.nn.LSTM`` runs (projections included); otherwise\n"
-        "    the fused whole-sequence kernels, and with ``proj_size > 0`` the reference\n"
-        "    path, the slow one (a few torch ops per step, differentiated by autograd)."
-    ),
-    "subtractive": (
-        "the fused\n"
-        "    whole-sequence kernels (CPU; CUDA with Triton); with ``proj_size > 0`` the\n"
-        "    reference path, the slow one (a few torch ops per step, differentiated by\n"
-        "    autograd)."
-    ),
-}
-
-
-def _fill_in(template: str, kind: CellKind) -> str:
-    """``template`` with the gate blocks, their count and the decay parameter of ``kind``."""
-    decay = kind.learned_decay
-    if decay:
-        forget_what = "``phi`` (the decay is ``sigmoid(phi)``)"
-    else:
-        forget_what = "bias of the forget gate ``f`` (in ``bias_ih``)"
-    values = {
-        "@gates@": "(" + ", ".join(kind.gate_names) + ")",
-        "@g@": str(kind.num_gates),
-        "@forget_what@": forget_what,
-        "@forget_attribute@\n": _FORGET_ATTRIBUTE if decay else "",
-        "@forget_reverse@\n": _FORGET_REVERSE if decay else "",
-        "@cell_forget_attribute@\n": _CELL_FORGET_ATTRIBUTE if decay else "",
-        "@kernels@": _KERNELS["subtractive" if kind.subtractive else "lstm"],
-    }
-    for key, value in values.items():
-        template = template.replace(key, value)
-    return template
-
-
-def _documented(sections: str) -> Callable[[type[_T]], type[_T]]:
-    """Put ``sections`` (Args, Inputs, Outputs, Attributes), filled in for the class's
-    cell, where its docstring says ``@sections@``: one text for the three cells, each
-    class's docstring complete for ``help()`` and the docs."""
-
-    def decorate(cls: type[_T]) -> type[_T]:
-        if cls.__doc__:  # None under python -OO
-            text = _fill_in(sections, cell_kind(cls.cell_name))  # type: ignore[attr-defined]
-            cls.__doc__ = cls.__doc__.replace("    @sections@\n", text)
-        return cls
-
-    return decorate
-
-
-@_documented(_SEQUENCE_SECTIONS)
+@documented(SEQUENCE_SECTIONS)
 class LSTM(_RecurrentSequence):
     r"""Multi-layer LSTM; a drop-in for ``torch.nn.LSTM`` (its arguments, inputs, outputs
     and ``state_dict``), with the paper's dropouts and initialisation.
@@ -737,7 +433,7 @@ class LSTM(_RecurrentSequence):
     cell_name = "lstm"
 
 
-@_documented(_SEQUENCE_SECTIONS)
+@documented(SEQUENCE_SECTIONS)
 class SubLSTM(_RecurrentSequence):
     r"""Multi-layer subtractively gated LSTM (subLSTM, Costa et al. 2017) with the API of
     ``torch.nn.LSTM``.
@@ -792,7 +488,7 @@ class SubLSTM(_RecurrentSequence):
     cell_name = "sublstm"
 
 
-@_documented(_SEQUENCE_SECTIONS)
+@documented(SEQUENCE_SECTIONS)
 class FixSubLSTM(_RecurrentSequence):
     r"""Multi-layer fix-subLSTM (Costa et al. 2017): a subLSTM whose memory decay is a
     learned constant of each unit, not a gate; API of ``torch.nn.LSTM``.
@@ -846,7 +542,7 @@ class FixSubLSTM(_RecurrentSequence):
 # -- single-step cells ------------------------------------------------------------------
 
 
-class _RecurrentCell(_RecurrentParameters):
+class _RecurrentCell(RecurrentParameters):
     """One step of a cell; API of ``torch.nn.LSTMCell``."""
 
     def __init__(
@@ -866,8 +562,7 @@ class _RecurrentCell(_RecurrentParameters):
         self.hidden_size = check_positive_int("hidden_size", hidden_size)
         self.bias = check_bool("bias", bias)
         self.forget_bias = check_finite_real("forget_bias", forget_bias)
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        check_float_dtype(dtype)
         self._make_parameters(
             "", self.input_size, self.hidden_size, self.bias, {"device": device, "dtype": dtype}
         )
@@ -904,44 +599,20 @@ class _RecurrentCell(_RecurrentParameters):
             ``(h', c')``, each ``(N, H)`` (unbatched ``(H,)``).
         """
         reference = self.weight_ih
-        check_tensor("input", input)
-        if input.dim() not in (1, 2):
-            raise ValueError(
-                f"input must be 2-D (batched) or 1-D (unbatched), got {input.dim()}-D "
-                f"of shape {tuple(input.shape)}"
-            )
-        check_matches_parameters("input", input, reference)
-        if input.shape[-1] != self.input_size:
-            raise ValueError(
-                f"input.size(-1) must be equal to input_size={self.input_size}, "
-                f"got {input.shape[-1]}"
-            )
-        batched = input.dim() == 2
+        batched = check_input(input, self.input_size, reference, batched_dim=2)
         x = input if batched else input.unsqueeze(0)
         expected = (x.shape[0], self.hidden_size) if batched else (self.hidden_size,)
         if hx is None:
             zeros = x.new_zeros(x.shape[0], self.hidden_size)
             state = LSTMState(zeros, zeros)
         else:
-            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                raise TypeError(
-                    f"hx must be a tuple (h, c) of two tensors, got {type(hx).__name__}"
-                )
-            for name, tensor in zip(("h", "c"), hx):
-                check_tensor(name, tensor)
-                if tuple(tensor.shape) != expected:
-                    raise ValueError(
-                        f"{name} must have shape {expected}, got {tuple(tensor.shape)}"
-                    )
-                check_matches_parameters(name, tensor, reference)
-            state = LSTMState(hx[0], hx[1]) if batched else LSTMState(hx[0][None], hx[1][None])
+            h, c = (
+                check_shaped(name, tensor, expected, reference)
+                for name, tensor in zip(("h", "c"), check_pair("hx", hx, "a tuple (h, c)"))
+            )
+            state = LSTMState(h, c) if batched else LSTMState(h[None], c[None])
         if update_mask is not None:
-            check_tensor("update_mask", update_mask)
-            if tuple(update_mask.shape) != expected:
-                raise ValueError(
-                    f"update_mask must have shape {expected}, got {tuple(update_mask.shape)}"
-                )
-            check_matches_parameters("update_mask", update_mask, reference)
+            check_shaped("update_mask", update_mask, expected, reference)
             if not batched:
                 update_mask = update_mask[None]
         _, new = self.cell.step(x, state, self.weights, update_mask)
@@ -950,7 +621,7 @@ class _RecurrentCell(_RecurrentParameters):
         return new.h, new.c
 
 
-@_documented(_CELL_SECTIONS)
+@documented(CELL_SECTIONS)
 class LSTMCell(_RecurrentCell):
     r"""One LSTM step; a drop-in for ``torch.nn.LSTMCell`` (its arguments, inputs,
     outputs and ``state_dict``).
@@ -988,7 +659,7 @@ class LSTMCell(_RecurrentCell):
     cell_name = "lstm"
 
 
-@_documented(_CELL_SECTIONS)
+@documented(CELL_SECTIONS)
 class SubLSTMCell(_RecurrentCell):
     r"""One subLSTM step (Costa et al. 2017) with the API of ``torch.nn.LSTMCell``.
 
@@ -1024,7 +695,7 @@ class SubLSTMCell(_RecurrentCell):
     cell_name = "sublstm"
 
 
-@_documented(_CELL_SECTIONS)
+@documented(CELL_SECTIONS)
 class FixSubLSTMCell(_RecurrentCell):
     r"""One fix-subLSTM step (Costa et al. 2017) with the API of ``torch.nn.LSTMCell``.
 

@@ -18,9 +18,13 @@ from torch import Tensor, nn
 
 from .._validation import (
     check_bool,
-    check_matches_parameters,
+    check_count,
+    check_float_dtype,
+    check_input,
+    check_pair,
     check_positive_int,
     check_real,
+    check_shaped,
     check_tensor,
 )
 from . import fused
@@ -80,15 +84,6 @@ def _check_finite(name: str, value: object, *, minimum: float, strict: bool) -> 
         bound = f"> {minimum}" if strict else f">= {minimum}"
         raise ValueError(f"{name} must be a finite number {bound}, got {value}")
     return value
-
-
-def _check_count(name: str, value: object) -> int:
-    """An int >= 0 (bools refused)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < 0:
-        raise ValueError(f"{name} must be an int >= 0, got {value}")
-    return int(value)
 
 
 def _check_routing(value: object) -> str | None:
@@ -186,7 +181,7 @@ class ELM(nn.Module):
         self.num_memory = check_positive_int("num_memory", num_memory)
         self.version = _check_version(version)
         self.lambda_value = _check_finite("lambda_value", lambda_value, minimum=0.0, strict=True)
-        self.mlp_num_layers = _check_count("mlp_num_layers", mlp_num_layers)
+        self.mlp_num_layers = check_count("mlp_num_layers", mlp_num_layers)
         self.mlp_hidden_size = (
             2 * self.num_memory
             if mlp_hidden_size is None
@@ -228,8 +223,7 @@ class ELM(nn.Module):
         self._check_synapse_layout()
         self.delta_t = _check_finite("delta_t", delta_t, minimum=0.0, strict=True)
         self.batch_first = check_bool("batch_first", batch_first)
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        check_float_dtype(dtype)
 
         factory = {"device": device, "dtype": dtype}
         sizes = [self.num_branch + self.num_memory]
@@ -357,27 +351,16 @@ class ELM(nn.Module):
     # -- forward -----------------------------------------------------------------------
 
     def _check_state(self, state: object, batch: int | None, reference: Tensor) -> ELMState:
-        if not isinstance(state, (tuple, list)) or len(state) != 2:
-            what = type(state).__name__
-            if isinstance(state, (tuple, list)):
-                what += f" of length {len(state)}"
-            raise TypeError(f"state must be an ELMState (trace, memory) of two tensors, got {what}")
+        pair = check_pair("state", state, "an ELMState (trace, memory)")
         lead = () if batch is None else (batch,)
-        for name, tensor, size in zip(
-            ("state.trace", "state.memory"), state, (self.num_trace, self.num_memory)
-        ):
-            check_tensor(name, tensor)
-            expected = (*lead, size)
-            if tuple(tensor.shape) != expected:
-                layout = "" if batch is None else "batch, "
-                what = {1: "num_synapse", 2: "num_branch"}[self.version]
-                if name == "state.memory":
-                    what = "num_memory"
-                raise ValueError(
-                    f"{name} must have shape {expected} ({layout}{what}), got {tuple(tensor.shape)}"
-                )
-            check_matches_parameters(name, tensor, reference)
-        return ELMState(state[0], state[1])
+        layout = "" if batch is None else "batch, "
+        sizes = (
+            (self.num_trace, {1: "num_synapse", 2: "num_branch"}[self.version]),
+            (self.num_memory, "num_memory"),
+        )
+        for name, tensor, (size, size_name) in zip(("state.trace", "state.memory"), pair, sizes):
+            check_shaped(name, tensor, (*lead, size), reference, layout + size_name)
+        return ELMState(*pair)
 
     def forward(self, input: Tensor, state: ELMState | None = None) -> tuple[Tensor, ELMState]:
         """Run the neuron over a sequence.
@@ -392,19 +375,7 @@ class ELM(nn.Module):
             ``(T, O)``), and the :class:`ELMState` after the last step.
         """
         reference = self.readout_weight
-        check_tensor("input", input)
-        if input.dim() not in (2, 3):
-            raise ValueError(
-                f"input must be 3-D (batched) or 2-D (unbatched), got {input.dim()}-D "
-                f"of shape {tuple(input.shape)}"
-            )
-        check_matches_parameters("input", input, reference)
-        if input.shape[-1] != self.input_size:
-            raise ValueError(
-                f"input.size(-1) must be equal to input_size={self.input_size}, "
-                f"got {input.shape[-1]}"
-            )
-        batched = input.dim() == 3
+        batched = check_input(input, self.input_size, reference, batched_dim=3)
         x = input if batched else input.unsqueeze(1)
         if batched and self.batch_first:
             x = x.transpose(0, 1)  # (T, B, I)

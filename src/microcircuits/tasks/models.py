@@ -167,8 +167,8 @@ def make_last_step_model(config: ExperimentConfig, input_size: int, out_features
 def make_cmc(config: ExperimentConfig, input_size: int, output_size: int) -> CMCNode | CMCHierarchy:
     """The canonical microcircuit of ``config``: a :class:`~microcircuits.CMCNode` of
     ``hidden_size`` columns (``cell="cmc"``) or a :class:`~microcircuits.CMCHierarchy` of
-    ``hidden_size`` nodes in levels of ``cmc_level_size`` (``cell="cmc_hierarchy"``; 1: a
-    chain), solver from ``cmc_*``."""
+    ``hidden_size`` nodes in ``cmc_levels`` equal levels (``cell="cmc_hierarchy"``; None:
+    a chain), solver from ``cmc_*``."""
     solver = dict(
         integration_time=config.cmc_integration_time,
         num_readout_times=config.cmc_num_readout_times,
@@ -181,7 +181,8 @@ def make_cmc(config: ExperimentConfig, input_size: int, output_size: int) -> CMC
         learn_dynamics=config.cmc_learn_dynamics,
     )
     if model_kind(config.cell).name == "cmc_hierarchy":
-        levels = (config.cmc_level_size,) * (config.hidden_size // config.cmc_level_size)
+        count = config.cmc_levels or config.hidden_size  # None: a chain of single nodes
+        levels = (config.hidden_size // count,) * count
         return CMCHierarchy(input_size, output_size, levels, readout=config.cmc_readout, **solver)
     return CMCNode(input_size, output_size, num_columns=config.hidden_size, **solver)
 
