@@ -26,6 +26,15 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Each test starts on one thread, whatever a run before it set (train sets the
+    config's thread count)."""
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(params=["native", "python"])
 def step_loops(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a test of the fused CPU kernel with its C++ step loops and with its Python

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from microcircuits.cli import build_parser, main, register_command
 from microcircuits.config import TASKS
@@ -19,14 +18,6 @@ TINY = [
     "--set", "steps_per_epoch=3", "--set", "valid_size=20", "--set", "test_size=20",
     "--set", "tensorboard=false", "--epochs", "2", "--no-progress", "--device", "cpu",
 ]  # fmt: skip
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def test_train_runs_end_to_end(tmp_path: Path, capsys) -> None:

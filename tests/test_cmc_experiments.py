@@ -27,14 +27,6 @@ from microcircuits.train import RunResult, train
 IMAGE_MODELS = ("cmc", "cmc_hierarchy", "mlp")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _synthetic_mnist(split: str, data_dir=None, *, download: bool = True):
     """Digits as a bright 6x6 square whose place codes the class, plus noise."""
     count = {"train": 420, "test": 100}[split]

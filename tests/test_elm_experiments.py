@@ -24,14 +24,6 @@ ELM_CELLS = ("elm", "branch_elm")
 LSTM_100_PARAMETERS = 42_210  # the LSTM-100 of sequential MNIST (tests/test_config.py)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

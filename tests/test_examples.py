@@ -18,14 +18,6 @@ EXAMPLES = ROOT / "examples"
 MNIST_RUN = ROOT / "results" / "mnist" / "mnist-mlp-64-seed0"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _example(name: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)

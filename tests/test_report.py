@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from microcircuits.config import load_config
 from microcircuits.report import (
@@ -24,14 +23,6 @@ from microcircuits.report import (
 from microcircuits.train import train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _tiny_adding(out: Path, name: str, cell: str = "lstm"):

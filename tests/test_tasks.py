@@ -23,15 +23,6 @@ CELLS = ("lstm", "sublstm", "fix_sublstm")
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and a second one stalls on busy shared cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _fit(task, model, batch, steps: int, lr: float) -> tuple[float, float]:
     """Loss on ``batch`` before and after ``steps`` Adam steps on it."""
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)

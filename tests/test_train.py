@@ -16,15 +16,6 @@ from microcircuits.tasks import AddingTask, Evaluation, LanguageModelTask
 from microcircuits.train import NonFiniteLossError, RunResult, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and a second one stalls on busy shared cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _adding(out: Path, name: str = "run", cell: str = "lstm", **overrides):
     values = {
         "hidden_size": 6,
