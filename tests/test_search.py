@@ -392,3 +392,17 @@ def test_two_workers_share_a_postgresql_study(postgres_url: str, tmp_path: Path)
     assert len({t.user_attrs["worker"] for t in trials}) == 2
     assert sum(result.states.values()) == 4
     assert not (tmp_path / "study.db").exists()
+
+
+def test_trial_states_counts_each_state():
+    """The start-of-search log names the states behind "N of M taken", so a running trial
+    (perhaps of a dead worker, retried when a worker starts) is visible."""
+    from microcircuits.search_trials import trial_states
+
+    study = optuna.create_study()
+    assert trial_states(study) == "none yet"
+    for value in (1.0, 2.0):
+        study.add_trial(optuna.trial.create_trial(value=value, state=TrialState.COMPLETE))
+    study.add_trial(optuna.trial.create_trial(state=TrialState.PRUNED))
+    study.ask()  # a running trial
+    assert trial_states(study) == "2 complete, 1 pruned, 1 running"

@@ -62,6 +62,7 @@ from .search_trials import (
     open_storage,
     retried_trial_number,
     sqlite_path,
+    trial_states,
 )
 from .task_registry import TASK_KINDS
 
@@ -614,9 +615,9 @@ def run_search(spec: SearchSpec) -> SearchResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     study = _open_study(spec)
     logger.info(
-        "study %r in %s: %d of %d trials taken; %d worker(s) here",
+        "study %r in %s: %d of %d trials taken (%s); %d worker(s) here",
         spec.study_name, display_url(spec.storage), counted_trials(study), spec.n_trials,
-        spec.workers,
+        trial_states(study), spec.workers,
     )  # fmt: skip
     if spec.workers == 1:
         _optimise(spec, 0)

@@ -228,6 +228,18 @@ def counted_trials(study: optuna.Study) -> int:
     )
 
 
+def trial_states(study: optuna.Study) -> str:
+    """The study's trials by state, e.g. ``"4 complete, 1 pruned, 1 running"`` (a running
+    trial whose worker died is failed and retried when a worker starts)."""
+    counts: dict[str, int] = {}
+    for trial in study.get_trials(deepcopy=False):
+        name = trial.state.name.lower()
+        counts[name] = counts.get(name, 0) + 1
+    order = ("complete", "pruned", "fail", "running", "waiting")
+    parts = [f"{counts[name]} {name}" for name in order if counts.get(name)]
+    return ", ".join(parts) or "none yet"
+
+
 def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
