@@ -85,3 +85,33 @@ def test_quick_lm_step_benchmark_writes_both_ways_and_their_ratio(tmp_path: Path
     assert all(r.get("median_ms", r.get("ratio")) > 0 for r in report["rows"])
     table = (tmp_path / "lm_step_cpu_1t_quick.md").read_text()
     assert "| 10 |" in table and "fused / unfused" in table
+
+
+def test_quick_scaling_benchmark_writes_a_row_per_point_model_and_mode(tmp_path: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.scaling", "--quick", "--threads", "1",
+         "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    report = json.loads((tmp_path / "scaling_cpu_1t_quick.json").read_text())
+    from benchmarks.scaling import AXES, QUICK_SWEEPS
+
+    want = {
+        (axis, value, model, mode)
+        for axis in AXES
+        for value in QUICK_SWEEPS[axis]
+        for model in ("nn.LSTM", "LSTM", "SubLSTM", "FixSubLSTM")
+        for mode in ("train", "inference")
+    }
+    rows = report["rows"]
+    assert {(r["axis"], r["value"], r["model"], r["mode"]) for r in rows} == want
+    assert len(rows) == len(want)
+    for row in rows:
+        assert row["median_ms"] > 0 and row["peak_mb"] >= 0
+        assert row["ratio"] > 0 and (row["model"] != "nn.LSTM" or row["ratio"] == 1.0)
+    table = (tmp_path / "scaling_cpu_1t_quick.md").read_text()
+    for heading in ("## sequence length T", "## hidden size H", "## batch B"):
+        assert heading in table
+    assert "| 3 | train |" in table and "SubLSTM" in table
+    png = (tmp_path / "scaling_cpu_1t_quick.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000

@@ -6,131 +6,84 @@ For one layer and direction of any of the three cells (:data:`microcircuits.cell
 
 * **forward**: the input projection of the whole sequence is one GEMM
   (``gates = x W^T + b_ih + b_hh``, ``(T*B, G*H)``); each step then adds ``h R^T`` to
-  its slice of ``gates`` (one GEMM per step) and applies the cell's own equations from
-  :mod:`microcircuits.cells`, so they live in one place: under ``torch.no_grad()`` (or
-  when nothing needs a gradient) the cell's ``pointwise`` function, and the Function is
-  not used at all (only ``(h, c)`` and the output are kept; the input is projected in
-  chunks of at most ``_INFERENCE_CHUNK_BYTES`` into one reused buffer). In training the
-  two halves of ``pointwise`` are called separately -- ``kind.activate`` (the gate
-  nonlinearities) and the cell's memory/output update
-  (``pointwise == update(activate(pre))``) -- so that the gate activations can be
-  written over the step's pre-activations and saved without computing the
-  nonlinearities twice. Saved: the activations ``(T, B, G*H)``, the memory
-  ``(T+1, B, H)``, the output, and the inputs; no per-step autograd graph.
+  its slice of ``gates`` (one GEMM per step) and applies the cell's equations (those of
+  :mod:`microcircuits.cells`). Under ``torch.no_grad()`` (or when nothing needs a
+  gradient) the Function is not used: only ``(h, c)`` and the output are kept, and the
+  input is projected in chunks of at most ``_INFERENCE_CHUNK_BYTES``. In training the
+  gate activations are written over the step's pre-activations and saved, with the
+  memory ``(T+1, B, H)``, the output and the inputs; no per-step autograd graph.
 * **backward**: written by hand from the paper's delta equations (Costa et al. 2017,
-  section 3.1; the LSTM lines are the chain rule; the same equations are spelled out in
-  :mod:`microcircuits.kernels.triton_pointwise`). What does not depend on the
-  recurrence is vectorised over the whole sequence before the sweep, one pass per gate
-  block with ``aten::sigmoid_backward``/``tanh_backward``: the gate coefficients ``K``
-  (subLSTM: ``-i(1-i)``, ``c_prev f(1-f)``, ``m z(1-z)``, ``-o(1-o)``) and the read-out
-  derivative ``S`` (``sigma(c)(1-sigma(c))``; LSTM ``o(1-tanh(c)^2)``). The reverse sweep
-  then costs one GEMM (``dh_{t-1} = dy_{t-1} + dpre_t R``) and four small pointwise ops
-  per step: ``dc = dc_next + dh S_t``, ``dpre[i,f,z] = K dc``, ``dpre[o] = K dh``,
-  ``dc_next = dc f``. ``dpre`` of every step is written in place into ``K``. After the
-  sweep: ``dx = dpre W``, ``dW = dpre^T x``, ``dR = dpre^T h_prev`` as whole-sequence
-  GEMMs, ``db = sum dpre`` (folded into the ``dW`` GEMM as a column of ones when the
-  input is small), fix-subLSTM's ``d phi = f(1-f) sum_t,b dc_t c_{t-1}`` one reduction.
-  Output gradients that are expanded (e.g. from ``y.sum()``) are never materialised.
-  When the graph is not kept (no ``retain_graph``/``create_graph``, asked of the
-  autograd engine) ``K`` and ``S`` are written over the saved activations and memory
-  instead of into new buffers; otherwise new buffers, so backward can run again.
+  section 3.1; the LSTM lines are the chain rule; also spelled out in
+  :mod:`microcircuits.kernels.triton_pointwise`). Per step, from the saved activations:
+  the read-out derivative ``S`` (``sigma(c)(1-sigma(c))``, with ``sigma(c_t) = h_t + o_t``
+  for the subtractive cells; LSTM ``o(1-tanh(c)^2)``), ``dc = dc_next + dh S``,
+  ``dpre = K * [dc, .., dc, dh]`` with the gate coefficients ``K`` (subLSTM ``-i(1-i)``,
+  ``c_prev f(1-f)``, ``m z(1-z)``, ``-o(1-o)``), ``dc_next = dc f`` and one GEMM
+  ``dh_{t-1} = dy_{t-1} + dpre_t R``. After the sweep the whole-sequence GEMMs
+  ``dx = dpre W``, ``dW = dpre^T x``, ``dR = dpre^T h_prev``, ``db = sum dpre`` and
+  fix-subLSTM's ``d phi = f(1-f) sum_t,b dc_t c_{t-1}``. Expanded output gradients (from
+  ``y.sum()``) are never materialised; when the graph is not kept, ``dpre`` and the
+  coefficients are written over the saved buffers instead of new ones.
 
-C++ step loops: where they are built (:mod:`.native`, on first use, cached), the step
-loops above run in C++ (``csrc/step_loops.cpp``, with the same BLAS or oneDNN products):
-forward a GEMM, ATen's sigmoid/tanh and two plain loops per step; backward of the
-subtractive cells the whole recurrence including ``K`` and ``S``, computed per step from
-the saved activations (``sigma(c_t) = h_t + o_t``, so no transcendental), and fix-subLSTM's
-``sum dc c_prev`` accumulated on the way. Per-step Python overhead (a dozen op calls of
-3-8 us each) is what they remove: paired against the Python loops on one thread,
-LM-200 and sMNIST shapes run 15-30% faster. Packed sequences run in them too (the first
-``batch_sizes[t]`` rows per step). The Python loops remain for ``torch.jit.trace`` and
-machines without a compiler, and are tested against the same references.
-
-Variable lengths: sequences are sorted by length (outside the Function, by
-``index_select``, differentiable) so that step ``t`` runs on the first ``bs_t`` rows only
-(as cuDNN/oneDNN do for packed sequences). A finished sequence's state is frozen and
-its output is zero, as in :mod:`microcircuits.kernels.reference`.
-
-Supported: float32 and float64 on CPU; gradients for the input, the initial state, both
-weights, both biases (or none) and phi; ``update_mask`` ``(B, H)`` without gradient;
-``lengths``; ``reverse`` (via :func:`~microcircuits.kernels.reference.reverse_within_lengths`).
-:func:`unsupported_reason` says why a call does not qualify (e.g. another dtype or
-device, a mask that requires grad, autocast, functorch transforms, ``torch.compile``
-tracing); the dispatcher then falls back to the reference path. The hand-written
-backward is first-order; asked for a graph (``create_graph=True``) the Function runs the
-layer again on the reference path and returns autograd's gradients of it, which carry a
-graph (slower, but Hessian-vector products and gradient penalties work).
-
-Measurements behind the choices below: 2-vCPU AMD EPYC (Zen 3, AVX2, 1 MiB L2 per core,
-32 MiB L3), torch 2.13 CPU (MKL 2024.2, oneDNN 3.12), shared with other jobs, so
-numbers vary by +-30% from run to run; see also ``benchmarks/NOTES.md``.
+Where the steps run
+-------------------
+* **The direct path** (float32 subLSTM and fix-subLSTM, x86 CPUs with AVX-512, the C++
+  loops built): ``forward_direct``/``backward_direct`` in ``csrc/step_loops.cpp``. A
+  step is one call of oneDNN's brgemm micro-kernel, accumulating into the step's gate
+  rows in place, and one vectorised pass for all of its pointwise work; the batch rows
+  (or, for small batches, the hidden units) are split over torch's OpenMP threads, one
+  team per layer call. ``step_backend`` tells whether a layer takes it;
+  ``MICROCIRCUITS_DIRECT=0`` turns it off.
+* **The ATen C++ loops** (the LSTM cell, float64, CPUs without AVX-512):
+  ``forward_steps``, ``backward_steps`` and ``backward_subtractive``, a GEMM through ATen
+  and a few plain loops per step.
+* **The Python loops**: under ``torch.jit.trace``, a Python dispatch mode (fake
+  tensors) or where no compiler built the C++ loops (:mod:`.native`). Every path is
+  tested against the reference path.
 
 GEMMs
 -----
-``torch.mm``/``addmm`` run MKL's sgemm, which packs its weight operand on every call.
-For the per-step products with a small batch and a weight larger than L2 that packing
-dominates (workload A, per step, 2 threads)::
-
-    (20 x 650) @ (650 x 2600)         MKL addmm 760-1090 us   oneDNN, packed W 500-730 us
-                                      ... + fused "add" of gates_t: 540 us
-                                      MKL packed (torch.ops.mkl._mkl_linear): 1150 us
-    (20 x 2600) @ (2600 x 650) (bwd)  MKL addmm 770-1040 us   oneDNN, packed R^T 590-800 us
-    B (128x100 @ 100x400), C (20x200 @ 200x800): MKL 70-100 us, oneDNN 76-134 us
-
-So the per-step products use oneDNN's matmul with the weight packed once per call
-(``torch.ops.mkldnn._reorder_linear_weight`` + ``torch.ops.mkldnn._linear_pointwise``,
-the ops Inductor's CPU backend uses; the ``.binary(..., "add")`` variant fuses the
-``+ gates_t``/``+ dy_t``) when the recurrent weight has at least
-``_ONEDNN_MIN_WEIGHT_BYTES`` (1.5 MiB, env ``MICROCIRCUITS_ONEDNN_MIN_BYTES``) and the
-dtype is float32; below that MKL's ``addmm`` (in place) is as fast or faster. The ops
-are probed once, on first use (:func:`onednn_available`); without them everything uses
-``addmm``. The whole-sequence GEMMs (M = T*B >= 700) reach 115-150 GFLOP/s with MKL
-(peak here ~155 for both libraries on 1536^3); oneDNN including the weight reorder is no
-faster, so they stay on MKL, with one layout choice: ``dW^T = x^T dpre`` runs up to
-~1.4x faster than ``dW = dpre^T x`` for A's shapes (29-32 vs 41-47 ms on one thread),
-more than the transposing copy autograd makes of the ``.t()`` view (3-4 ms).
-No ``torch.backends.mkldnn`` setting routes float32 ``torch.mm`` to oneDNN at full
-precision (``matmul.fp32_precision`` ``"bf16"``/``"tf32"`` reduce precision, and changed
-nothing on this AVX2 CPU). oneDNN's RNN primitive (what ``torch.nn.LSTM`` runs) only
-implements the LSTM equations: the dispatcher uses it, through ``torch.lstm``, for
-:class:`~microcircuits.LSTM` where the math is the same (see :mod:`.aten_lstm`).
+MKL (``torch.mm``) runs its AVX2 kernels on AMD CPUs while oneDNN JITs AVX-512 ones, so
+on AVX-512 CPUs every float32 product outside the direct path's steps goes to oneDNN
+(``torch.ops.mkldnn._linear_pointwise``, the op Inductor's CPU backend uses): the input
+projection, ``dx`` and the weight gradients, and the ATen loops' per-step products with
+the recurrent weight packed once per call (``_reorder_linear_weight``; the ``.binary``
+variant fuses the ``+ gates_t``). Elsewhere MKL, except per-step products with a weight
+of at least ``_ONEDNN_MIN_WEIGHT_BYTES`` (1.5 MiB, env
+``MICROCIRCUITS_ONEDNN_MIN_BYTES``), which MKL would repack on every call. Weight
+gradients are computed as ``(x^T dpre)^T``, the faster layout. oneDNN's RNN primitive
+(``torch.nn.LSTM``'s) implements the LSTM equations only; the dispatcher uses it for
+:class:`~microcircuits.LSTM` where the math is the same (:mod:`.aten_lstm`).
 
 Threads
 -------
-With 2 threads every OpenMP parallel region risks a stall when another process holds
-the second core: here ~10% of 2-thread ``sigmoid`` calls on 51k elements took ~8 ms (a
-scheduler slice) instead of 35 us. Per-step pointwise ops on up to
-``_SERIAL_POINTWISE_MAX`` elements gain little from a second thread (51k-element
-``sigmoid``: 35 vs 51 us), so inside the step loops they run on one thread
-(``torch.set_num_threads(1)``, 0.4 us per switch) and only the GEMMs use all threads:
-one parallel region per step, as few as oneDNN's RNN. Whole-sequence ops keep all
-threads.
+On a shared machine every OpenMP parallel region risks a stall when another process
+holds a core. The ATen loops therefore run their per-step pointwise ops on one thread
+(``torch.set_num_threads(1)`` inside the loop) and only the GEMMs on all threads; the
+direct path opens one parallel region per layer call, in which threads that split by
+rows never wait for each other.
 
-Memory and page faults
-----------------------
-Fresh buffers cost page faults: first touch of 160 MB took ~105 ms against ~24 ms to
-write it again (~0.5 ms per MB). Hence the reuse of saved buffers in backward, the one
-inference projection buffer, and no materialised ``grad_y``.
+Memory and denormals
+--------------------
+Fresh buffers cost page faults, so backward reuses the saved buffers, inference reuses
+one projection buffer (MKL's path) and ``grad_y`` is never materialised. Gradients
+carried back through the memory decay like ``f^t`` and can spend many steps in the
+float32 denormal range, where many x86 CPUs slow down by orders of magnitude: forward
+and backward run under ``torch.set_flush_denormal(True)`` (restored after; the direct
+path copies the mode to its worker threads), and float32 backward zeroes the carried
+``dh`` and ``dc`` below ``_TINY`` (``1e-30``) so that denormals never chain.
 
-Elementwise costs
------------------
-``torch.sigmoid`` costs ~1.2 ns/element and ``torch.tanh`` ~3.4 ns/element on one
-thread (``mul`` ~0.15): on workload B the per-step pointwise work (~8 torch ops, each
-~3-5 us of dispatch plus the transcendentals) is as large as the per-step GEMM. This,
-not the GEMMs, is what remains between this kernel and oneDNN's RNN (which fuses the
-pointwise work of a step into one JIT kernel) on small layers.
+Variable lengths: sequences are sorted by length (outside the Function, by
+``index_select``, differentiable) so that step ``t`` runs on the first ``bs_t`` rows only
+(as cuDNN/oneDNN do for packed sequences); a finished sequence's state is frozen and its
+output is zero, as in :mod:`microcircuits.kernels.reference`.
 
-Denormals
----------
-With a loss on few steps (sequential MNIST: the last step only) the gradient carried
-back through the memory decays like ``f^t`` and spends tens of steps in the float32
-denormal range; on many x86 CPUs (Intel: microcode assists) every op on denormals is
-orders of magnitude slower. (The Zen 3 here showed no slowdown with 42% of ``dc``
-entries denormal.) Forward and backward run under ``torch.set_flush_denormal(True)``,
-restored after (the previous mode is probed, torch has no getter). That sets the flags
-of the calling thread only, and OpenMP workers keep theirs, so for float32 the backward
-also zeroes the carried ``dh`` and ``dc`` below ``_TINY`` (``1e-30``, far below anything
-that matters next to O(1) gradients) with ``hardshrink``: denormals then never chain.
+Supported: float32 and float64 on CPU; gradients for the input, the initial state, both
+weights, both biases (or none) and phi; ``update_mask`` ``(B, H)`` without gradient;
+``lengths``; ``reverse``. :func:`unsupported_reason` says why a call does not qualify;
+the dispatcher then falls back to the reference path. The hand-written backward is
+first-order; asked for a graph (``create_graph=True``) the Function runs the layer again
+on the reference path and returns autograd's gradients of it.
 """
 
 from __future__ import annotations
@@ -157,14 +110,38 @@ from .reference import (
 
 __all__ = [
     "gemm_backend",
+    "step_backend",
     "onednn_available",
     "run_layer_cpu_fused",
     "unsupported_reason",
 ]
 
-_ONEDNN_MIN_WEIGHT_BYTES = int(os.environ.get("MICROCIRCUITS_ONEDNN_MIN_BYTES", 3 << 19))
+
+def _cpu_has_avx512() -> bool:
+    """Whether ATen runs AVX-512 kernels here (then so do oneDNN's JIT kernels)."""
+    try:
+        return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    except Exception:  # pragma: no cover - older torch
+        return False
+
+
+# oneDNN for every float32 product on AVX-512 CPUs, else for per-step weights >= 1.5 MiB
+# (see "GEMMs" above); MICROCIRCUITS_ONEDNN_MIN_BYTES overrides the per-step threshold.
+_AVX512 = _cpu_has_avx512()
+_ONEDNN_MIN_WEIGHT_BYTES = int(
+    os.environ.get("MICROCIRCUITS_ONEDNN_MIN_BYTES", 0 if _AVX512 else 3 << 19)
+)
+_ONEDNN_WHOLE_SEQUENCE = _AVX512 and os.environ.get("MICROCIRCUITS_ONEDNN_WHOLE", "1") != "0"
+# the direct path of the C++ loops (see _direct); MICROCIRCUITS_DIRECT=0 turns it off
+_DIRECT = os.environ.get("MICROCIRCUITS_DIRECT", "1") != "0"
+# how the direct path splits a layer call over threads: 0 by rows where each thread gets
+# two or more, else by hidden units; 1 by rows; 2 by units (see csrc/step_loops.cpp).
+# _DIRECT_BLOCKS: threads, 0 for torch's number
+_DIRECT_SPLIT = 0
+_DIRECT_BLOCKS = 0
 _INFERENCE_CHUNK_BYTES = 16 << 20
 _TINY = 1e-30  # float32 gradients below this are flushed to zero in backward
+_ONEDNN_MIN_INPUT = 16  # smaller inputs: the projection is a copy, MKL into a reused buffer
 _SERIAL_POINTWISE_MAX = 1 << 18  # per-step pointwise ops on up to this many elements: 1 thread
 _SUPPORTED_DTYPES = (torch.float32, torch.float64)
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
@@ -201,13 +178,86 @@ def onednn_available() -> bool:
         return False
 
 
+def whole_sequence_onednn(dtype: torch.dtype) -> bool:
+    """Whether the whole-sequence products (input projection, backward's ``dx``, ``dW``)
+    run on oneDNN (float32 on AVX-512 CPUs) rather than ``torch.mm`` (MKL)."""
+    return (
+        dtype == torch.float32
+        and _ONEDNN_WHOLE_SEQUENCE
+        and onednn_available()
+        and not _aten_only()
+    )
+
+
+def _aten_only() -> bool:
+    """Whether only plain ATen ops may run (``torch.jit.trace`` records them; a Python
+    dispatch mode such as fake tensors implements them, not oneDNN's ops)."""
+    return torch.jit.is_tracing() or _python_dispatch_active()
+
+
+def _mm(a: Tensor, b: Tensor, onednn: bool) -> Tensor:
+    """``a @ b``; on oneDNN as ``linear(a, W = b^T)`` (any strides: oneDNN reorders)."""
+    if onednn:
+        return torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")
+    return torch.mm(a, b)
+
+
+def _projection(
+    x2d: Tensor, weight_ih: Tensor, bias: Tensor | None, out: Tensor | None = None
+) -> Tensor:
+    """``x W^T + b`` of the whole sequence (or a chunk), ``(N, I) -> (N, G*H)``: one oneDNN
+    product where :func:`whole_sequence_onednn` (then ``out`` is ignored), else
+    :func:`~._projection.input_projection` (MKL)."""
+    if whole_sequence_onednn(x2d.dtype) and x2d.shape[-1] >= _ONEDNN_MIN_INPUT:
+        return torch.ops.mkldnn._linear_pointwise(x2d, weight_ih.detach(), bias, "none", [], "")
+    return input_projection(x2d, weight_ih.detach(), bias, out=out)
+
+
 def gemm_backend(dtype: torch.dtype, batch: int, hidden: int, gate_rows: int) -> str:
     """Which library runs the per-step products of a layer: ``"onednn"`` or ``"blas"``."""
     del batch  # the crossover measured here depends on the weight size only
     weight_bytes = gate_rows * hidden * 4
-    if dtype == torch.float32 and weight_bytes >= _ONEDNN_MIN_WEIGHT_BYTES and onednn_available():
+    if (
+        dtype == torch.float32
+        and weight_bytes >= _ONEDNN_MIN_WEIGHT_BYTES
+        and onednn_available()
+        and not _aten_only()
+    ):
         return "onednn"
     return "blas"
+
+
+def _native_loops(*tensors: Tensor | None):
+    """The C++ step loops (:mod:`.native`) for a call on ``tensors``, or ``None``
+    where they are not built, or where ATen ops must stay visible to Python: under
+    ``torch.jit.trace`` (which records them), a Python dispatch mode (e.g. fake
+    tensors for shape inference) or with tensor subclasses (their ``__torch_dispatch__``
+    would be bypassed, and C++ reads data pointers they may not have)."""
+    if torch.jit.is_tracing() or _python_dispatch_active():
+        return None
+    if any(t is not None and type(t) not in _PLAIN_TENSORS for t in tensors):
+        return None
+    return native.step_loops()
+
+
+def _direct(kind: CellKind, dtype: torch.dtype, loops) -> bool:
+    """Whether a layer call runs on the C++ loops' direct path (``forward_direct``,
+    ``backward_direct``: the subtractive cells in float32 where oneDNN's brgemm and
+    AVX-512 are available; see ``csrc/step_loops.cpp``)."""
+    if loops is None or not _DIRECT or kind.name == "lstm" or dtype != torch.float32:
+        return False
+    available = getattr(loops, "direct_available", None)
+    return available is not None and bool(available())
+
+
+def step_backend(
+    kind: CellKind, dtype: torch.dtype, batch: int, hidden: int, gate_rows: int
+) -> str:
+    """What runs a layer's per-step products: ``"direct"`` (brgemm in the C++ loops),
+    ``"onednn"`` or ``"blas"`` (ATen ops)."""
+    if _direct(kind, dtype, _native_loops()):
+        return "direct"
+    return gemm_backend(dtype, batch, hidden, gate_rows)
 
 
 class _Recurrent:
@@ -222,9 +272,19 @@ class _Recurrent:
     module docstring).
     """
 
-    def __init__(self, weight_hh: Tensor, batch: int, *, forward: bool, backward: bool):
+    def __init__(
+        self,
+        weight_hh: Tensor,
+        batch: int,
+        *,
+        forward: bool,
+        backward: bool,
+        direct: bool = False,
+    ):
         gate_rows, hidden = weight_hh.shape
-        self.backend = gemm_backend(weight_hh.dtype, batch, hidden, gate_rows)
+        self.backend = (
+            "direct" if direct else gemm_backend(weight_hh.dtype, batch, hidden, gate_rows)
+        )
         self.onednn = self.backend == "onednn"
         self._threads = torch.get_num_threads()
         self.serial = self._threads > 1 and batch * gate_rows <= _SERIAL_POINTWISE_MAX
@@ -237,21 +297,16 @@ class _Recurrent:
             pack = ops._reorder_linear_weight
             self.w_fwd = pack(w.contiguous(), batch) if forward else None  # W = R
             self.w_bwd = pack(w.t().contiguous(), batch) if backward else None  # W = R^T
+        elif self.backend == "direct":  # R itself: forward_direct transposes it
+            self.w_fwd = w.contiguous() if forward else None  # (G*H, H)
+            self.w_bwd = w.contiguous() if backward else None
         else:
             self.w_fwd = w.t().contiguous() if forward else None  # (H, G*H)
             self.w_bwd = w.contiguous() if backward else None  # (G*H, H)
 
     def native(self, *tensors: Tensor | None):
-        """The C++ step loops (:mod:`.native`) for a call on ``tensors``, or ``None``
-        where they are not built, or where ATen ops must stay visible to Python: under
-        ``torch.jit.trace`` (which records them), a Python dispatch mode (e.g. fake
-        tensors for shape inference) or with tensor subclasses (their ``__torch_dispatch__``
-        would be bypassed, and C++ reads data pointers they may not have)."""
-        if torch.jit.is_tracing() or _python_dispatch_active():
-            return None
-        if any(t is not None and type(t) not in _PLAIN_TENSORS for t in tensors):
-            return None
-        return native.step_loops()
+        """:func:`_native_loops` (kept as a method for the callers of the ATen loops)."""
+        return _native_loops(*tensors)
 
     @contextmanager
     def loop(self, python: bool = True) -> Iterator[None]:
@@ -430,9 +485,10 @@ def _forward_inference(
     # fix-subLSTM's decay sigma(phi), once per sequence
     decay = None if weights.forget is None else torch.sigmoid(weights.forget.detach())
     bias = combined_bias(weights)
-    rec = _Recurrent(weights.weight_hh, batch, forward=True, backward=False)
     chunk = max(1, _INFERENCE_CHUNK_BYTES // max(1, batch * gate_rows * x.element_size()))
-    loops = rec.native(x, state.h, state.c, weights.weight_hh, mask)
+    loops = _native_loops(x, state.h, state.c, weights.weight_hh, mask)
+    direct = _direct(kind, x.dtype, loops)
+    rec = _Recurrent(weights.weight_hh, batch, forward=True, backward=False, direct=direct)
     # the step works in place (cells.pointwise_inplace, or the C++ loops): c is a private
     # copy, and h is read from the output y[t] (Python loops, full batch) or kept in its
     # own buffer (packed sequences, the C++ loops)
@@ -446,17 +502,26 @@ def _forward_inference(
         h = h.clone(memory_format=torch.contiguous_format)
     mask_rows = None if mask is None else mask.contiguous()
     chunk = min(chunk, steps)
-    buffer = x.new_empty(chunk * batch, gate_rows)  # reused: fresh pages cost page faults
+    buffer = None  # MKL's projection: one buffer, reused (fresh pages cost page faults)
+    if not (whole_sequence_onednn(x.dtype) and in_size >= _ONEDNN_MIN_INPUT):
+        buffer = x.new_empty(chunk * batch, gate_rows)
     with _flush_denormals():
         for start in range(0, steps, chunk):
             stop = min(steps, start + chunk)
             n = stop - start
-            gates = input_projection(
+            gates = _projection(
                 x[start:stop].reshape(n * batch, in_size),
-                weights.weight_ih.detach(),
+                weights.weight_ih,
                 bias,
-                out=buffer[: n * batch],
+                out=None if buffer is None else buffer[: n * batch],
             ).view(n, batch, gate_rows)
+            if direct:
+                loops.forward_direct(
+                    kind.code, gates, h, c, y[start:stop], rec.w_fwd, decay, mask_rows, False,
+                    [] if batch_sizes is None else batch_sizes[start:stop],
+                    _DIRECT_SPLIT, _DIRECT_BLOCKS,
+                )  # fmt: skip
+                continue
             if loops is not None:
                 loops.forward_steps(
                     kind.code, gates, h, c, y[start:stop], rec.w_fwd, rec.onednn,
@@ -514,16 +579,17 @@ class _FusedLayer(torch.autograd.Function):
         gate_rows = weight_hh.shape[0]
         weights = CellWeights(weight_ih, weight_hh, bias_ih, bias_hh, phi)
         x2d = x.reshape(steps * batch, in_size)
-        rec = _Recurrent(weight_hh, batch, forward=True, backward=False)
+        loops = _native_loops(x, h0, c0, weight_hh, phi, mask)
+        direct = _direct(kind, x.dtype, loops)
+        rec = _Recurrent(weight_hh, batch, forward=True, backward=False, direct=direct)
         # pointwise's two halves, apart, so the activations are kept for backward
         activate, update = kind.activate, kind.update
         c_all = x.new_empty(steps + 1, batch, hidden)
         c_all[0] = c0
         with _flush_denormals():
-            gates = input_projection(x2d, weight_ih, combined_bias(weights))
+            gates = _projection(x2d, weight_ih, combined_bias(weights))
             gates = gates.view(steps, batch, gate_rows)
             act = gates.view(steps, batch, -1, hidden)  # pre-activations become activations
-            loops = rec.native(x, h0, c0, weight_hh, phi, mask)
             with rec.loop(python=loops is None):
                 if loops is not None:
                     if batch_sizes is None:
@@ -532,11 +598,18 @@ class _FusedLayer(torch.autograd.Function):
                         y = x.new_zeros(steps, batch, hidden)
                     h_n = h0.detach().clone(memory_format=torch.contiguous_format)
                     decay = None if phi is None else torch.sigmoid(phi.detach())
-                    loops.forward_steps(
-                        kind.code, gates, h_n, c_all, y, rec.w_fwd, rec.onednn,
-                        decay, None if mask is None else mask.contiguous(), True, rec.serial,
-                        [] if batch_sizes is None else batch_sizes,
-                    )  # fmt: skip
+                    mask_rows = None if mask is None else mask.contiguous()
+                    sizes = [] if batch_sizes is None else batch_sizes
+                    if direct:
+                        loops.forward_direct(
+                            kind.code, gates, h_n, c_all, y, rec.w_fwd, decay, mask_rows, True,
+                            sizes, _DIRECT_SPLIT, _DIRECT_BLOCKS,
+                        )  # fmt: skip
+                    else:
+                        loops.forward_steps(
+                            kind.code, gates, h_n, c_all, y, rec.w_fwd, rec.onednn,
+                            decay, mask_rows, True, rec.serial, sizes,
+                        )  # fmt: skip
                     c_n = c_all[steps].clone()
                 elif batch_sizes is None:
                     y = x.new_empty(steps, batch, hidden)
@@ -612,11 +685,14 @@ class _FusedLayer(torch.autograd.Function):
         flush = act.dtype == torch.float32
         with _flush_denormals():
             in_place = not graph_kept()
-            rec = _Recurrent(weight_hh, batch, forward=False, backward=True)
             decay = None if phi is None else torch.sigmoid(phi)  # fix-subLSTM's f
             loops = None
             if kind.name != "lstm":  # the tensors the C++ loop reads, as forward checks them
-                loops = rec.native(act, c_all, y, weight_hh, decay, mask, grad_y, grad_hn, grad_cn)
+                loops = _native_loops(
+                    act, c_all, y, weight_hh, decay, mask, grad_y, grad_hn, grad_cn
+                )
+            direct = _direct(kind, act.dtype, loops) and grad_y.dtype == torch.float32
+            rec = _Recurrent(weight_hh, batch, forward=False, backward=True, direct=direct)
             phi_sum = dc_all = None
             if loops is not None:  # the subtractive cells' whole recurrence in C++
                 dpre = act if in_place else act.clone()  # the activations become dpre
@@ -626,12 +702,18 @@ class _FusedLayer(torch.autograd.Function):
                 dc0 = grad_cn.clone(memory_format=torch.contiguous_format)
                 if needs[9]:
                     phi_sum = act.new_zeros(hidden, dtype=torch.float64)
-                loops.backward_subtractive(
-                    kind.code, dpre, c_all, y, decay,
-                    None if mask is None else mask.contiguous(),
-                    rec.w_bwd, rec.onednn, grad_y, dh0, dc0, phi_sum, needs[3], flush, _TINY,
-                    rec.serial, [] if batch_sizes is None else batch_sizes,
-                )  # fmt: skip
+                mask_rows = None if mask is None else mask.contiguous()
+                sizes = [] if batch_sizes is None else batch_sizes
+                if direct:
+                    loops.backward_direct(
+                        kind.code, dpre, c_all, y, decay, mask_rows, rec.w_bwd, grad_y, dh0,
+                        dc0, phi_sum, needs[3], flush, _TINY, sizes, _DIRECT_SPLIT, _DIRECT_BLOCKS,
+                    )  # fmt: skip
+                else:
+                    loops.backward_subtractive(
+                        kind.code, dpre, c_all, y, decay, mask_rows, rec.w_bwd, rec.onednn,
+                        grad_y, dh0, dc0, phi_sum, needs[3], flush, _TINY, rec.serial, sizes,
+                    )  # fmt: skip
             else:
                 coef, readout, forget = _backward_coefficients(
                     kind, act, c_all, mask, decay, in_place
@@ -656,22 +738,25 @@ class _FusedLayer(torch.autograd.Function):
                 if dc_all is not None:
                     dc_all.masked_fill_(inactive, 0.0)
             d2 = dpre.view(steps * batch, gate_rows)
-            grad_x = torch.mm(d2, weight_ih).view(steps, batch, -1) if needs[2] else None
+            dnn = whole_sequence_onednn(d2.dtype)
+            grad_x = None
+            if needs[2]:
+                grad_x = _mm(d2, weight_ih.detach(), dnn).view(steps, batch, -1)
             need_b = needs[7] or needs[8]
             grad_w_ih = grad_b = None
             if needs[5] and need_b and in_size <= _FUSED_BIAS_MAX_INPUT:
                 # db = dpre^T 1 rides along in the dW_ih product (one pass over dpre)
                 ones = x2d.new_ones(steps * batch, 1)
-                both = _weight_grad(d2, torch.cat([x2d, ones], dim=1))
+                both = _weight_grad(d2, torch.cat([x2d, ones], dim=1), onednn=dnn)
                 grad_w_ih, grad_b = both[:, :in_size], both[:, in_size]
             elif needs[5]:
-                grad_w_ih = _weight_grad(d2, x2d)
+                grad_w_ih = _weight_grad(d2, x2d, onednn=dnn)
             if need_b and grad_b is None:
                 grad_b = d2.sum(0)
             grad_w_hh = None
             if needs[6]:  # h_{t-1} of every step: h0, then the outputs (see _inactive_mask)
                 prev = y[:-1].reshape((steps - 1) * batch, hidden)
-                grad_w_hh = _weight_grad(dpre[0], h0, d2[batch:], prev)
+                grad_w_hh = _weight_grad(dpre[0], h0, d2[batch:], prev, onednn=dnn)
             grad_phi = None
             if needs[9]:
                 if phi_sum is not None:
@@ -699,14 +784,25 @@ _FUSED_BIAS_MAX_INPUT = 64  # up to this input size db joins the dW_ih product
 
 
 def _weight_grad(
-    dpre: Tensor, inp: Tensor, dpre2: Tensor | None = None, inp2: Tensor | None = None
+    dpre: Tensor,
+    inp: Tensor,
+    dpre2: Tensor | None = None,
+    inp2: Tensor | None = None,
+    onednn: bool = False,
 ) -> Tensor:
     """``dpre^T inp (+ dpre2^T inp2)``, ``(G*H, K)``, for ``dpre`` ``(N, G*H)``, ``inp`` ``(N, K)``.
 
     Computed as ``(inp^T dpre)^T`` (a transposed view): MKL runs that product up to
     ~1.4x faster here than ``dpre^T inp``, more than the transposing copy autograd makes
-    when it stores the gradient (see the module docstring).
+    when it stores the gradient (see the module docstring); so does oneDNN.
     """
+    if onednn:  # oneDNN copies a strided input, ATen a transposed gradient: do both fast
+        out = _mm(_transposed(inp), dpre, True)
+        if dpre2 is not None and dpre2.shape[0] > 0:
+            out = torch.ops.mkldnn._linear_pointwise.binary(
+                _transposed(inp2), out, dpre2.t(), None, "add"
+            )
+        return _transposed(out)
     if _TRANSPOSED_WEIGHT_GRAD:
         out = torch.mm(inp.t(), dpre)
         if dpre2 is not None and dpre2.shape[0] > 0:
@@ -716,6 +812,14 @@ def _weight_grad(
     if dpre2 is not None and dpre2.shape[0] > 0:
         out.addmm_(dpre2.t(), inp2)
     return out
+
+
+def _transposed(t: Tensor) -> Tensor:
+    """``t.t()`` as a new contiguous tensor (the C++ loops' tiled transpose where built)."""
+    loops = _native_loops(t)
+    if loops is not None and hasattr(loops, "transposed"):
+        return loops.transposed(t.contiguous())
+    return t.t().contiguous()
 
 
 def _inactive_mask(batch_sizes: list[int], batch: int, device: torch.device) -> Tensor:
