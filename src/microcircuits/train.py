@@ -17,8 +17,8 @@ checkpoint ever holds such values, and the message says how to resume with a low
 ``train(config, on_validation=callback)`` calls ``callback(step, epoch, metric)`` after
 every validation (the hyperparameter search reports to its pruner this way); an
 exception it raises stops the run (a ``"stopped"`` record in ``metrics.jsonl``) and
-propagates. Under ``torchrun`` (``WORLD_SIZE`` > 1) the run is data-parallel, only rank
-0 writes files (:mod:`microcircuits.distributed`) and the callback runs on every rank.
+propagates. Under ``torchrun`` the run is data-parallel, only rank 0 writes files
+(:mod:`microcircuits.distributed`), and the callback must decide alike on every rank.
 """
 
 from __future__ import annotations
