@@ -170,6 +170,9 @@ def time_interleaved(
     calls: dict[tuple[str, str], Callable[[], None]], repeats: int, warmup: int
 ) -> tuple[dict[tuple[str, str], list[float]], list[float | None]]:
     """Times of every call per round, and the 1-minute load average after each round."""
+    from microcircuits.kernels import native
+
+    native.step_loops()  # build or load before any timed call
     keys = list(calls)
     for _ in range(warmup):
         for key in keys:

@@ -1,5 +1,5 @@
 """The direct path of the C++ step loops (``forward_direct``/``backward_direct`` in
-``kernels/csrc/step_loops.cpp``): subLSTM and fix-subLSTM in float32, a brgemm product and
+``kernels/csrc/direct_steps.cpp``): subLSTM and fix-subLSTM in float32, a brgemm product and
 one vectorised pass per step, the batch rows or the hidden units split into blocks run
 on torch's OpenMP threads. It must agree with the reference path (and with the ATen C++
 loops) for every feature the fused kernel takes: variable lengths, reversed direction,
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from microcircuits import kernels
-from microcircuits.kernels import cpu_fused, native
+from microcircuits.kernels import cpu_fused, cpu_products, native
 from tests.test_kernels import LENGTHS, _inputs, _layer, _run
 
 SUBTRACTIVE = ["sublstm", "fix_sublstm"]
@@ -44,8 +44,8 @@ def test_direct_path_equals_the_reference(
 ):
     """split 1: blocks of rows over threads; 2: blocks of hidden units (37 units: 16, 21
     or 16, 16, 5)."""
-    monkeypatch.setattr(cpu_fused, "_DIRECT_SPLIT", split)
-    monkeypatch.setattr(cpu_fused, "_DIRECT_BLOCKS", blocks)
+    monkeypatch.setattr(cpu_products, "_DIRECT_SPLIT", split)
+    monkeypatch.setattr(cpu_products, "_DIRECT_BLOCKS", blocks)
     kind, x, state, weights, update_mask = _layer(cell, dtype=torch.float32, mask=mask, H=37)
     _compare(kind, x, state, weights, update_mask, LENGTHS[lengths], reverse)
 
@@ -55,8 +55,8 @@ def test_direct_path_equals_the_reference(
 @pytest.mark.parametrize("split", [1, 2])
 def test_direct_path_hidden_sizes(cell, hidden, split, direct, monkeypatch):
     """Vector tails (H not a multiple of 16), a single unit, more threads than unit blocks."""
-    monkeypatch.setattr(cpu_fused, "_DIRECT_SPLIT", split)
-    monkeypatch.setattr(cpu_fused, "_DIRECT_BLOCKS", 3)
+    monkeypatch.setattr(cpu_products, "_DIRECT_SPLIT", split)
+    monkeypatch.setattr(cpu_products, "_DIRECT_BLOCKS", 3)
     kind, x, state, weights, update_mask = _layer(cell, dtype=torch.float32, mask=True, H=hidden)
     _compare(kind, x, state, weights, update_mask, LENGTHS["unsorted"])
 
@@ -66,8 +66,8 @@ def test_direct_path_hidden_sizes(cell, hidden, split, direct, monkeypatch):
 def test_direct_path_long_products_in_slices(cell, split, direct, monkeypatch):
     """G*H > 1024: backward's products run in slices of K (split 0 chooses units here:
     3 rows for 2 threads)."""
-    monkeypatch.setattr(cpu_fused, "_DIRECT_SPLIT", split)
-    monkeypatch.setattr(cpu_fused, "_DIRECT_BLOCKS", 2)
+    monkeypatch.setattr(cpu_products, "_DIRECT_SPLIT", split)
+    monkeypatch.setattr(cpu_products, "_DIRECT_BLOCKS", 2)
     kind, x, state, weights, _ = _layer(cell, dtype=torch.float32, T=4, B=3, I=5, H=350)
     _compare(kind, x, state, weights, tol=1e-4)  # float32 sums of 1050 terms
 
@@ -78,7 +78,7 @@ def test_direct_path_equals_the_aten_loops(cell, direct, monkeypatch):
     kind, x, state, weights, update_mask = _layer(cell, dtype=torch.float32, mask=True, H=20)
     lengths = LENGTHS["unsorted"]
     got = _run("cpu_fused", kind, x, state, weights, update_mask, lengths)
-    monkeypatch.setattr(cpu_fused, "_DIRECT", False)
+    monkeypatch.setattr(cpu_products, "_DIRECT", False)
     want = _run("cpu_fused", kind, x, state, weights, update_mask, lengths)
     for a, b in zip(want[0] + want[1], got[0] + got[1]):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
@@ -87,8 +87,8 @@ def test_direct_path_equals_the_aten_loops(cell, direct, monkeypatch):
 @pytest.mark.parametrize("cell", SUBTRACTIVE)
 @pytest.mark.parametrize("split", [1, 2])
 def test_direct_path_strided_and_expanded_output_gradients(cell, split, direct, monkeypatch):
-    monkeypatch.setattr(cpu_fused, "_DIRECT_SPLIT", split)
-    monkeypatch.setattr(cpu_fused, "_DIRECT_BLOCKS", 2)
+    monkeypatch.setattr(cpu_products, "_DIRECT_SPLIT", split)
+    monkeypatch.setattr(cpu_products, "_DIRECT_BLOCKS", 2)
     kind, x, state, weights, _ = _layer(cell, dtype=torch.float32, H=19)
     grads = {}
     for kernel in ("reference", "cpu_fused"):
@@ -110,8 +110,8 @@ def test_direct_path_strided_and_expanded_output_gradients(cell, split, direct, 
 def test_direct_path_inference_in_chunks(cell, split, direct, monkeypatch):
     """No-grad calls project the input chunk by chunk; the state carries across chunks."""
     monkeypatch.setattr(cpu_fused, "_INFERENCE_CHUNK_BYTES", 1)  # one step per chunk
-    monkeypatch.setattr(cpu_fused, "_DIRECT_SPLIT", split)
-    monkeypatch.setattr(cpu_fused, "_DIRECT_BLOCKS", 2)
+    monkeypatch.setattr(cpu_products, "_DIRECT_SPLIT", split)
+    monkeypatch.setattr(cpu_products, "_DIRECT_BLOCKS", 2)
     kind, x, state, weights, mask = _layer(cell, T=7, dtype=torch.float32, mask=True)
     for lengths in (None, LENGTHS["unsorted"]):
         outs = []
@@ -155,4 +155,5 @@ def test_direct_path_is_what_runs(direct, monkeypatch):
             out.sum().backward()
         assert calls == want, (cell, dtype)
     kind = _layer("sublstm")[0]
-    assert cpu_fused.step_backend(kind, torch.float32, 5, 7, 28) == "direct"
+    assert cpu_products.step_backend(kind, torch.float32, 5, 7, 28) == "direct"
+    assert cpu_fused.step_backend is cpu_products.step_backend  # (benchmarks.rnn's name)

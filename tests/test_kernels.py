@@ -17,7 +17,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import microcircuits as mc
 from microcircuits import kernels
 from microcircuits.cells import CELLS, CellWeights, LSTMState
-from microcircuits.kernels import aten_lstm, cpu_fused
+from microcircuits.kernels import aten_lstm, cpu_fused, cpu_products
 
 CELL_NAMES = list(CELLS)
 
@@ -106,10 +106,10 @@ def test_cpu_fused_gradients_float64(cell, lengths, reverse, mask, bias, step_lo
 @pytest.mark.parametrize("cell", CELL_NAMES)
 def test_cpu_fused_onednn_gemm_path_float32(cell, monkeypatch, step_loops):
     """The oneDNN per-step products (used for large weights) agree with the reference."""
-    if not cpu_fused.onednn_available():
+    if not cpu_products.onednn_available():
         pytest.skip("oneDNN packed linear ops are not available in this torch build")
-    monkeypatch.setattr(cpu_fused, "_ONEDNN_MIN_WEIGHT_BYTES", 0)
-    assert cpu_fused.gemm_backend(torch.float32, 5, 7, 28) == "onednn"
+    monkeypatch.setattr(cpu_products, "_ONEDNN_MIN_WEIGHT_BYTES", 0)
+    assert cpu_products.gemm_backend(torch.float32, 5, 7, 28) == "onednn"
     for lengths in (None, LENGTHS["unsorted"]):
         kind, x, state, weights, update_mask = _layer(cell, dtype=torch.float32, mask=True)
         args = (kind, x, state, weights, update_mask, lengths, False)

@@ -4,6 +4,7 @@ the reference path. (Their numerics are also covered by every test of
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -33,6 +34,17 @@ class _Spy:
             return getattr(self.module, name)(*args)
 
         return call
+
+
+@pytest.fixture
+def fresh_step_loops(monkeypatch):
+    """``native.step_loops`` with a cache of its own for one test, which may clear it and
+    fake or refuse the build: afterwards the process keeps the module it had loaded. (A
+    cleared process-wide cache would load the build again later, a new build if the
+    sources changed meanwhile, whose operators could not be registered a second time.)"""
+    fresh = functools.lru_cache(maxsize=1)(native.step_loops.__wrapped__)
+    monkeypatch.setattr(native, "step_loops", fresh)
+    return fresh
 
 
 @pytest.mark.parametrize("step_loops", ["native"], indirect=True)
@@ -88,16 +100,12 @@ def test_non_contiguous_initial_state_and_mask(step_loops):
         torch.testing.assert_close(b, a, atol=1e-11, rtol=1e-10)
 
 
-def test_turned_off_by_the_environment(monkeypatch):
+def test_turned_off_by_the_environment(monkeypatch, fresh_step_loops):
     monkeypatch.setenv(native.NATIVE_ENV_VAR, "0")
-    native.step_loops.cache_clear()
-    try:
-        assert native.step_loops() is None
-    finally:
-        native.step_loops.cache_clear()
+    assert native.step_loops() is None
 
 
-def test_a_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path, capsys):
+def test_a_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path, capsys, fresh_step_loops):
     import torch.utils.cpp_extension as cpp_extension
 
     def broken(**kwargs):
@@ -105,24 +113,20 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path, capsys)
 
     monkeypatch.setattr(cpp_extension, "load", broken)
     monkeypatch.setenv(native.CACHE_ENV_VAR, str(tmp_path))
+    with pytest.warns(RuntimeWarning, match="could not be built.*no compiler here"):
+        assert native.step_loops() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native.step_loops() is None  # remembered: no second attempt, no warning
+    # the kernel still runs, on its Python loops
+    kind, x, state, weights, _ = _layer("fix_sublstm")
+    ref_out, _ = _run("reference", kind, x, state, weights)
+    out, _ = _run("cpu_fused", kind, x, state, weights)
+    for a, b in zip(ref_out, out):
+        torch.testing.assert_close(b, a, atol=1e-11, rtol=1e-10)
     native.step_loops.cache_clear()
-    try:
-        with pytest.warns(RuntimeWarning, match="could not be built.*no compiler here"):
-            assert native.step_loops() is None
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            assert native.step_loops() is None  # remembered: no second attempt, no warning
-        # the kernel still runs, on its Python loops
-        kind, x, state, weights, _ = _layer("fix_sublstm")
-        ref_out, _ = _run("reference", kind, x, state, weights)
-        out, _ = _run("cpu_fused", kind, x, state, weights)
-        for a, b in zip(ref_out, out):
-            torch.testing.assert_close(b, a, atol=1e-11, rtol=1e-10)
-        native.step_loops.cache_clear()
-        assert main(["build-native"]) == 0
-        assert "not available" in capsys.readouterr().out
-    finally:
-        native.step_loops.cache_clear()
+    assert main(["build-native"]) == 0
+    assert "not available" in capsys.readouterr().out
 
 
 def test_build_directory_follows_the_cache_variable(monkeypatch, tmp_path):
@@ -228,7 +232,7 @@ def test_sources_are_staged_into_the_build_directory_once(tmp_path):
     assert not [p for p in (tmp_path / "src").iterdir() if p.name.startswith(".")]
 
 
-def test_a_build_says_so_on_stderr(monkeypatch, tmp_path, capsys):
+def test_a_build_says_so_on_stderr(monkeypatch, tmp_path, capsys, fresh_step_loops):
     import types
 
     import torch.utils.cpp_extension as cpp_extension
@@ -241,57 +245,74 @@ def test_a_build_says_so_on_stderr(monkeypatch, tmp_path, capsys):
 
     monkeypatch.setattr(cpp_extension, "load", fake_load)
     monkeypatch.setenv(native.CACHE_ENV_VAR, str(tmp_path))
+    assert native.step_loops() is not None
+    err = capsys.readouterr().err
+    directory = native.build_directory()
+    assert "building (once per source, torch and compiler" in err and str(directory) in err
+    assert len(err.strip().splitlines()) == 1
+    # the build reads the copies in the build directory, never the package's files
+    (source,) = {Path(s).parent for s in loads[0]["sources"]}
+    assert source == directory / "src"
+    (directory / f"{loads[0]['name']}.so").write_bytes(b"")  # built
     native.step_loops.cache_clear()
-    try:
-        assert native.step_loops() is not None
-        err = capsys.readouterr().err
-        directory = native.build_directory()
-        assert "building (once per source, torch and compiler" in err and str(directory) in err
-        assert len(err.strip().splitlines()) == 1
-        # the build reads the copies in the build directory, never the package's files
-        (source,) = {Path(s).parent for s in loads[0]["sources"]}
-        assert source == directory / "src"
-        (directory / f"{loads[0]['name']}.so").write_bytes(b"")  # built
-        native.step_loops.cache_clear()
-        native.step_loops()
-        assert capsys.readouterr().err == ""
-    finally:
-        native.step_loops.cache_clear()
+    native.step_loops()
+    assert capsys.readouterr().err == ""
+
+
+_LOAD_SCRIPT = (
+    "import microcircuits\n"
+    "from microcircuits.kernels import native\n"
+    "module = native.step_loops()\n"
+    "print(microcircuits.__file__)\n"
+    "print(module.__file__ if module is not None else None)\n"
+)
+
+
+def _load_from(root: Path) -> tuple[Path, Path, str]:
+    """Run the package copied under ``root`` in a new process: where it ran from, the
+    step loops it loaded, and its stderr."""
+    path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
+    done = subprocess.run(
+        [sys.executable, "-c", _LOAD_SCRIPT],
+        env={**os.environ, "PYTHONPATH": path},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    where, loaded = done.stdout.split()[-2:]
+    assert loaded != "None", done.stderr
+    return Path(where), Path(loaded), done.stderr
 
 
 @pytest.mark.parametrize("step_loops", ["native"], indirect=True)
-def test_copies_of_the_package_elsewhere_share_one_build(step_loops, tmp_path):
+def test_copies_of_the_package_elsewhere_share_one_build(step_loops, tmp_path, monkeypatch):
     """The package copied to two other places (a second checkout, a worktree, an
-    installed copy): each loads the build this process uses, and nothing compiles."""
+    installed copy): each loads the same build, and nothing compiles.
+
+    The copies are made from one snapshot of the package, and the build for the
+    snapshot's sources is made (or found) first, by a third copy: the sources may have
+    changed since this process loaded its build (an edit during the test run, another
+    checkout's builds running meanwhile), and then the copies need a build of their own."""
     import microcircuits
 
-    built = Path(native.step_loops().__file__)
+    package = Path(microcircuits.__file__).parent
+    snapshot = tmp_path / "snapshot" / "microcircuits"
+    shutil.copytree(package, snapshot, ignore=shutil.ignore_patterns("__pycache__"))
+    # the build the snapshot's sources name (this process's, unless the sources changed)
+    csrc = snapshot / "kernels" / "csrc"
+    with monkeypatch.context() as patch:
+        patch.setattr(native, "_SOURCES", tuple(csrc / s.name for s in native._SOURCES))
+        want = native.build_directory()
+    _, built, _ = _load_from(snapshot.parent)  # builds it if it is not there yet
+    assert built.parent == want
     outputs = sorted(built.parent.glob("*.o")) + [built]
     before = [p.stat().st_mtime_ns for p in outputs]
-    package = Path(microcircuits.__file__).parent
-    script = (
-        "import microcircuits\n"
-        "from microcircuits.kernels import native\n"
-        "module = native.step_loops()\n"
-        "print(microcircuits.__file__)\n"
-        "print(module.__file__ if module is not None else None)\n"
-    )
     for copy in ("a", "b"):
         root = tmp_path / copy
-        shutil.copytree(
-            package, root / "microcircuits", ignore=shutil.ignore_patterns("__pycache__")
-        )
-        path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
-        done = subprocess.run(
-            [sys.executable, "-c", script],
-            env={**os.environ, "PYTHONPATH": path},
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert done.returncode == 0, done.stderr
-        where, loaded = done.stdout.split()[-2:]
-        assert Path(where).is_relative_to(root)  # the copy ran, not this checkout
-        assert Path(loaded) == built, done.stderr
-        assert "building" not in done.stderr
+        shutil.copytree(snapshot, root / "microcircuits")
+        where, loaded, stderr = _load_from(root)
+        assert where.is_relative_to(root)  # the copy ran, not this checkout
+        assert loaded == built, stderr
+        assert "building" not in stderr
     assert [p.stat().st_mtime_ns for p in outputs] == before  # nothing recompiled

@@ -28,7 +28,7 @@ For one layer and direction of any of the three cells (:data:`microcircuits.cell
 Where the steps run
 -------------------
 * **The direct path** (float32 subLSTM and fix-subLSTM, x86 CPUs with AVX-512, the C++
-  loops built): ``forward_direct``/``backward_direct`` in ``csrc/step_loops.cpp``. A
+  loops built): ``forward_direct``/``backward_direct`` in ``csrc/direct_steps.cpp``. A
   step is one call of oneDNN's brgemm micro-kernel, accumulating into the step's gate
   rows in place, and one vectorised pass for all of its pointwise work; the batch rows
   (or, for small batches, the hidden units) are split over torch's OpenMP threads, one
@@ -43,16 +43,12 @@ Where the steps run
 
 GEMMs
 -----
-MKL (``torch.mm``) runs its AVX2 kernels on AMD CPUs while oneDNN JITs AVX-512 ones, so
-on AVX-512 CPUs every float32 product outside the direct path's steps goes to oneDNN
-(``torch.ops.mkldnn._linear_pointwise``, the op Inductor's CPU backend uses): the input
-projection, ``dx`` and the weight gradients, and the ATen loops' per-step products with
-the recurrent weight packed once per call (``_reorder_linear_weight``; the ``.binary``
-variant fuses the ``+ gates_t``). Elsewhere MKL, except per-step products with a weight
-of at least ``_ONEDNN_MIN_WEIGHT_BYTES`` (1.5 MiB, env
-``MICROCIRCUITS_ONEDNN_MIN_BYTES``), which MKL would repack on every call. Weight
-gradients are computed as ``(x^T dpre)^T``, the faster layout. oneDNN's RNN primitive
-(``torch.nn.LSTM``'s) implements the LSTM equations only; the dispatcher uses it for
+On AVX-512 CPUs every float32 product outside the direct path's steps runs on oneDNN
+(MKL runs its AVX2 kernels on AMD CPUs), elsewhere on MKL (``torch.mm``) except large
+per-step weights; weight gradients are computed as ``(x^T dpre)^T``. The choice, its
+switches (``MICROCIRCUITS_ONEDNN_*``, ``MICROCIRCUITS_DIRECT``) and the products
+themselves are in :mod:`.cpu_products`. oneDNN's RNN primitive (``torch.nn.LSTM``'s)
+implements the LSTM equations only; the dispatcher uses it for
 :class:`~microcircuits.LSTM` where the math is the same (:mod:`.aten_lstm`).
 
 Threads
@@ -88,8 +84,6 @@ on the reference path and returns autograd's gradients of it.
 
 from __future__ import annotations
 
-import functools
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -99,9 +93,22 @@ from torch.autograd.function import once_differentiable
 
 from .._autograd import graph_kept
 from ..cells import CellKind, CellWeights, Gates, LSTMState, pointwise_inplace
-from . import native
 from ._checks import call_tensors, common_unsupported_reason, off_cpu_reason
-from ._projection import combined_bias, input_projection
+from ._projection import combined_bias
+from .cpu_products import (
+    Recurrent,
+    direct_blocking,
+    direct_path,
+    gemm_backend,
+    mm,
+    native_loops,
+    onednn_available,
+    onednn_projection,
+    projection,
+    step_backend,
+    weight_grad,
+    whole_sequence_onednn,
+)
 from .reference import (
     lengths_of_batch_sizes,
     reference_layer_gradients,
@@ -117,238 +124,9 @@ __all__ = [
 ]
 
 
-def _cpu_has_avx512() -> bool:
-    """Whether ATen runs AVX-512 kernels here (then so do oneDNN's JIT kernels)."""
-    try:
-        return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-    except Exception:  # pragma: no cover - older torch
-        return False
-
-
-# oneDNN for every float32 product on AVX-512 CPUs, else for per-step weights >= 1.5 MiB
-# (see "GEMMs" above); MICROCIRCUITS_ONEDNN_MIN_BYTES overrides the per-step threshold.
-_AVX512 = _cpu_has_avx512()
-_ONEDNN_MIN_WEIGHT_BYTES = int(
-    os.environ.get("MICROCIRCUITS_ONEDNN_MIN_BYTES", 0 if _AVX512 else 3 << 19)
-)
-_ONEDNN_WHOLE_SEQUENCE = _AVX512 and os.environ.get("MICROCIRCUITS_ONEDNN_WHOLE", "1") != "0"
-# the direct path of the C++ loops (see _direct); MICROCIRCUITS_DIRECT=0 turns it off
-_DIRECT = os.environ.get("MICROCIRCUITS_DIRECT", "1") != "0"
-# how the direct path splits a layer call over threads: 0 by rows where each thread gets
-# two or more, else by hidden units; 1 by rows; 2 by units (see csrc/step_loops.cpp).
-# _DIRECT_BLOCKS: threads, 0 for torch's number
-_DIRECT_SPLIT = 0
-_DIRECT_BLOCKS = 0
 _INFERENCE_CHUNK_BYTES = 16 << 20
 _TINY = 1e-30  # float32 gradients below this are flushed to zero in backward
-_ONEDNN_MIN_INPUT = 16  # smaller inputs: the projection is a copy, MKL into a reused buffer
-_SERIAL_POINTWISE_MAX = 1 << 18  # per-step pointwise ops on up to this many elements: 1 thread
 _SUPPORTED_DTYPES = (torch.float32, torch.float64)
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
-
-
-def _python_dispatch_active() -> bool:
-    """Whether a Python dispatch mode (``TorchDispatchMode``, e.g. ``FakeTensorMode``) is on."""
-    stack_length = getattr(torch._C, "_len_torch_dispatch_stack", None)
-    return bool(stack_length is not None and stack_length() > 0)
-
-
-# --------------------------------------------------------------------------- GEMMs
-
-
-@functools.lru_cache(maxsize=1)
-def onednn_available() -> bool:
-    """Whether oneDNN's packed-weight linear ops exist and agree with ``torch.mm`` (probed once)."""
-    try:
-        ops = torch.ops.mkldnn
-        if not torch.backends.mkldnn.is_available():
-            return False
-        gen = torch.Generator().manual_seed(0)
-        w = torch.randn(12, 5, generator=gen)
-        x = torch.randn(3, 5, generator=gen)
-        other = torch.randn(3, 12, generator=gen)
-        packed = ops._reorder_linear_weight(w, 3)
-        got = ops._linear_pointwise.binary(x, other, packed, None, "add")
-        got_rows = ops._linear_pointwise.binary(x[:2], other[:2], packed, None, "add")
-        want = torch.addmm(other, x, w.t())
-        return bool(
-            torch.allclose(got, want, atol=1e-5) and torch.allclose(got_rows, want[:2], atol=1e-5)
-        )
-    except Exception:  # pragma: no cover - depends on the torch build
-        return False
-
-
-def whole_sequence_onednn(dtype: torch.dtype) -> bool:
-    """Whether the whole-sequence products (input projection, backward's ``dx``, ``dW``)
-    run on oneDNN (float32 on AVX-512 CPUs) rather than ``torch.mm`` (MKL)."""
-    return (
-        dtype == torch.float32
-        and _ONEDNN_WHOLE_SEQUENCE
-        and onednn_available()
-        and not _aten_only()
-    )
-
-
-def _aten_only() -> bool:
-    """Whether only plain ATen ops may run (``torch.jit.trace`` records them; a Python
-    dispatch mode such as fake tensors implements them, not oneDNN's ops)."""
-    return torch.jit.is_tracing() or _python_dispatch_active()
-
-
-def _mm(a: Tensor, b: Tensor, onednn: bool) -> Tensor:
-    """``a @ b``; on oneDNN as ``linear(a, W = b^T)`` (any strides: oneDNN reorders)."""
-    if onednn:
-        return torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")
-    return torch.mm(a, b)
-
-
-def _projection(
-    x2d: Tensor, weight_ih: Tensor, bias: Tensor | None, out: Tensor | None = None
-) -> Tensor:
-    """``x W^T + b`` of the whole sequence (or a chunk), ``(N, I) -> (N, G*H)``: one oneDNN
-    product where :func:`whole_sequence_onednn` (then ``out`` is ignored), else
-    :func:`~._projection.input_projection` (MKL)."""
-    if whole_sequence_onednn(x2d.dtype) and x2d.shape[-1] >= _ONEDNN_MIN_INPUT:
-        return torch.ops.mkldnn._linear_pointwise(x2d, weight_ih.detach(), bias, "none", [], "")
-    return input_projection(x2d, weight_ih.detach(), bias, out=out)
-
-
-def gemm_backend(dtype: torch.dtype, batch: int, hidden: int, gate_rows: int) -> str:
-    """Which library runs the per-step products of a layer: ``"onednn"`` or ``"blas"``."""
-    del batch  # the crossover measured here depends on the weight size only
-    weight_bytes = gate_rows * hidden * 4
-    if (
-        dtype == torch.float32
-        and weight_bytes >= _ONEDNN_MIN_WEIGHT_BYTES
-        and onednn_available()
-        and not _aten_only()
-    ):
-        return "onednn"
-    return "blas"
-
-
-def _native_loops(*tensors: Tensor | None):
-    """The C++ step loops (:mod:`.native`) for a call on ``tensors``, or ``None``
-    where they are not built, or where ATen ops must stay visible to Python: under
-    ``torch.jit.trace`` (which records them), a Python dispatch mode (e.g. fake
-    tensors for shape inference) or with tensor subclasses (their ``__torch_dispatch__``
-    would be bypassed, and C++ reads data pointers they may not have)."""
-    if torch.jit.is_tracing() or _python_dispatch_active():
-        return None
-    if any(t is not None and type(t) not in _PLAIN_TENSORS for t in tensors):
-        return None
-    return native.step_loops()
-
-
-def _direct(kind: CellKind, dtype: torch.dtype, loops) -> bool:
-    """Whether a layer call runs on the C++ loops' direct path (``forward_direct``,
-    ``backward_direct``: the subtractive cells in float32 where oneDNN's brgemm and
-    AVX-512 are available; see ``csrc/step_loops.cpp``)."""
-    if loops is None or not _DIRECT or kind.name == "lstm" or dtype != torch.float32:
-        return False
-    available = getattr(loops, "direct_available", None)
-    return available is not None and bool(available())
-
-
-def step_backend(
-    kind: CellKind, dtype: torch.dtype, batch: int, hidden: int, gate_rows: int
-) -> str:
-    """What runs a layer's per-step products: ``"direct"`` (brgemm in the C++ loops),
-    ``"onednn"`` or ``"blas"`` (ATen ops)."""
-    if _direct(kind, dtype, _native_loops()):
-        return "direct"
-    return gemm_backend(dtype, batch, hidden, gate_rows)
-
-
-class _Recurrent:
-    """The per-step products with ``R`` (``weight_hh``, ``(G*H, H)``) of one layer call.
-
-    ``forward(h, gates_t)`` returns ``gates_t + h R^T`` (``gates_t`` itself, updated in
-    place, on the BLAS path; a new tensor on the oneDNN path). ``backward(dpre, add,
-    out)`` returns ``add + dpre R`` (``add`` may be ``None``), in ``out`` on the BLAS path.
-
-    Inside ``with rec.loop():`` the small pointwise ops between the products run on one
-    thread and only the products use all of torch's threads (see "Threads" in the
-    module docstring).
-    """
-
-    def __init__(
-        self,
-        weight_hh: Tensor,
-        batch: int,
-        *,
-        forward: bool,
-        backward: bool,
-        direct: bool = False,
-    ):
-        gate_rows, hidden = weight_hh.shape
-        self.backend = (
-            "direct" if direct else gemm_backend(weight_hh.dtype, batch, hidden, gate_rows)
-        )
-        self.onednn = self.backend == "onednn"
-        self._threads = torch.get_num_threads()
-        self.serial = self._threads > 1 and batch * gate_rows <= _SERIAL_POINTWISE_MAX
-        self._in_loop = False
-        w = weight_hh.detach()
-        if self.backend == "onednn":
-            ops = torch.ops.mkldnn
-            self._linear = ops._linear_pointwise.default
-            self._linear_add = ops._linear_pointwise.binary
-            pack = ops._reorder_linear_weight
-            self.w_fwd = pack(w.contiguous(), batch) if forward else None  # W = R
-            self.w_bwd = pack(w.t().contiguous(), batch) if backward else None  # W = R^T
-        elif self.backend == "direct":  # R itself: forward_direct transposes it
-            self.w_fwd = w.contiguous() if forward else None  # (G*H, H)
-            self.w_bwd = w.contiguous() if backward else None
-        else:
-            self.w_fwd = w.t().contiguous() if forward else None  # (H, G*H)
-            self.w_bwd = w.contiguous() if backward else None  # (G*H, H)
-
-    def native(self, *tensors: Tensor | None):
-        """:func:`_native_loops` (kept as a method for the callers of the ATen loops)."""
-        return _native_loops(*tensors)
-
-    @contextmanager
-    def loop(self, python: bool = True) -> Iterator[None]:
-        """The step loop's thread setting; ``python=False``: the C++ loops run the steps
-        and switch threads themselves, so nothing changes here."""
-        if not self.serial or not python:
-            yield
-            return
-        torch.set_num_threads(1)
-        self._in_loop = True
-        try:
-            yield
-        finally:
-            self._in_loop = False
-            torch.set_num_threads(self._threads)
-
-    def forward(self, h: Tensor, gates_t: Tensor) -> Tensor:
-        if self._in_loop:
-            torch.set_num_threads(self._threads)
-        if self.backend == "onednn":
-            out = self._linear_add(h, gates_t, self.w_fwd, None, "add")
-        else:
-            out = gates_t.addmm_(h, self.w_fwd)
-        if self._in_loop:
-            torch.set_num_threads(1)
-        return out
-
-    def backward(self, dpre: Tensor, add: Tensor | None, out: Tensor) -> Tensor:
-        if self._in_loop:
-            torch.set_num_threads(self._threads)
-        if self.backend == "onednn":
-            if add is None:
-                out = self._linear(dpre, self.w_bwd, None, "none", [], "")
-            else:
-                out = self._linear_add(dpre, add.contiguous(), self.w_bwd, None, "add")
-        elif add is None:
-            out = torch.mm(dpre, self.w_bwd, out=out)
-        else:
-            out = torch.addmm(add, dpre, self.w_bwd, out=out)
-        if self._in_loop:
-            torch.set_num_threads(1)
-        return out
 
 
 # ----------------------------------------------------------------------- denormals
@@ -486,9 +264,9 @@ def _forward_inference(
     decay = None if weights.forget is None else torch.sigmoid(weights.forget.detach())
     bias = combined_bias(weights)
     chunk = max(1, _INFERENCE_CHUNK_BYTES // max(1, batch * gate_rows * x.element_size()))
-    loops = _native_loops(x, state.h, state.c, weights.weight_hh, mask)
-    direct = _direct(kind, x.dtype, loops)
-    rec = _Recurrent(weights.weight_hh, batch, forward=True, backward=False, direct=direct)
+    loops = native_loops(x, state.h, state.c, weights.weight_hh, mask)
+    direct = direct_path(kind, x.dtype, loops)
+    rec = Recurrent(weights.weight_hh, batch, forward=True, backward=False, direct=direct)
     # the step works in place (cells.pointwise_inplace, or the C++ loops): c is a private
     # copy, and h is read from the output y[t] (Python loops, full batch) or kept in its
     # own buffer (packed sequences, the C++ loops)
@@ -503,13 +281,13 @@ def _forward_inference(
     mask_rows = None if mask is None else mask.contiguous()
     chunk = min(chunk, steps)
     buffer = None  # MKL's projection: one buffer, reused (fresh pages cost page faults)
-    if not (whole_sequence_onednn(x.dtype) and in_size >= _ONEDNN_MIN_INPUT):
+    if not onednn_projection(x.dtype, in_size):
         buffer = x.new_empty(chunk * batch, gate_rows)
     with _flush_denormals():
         for start in range(0, steps, chunk):
             stop = min(steps, start + chunk)
             n = stop - start
-            gates = _projection(
+            gates = projection(
                 x[start:stop].reshape(n * batch, in_size),
                 weights.weight_ih,
                 bias,
@@ -519,7 +297,7 @@ def _forward_inference(
                 loops.forward_direct(
                     kind.code, gates, h, c, y[start:stop], rec.w_fwd, decay, mask_rows, False,
                     [] if batch_sizes is None else batch_sizes[start:stop],
-                    _DIRECT_SPLIT, _DIRECT_BLOCKS,
+                    *direct_blocking(),
                 )  # fmt: skip
                 continue
             if loops is not None:
@@ -579,15 +357,15 @@ class _FusedLayer(torch.autograd.Function):
         gate_rows = weight_hh.shape[0]
         weights = CellWeights(weight_ih, weight_hh, bias_ih, bias_hh, phi)
         x2d = x.reshape(steps * batch, in_size)
-        loops = _native_loops(x, h0, c0, weight_hh, phi, mask)
-        direct = _direct(kind, x.dtype, loops)
-        rec = _Recurrent(weight_hh, batch, forward=True, backward=False, direct=direct)
+        loops = native_loops(x, h0, c0, weight_hh, phi, mask)
+        direct = direct_path(kind, x.dtype, loops)
+        rec = Recurrent(weight_hh, batch, forward=True, backward=False, direct=direct)
         # pointwise's two halves, apart, so the activations are kept for backward
         activate, update = kind.activate, kind.update
         c_all = x.new_empty(steps + 1, batch, hidden)
         c_all[0] = c0
         with _flush_denormals():
-            gates = _projection(x2d, weight_ih, combined_bias(weights))
+            gates = projection(x2d, weight_ih, combined_bias(weights))
             gates = gates.view(steps, batch, gate_rows)
             act = gates.view(steps, batch, -1, hidden)  # pre-activations become activations
             with rec.loop(python=loops is None):
@@ -603,7 +381,7 @@ class _FusedLayer(torch.autograd.Function):
                     if direct:
                         loops.forward_direct(
                             kind.code, gates, h_n, c_all, y, rec.w_fwd, decay, mask_rows, True,
-                            sizes, _DIRECT_SPLIT, _DIRECT_BLOCKS,
+                            sizes, *direct_blocking(),
                         )  # fmt: skip
                     else:
                         loops.forward_steps(
@@ -688,11 +466,11 @@ class _FusedLayer(torch.autograd.Function):
             decay = None if phi is None else torch.sigmoid(phi)  # fix-subLSTM's f
             loops = None
             if kind.name != "lstm":  # the tensors the C++ loop reads, as forward checks them
-                loops = _native_loops(
+                loops = native_loops(
                     act, c_all, y, weight_hh, decay, mask, grad_y, grad_hn, grad_cn
                 )
-            direct = _direct(kind, act.dtype, loops) and grad_y.dtype == torch.float32
-            rec = _Recurrent(weight_hh, batch, forward=False, backward=True, direct=direct)
+            direct = direct_path(kind, act.dtype, loops) and grad_y.dtype == torch.float32
+            rec = Recurrent(weight_hh, batch, forward=False, backward=True, direct=direct)
             phi_sum = dc_all = None
             if loops is not None:  # the subtractive cells' whole recurrence in C++
                 dpre = act if in_place else act.clone()  # the activations become dpre
@@ -707,7 +485,7 @@ class _FusedLayer(torch.autograd.Function):
                 if direct:
                     loops.backward_direct(
                         kind.code, dpre, c_all, y, decay, mask_rows, rec.w_bwd, grad_y, dh0,
-                        dc0, phi_sum, needs[3], flush, _TINY, sizes, _DIRECT_SPLIT, _DIRECT_BLOCKS,
+                        dc0, phi_sum, needs[3], flush, _TINY, sizes, *direct_blocking(),
                     )  # fmt: skip
                 else:
                     loops.backward_subtractive(
@@ -741,22 +519,22 @@ class _FusedLayer(torch.autograd.Function):
             dnn = whole_sequence_onednn(d2.dtype)
             grad_x = None
             if needs[2]:
-                grad_x = _mm(d2, weight_ih.detach(), dnn).view(steps, batch, -1)
+                grad_x = mm(d2, weight_ih.detach(), dnn).view(steps, batch, -1)
             need_b = needs[7] or needs[8]
             grad_w_ih = grad_b = None
             if needs[5] and need_b and in_size <= _FUSED_BIAS_MAX_INPUT:
                 # db = dpre^T 1 rides along in the dW_ih product (one pass over dpre)
                 ones = x2d.new_ones(steps * batch, 1)
-                both = _weight_grad(d2, torch.cat([x2d, ones], dim=1), onednn=dnn)
+                both = weight_grad(d2, torch.cat([x2d, ones], dim=1), onednn=dnn)
                 grad_w_ih, grad_b = both[:, :in_size], both[:, in_size]
             elif needs[5]:
-                grad_w_ih = _weight_grad(d2, x2d, onednn=dnn)
+                grad_w_ih = weight_grad(d2, x2d, onednn=dnn)
             if need_b and grad_b is None:
                 grad_b = d2.sum(0)
             grad_w_hh = None
             if needs[6]:  # h_{t-1} of every step: h0, then the outputs (see _inactive_mask)
                 prev = y[:-1].reshape((steps - 1) * batch, hidden)
-                grad_w_hh = _weight_grad(dpre[0], h0, d2[batch:], prev, onednn=dnn)
+                grad_w_hh = weight_grad(dpre[0], h0, d2[batch:], prev, onednn=dnn)
             grad_phi = None
             if needs[9]:
                 if phi_sum is not None:
@@ -779,47 +557,7 @@ class _FusedLayer(torch.autograd.Function):
         )
 
 
-_TRANSPOSED_WEIGHT_GRAD = True
 _FUSED_BIAS_MAX_INPUT = 64  # up to this input size db joins the dW_ih product
-
-
-def _weight_grad(
-    dpre: Tensor,
-    inp: Tensor,
-    dpre2: Tensor | None = None,
-    inp2: Tensor | None = None,
-    onednn: bool = False,
-) -> Tensor:
-    """``dpre^T inp (+ dpre2^T inp2)``, ``(G*H, K)``, for ``dpre`` ``(N, G*H)``, ``inp`` ``(N, K)``.
-
-    Computed as ``(inp^T dpre)^T`` (a transposed view): MKL runs that product up to
-    ~1.4x faster here than ``dpre^T inp``, more than the transposing copy autograd makes
-    when it stores the gradient (see the module docstring); so does oneDNN.
-    """
-    if onednn:  # oneDNN copies a strided input, ATen a transposed gradient: do both fast
-        out = _mm(_transposed(inp), dpre, True)
-        if dpre2 is not None and dpre2.shape[0] > 0:
-            out = torch.ops.mkldnn._linear_pointwise.binary(
-                _transposed(inp2), out, dpre2.t(), None, "add"
-            )
-        return _transposed(out)
-    if _TRANSPOSED_WEIGHT_GRAD:
-        out = torch.mm(inp.t(), dpre)
-        if dpre2 is not None and dpre2.shape[0] > 0:
-            out.addmm_(inp2.t(), dpre2)
-        return out.t()
-    out = torch.mm(dpre.t(), inp)
-    if dpre2 is not None and dpre2.shape[0] > 0:
-        out.addmm_(dpre2.t(), inp2)
-    return out
-
-
-def _transposed(t: Tensor) -> Tensor:
-    """``t.t()`` as a new contiguous tensor (the C++ loops' tiled transpose where built)."""
-    loops = _native_loops(t)
-    if loops is not None and hasattr(loops, "transposed"):
-        return loops.transposed(t.contiguous())
-    return t.t().contiguous()
 
 
 def _inactive_mask(batch_sizes: list[int], batch: int, device: torch.device) -> Tensor:
@@ -889,7 +627,7 @@ def _reverse_sweep(
     coef: Tensor,
     readout: Tensor,
     forget: Tensor,
-    rec: _Recurrent,
+    rec: Recurrent,
     grad_y: Tensor,
     grad_hn: Tensor,
     grad_cn: Tensor,

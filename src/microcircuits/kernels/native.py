@@ -43,10 +43,12 @@ __all__ = ["NATIVE_ENV_VAR", "build_directory", "step_loops"]
 
 NATIVE_ENV_VAR = "MICROCIRCUITS_NATIVE"
 CACHE_ENV_VAR = "MICROCIRCUITS_CACHE"
-# step_loops.cpp holds the extension's Python module; elm_loops.cpp registers the ELM
-# neuron's loops as torch operators (torch.ops.microcircuits_elm, see elm.fused).
+# step_loops.cpp holds the extension's Python module; direct_steps.cpp the direct path
+# it registers (declared in step_loops.h); elm_loops.cpp registers the ELM neuron's loops
+# as torch operators (torch.ops.microcircuits_elm, see elm.fused).
 _SOURCES = tuple(
-    Path(__file__).with_name("csrc") / name for name in ("step_loops.cpp", "elm_loops.cpp")
+    Path(__file__).with_name("csrc") / name
+    for name in ("step_loops.cpp", "direct_steps.cpp", "elm_loops.cpp")
 )
 # Headers beside the sources are copied (and hashed) with them.
 _HEADER_SUFFIXES = (".h", ".hpp", ".hh", ".inc")
