@@ -455,6 +455,17 @@ def markdown(report: dict) -> str:
 # ---------------------------------------------------------------------------- CLI
 
 
+def parse_models(text: str) -> list[str]:
+    """``--models`` as a list of model names, the baseline first; unknown names exit."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if BASELINE not in names:
+        names.insert(0, BASELINE)
+    bad = [n for n in names if n not in MODEL_NAMES]
+    if bad:
+        raise SystemExit(f"unknown model(s) {bad}; choose from {list(MODEL_NAMES)}")
+    return names
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.rnn", description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
@@ -519,12 +530,7 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = [k for k in keys if k not in table]
     if unknown:
         raise SystemExit(f"unknown workload(s) {unknown}; choose from {sorted(table)}")
-    names = [n.strip() for n in args.models.split(",") if n.strip()]
-    if BASELINE not in names:
-        names.insert(0, BASELINE)
-    bad = [n for n in names if n not in MODEL_NAMES]
-    if bad:
-        raise SystemExit(f"unknown model(s) {bad}; choose from {list(MODEL_NAMES)}")
+    names = parse_models(args.models)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     repeats = args.repeats if args.repeats is not None else (2 if args.quick else 9)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)

@@ -38,6 +38,7 @@ from benchmarks.rnn import (
     Workload,
     _load,
     machine_info,
+    parse_models,
     run_workload,
 )
 
@@ -272,12 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda given but CUDA is not available")
     torch.set_num_threads(args.threads)
-    names = [n.strip() for n in args.models.split(",") if n.strip()]
-    if BASELINE not in names:
-        names.insert(0, BASELINE)
-    bad = [n for n in names if n not in MODEL_NAMES]
-    if bad:
-        raise SystemExit(f"unknown model(s) {bad}; choose from {list(MODEL_NAMES)}")
+    names = parse_models(args.models)
     axes = [a.strip() for a in args.axes.split(",") if a.strip()]
     if any(a not in AXES for a in axes):
         raise SystemExit(f"unknown axis in {axes}; choose from {list(AXES)}")
