@@ -16,16 +16,22 @@ import torch
 
 import microcircuits as mc
 from microcircuits.elm import fused
-from microcircuits.kernels import native, use_kernel
+from microcircuits.kernels import cpu_products, native, use_kernel
 
 
-@pytest.fixture(params=["native", "python"])
+@pytest.fixture(params=["direct", "native", "python"])
 def loops(request, monkeypatch):
-    """Runs a test with the C++ loops (skipped where they cannot be built) and without."""
+    """Runs a test with the C++ loops, on their direct path (brgemm and AVX-512, float32;
+    skipped where that is not available) and on their ATen path, and without them."""
     if request.param == "python":
         monkeypatch.setattr(fused, "_native_ops", lambda: None)
-    elif native.step_loops() is None:
+        return request.param
+    if native.step_loops() is None:
         pytest.skip("the C++ step loops are not available")
+    if request.param == "native":
+        monkeypatch.setattr(cpu_products, "_DIRECT", False)
+    elif not cpu_products.direct_available(torch.float32, native.step_loops()):
+        pytest.skip("the direct path needs oneDNN's brgemm and AVX-512")
     return request.param
 
 
@@ -188,3 +194,67 @@ def test_falls_back_where_the_fused_path_does_not_apply():
     empty = torch.randn(0, 2, model.input_size)
     assert fused.unsupported_reason(model, empty, state, weights) is not None
     assert model(empty)[0].shape == (0, 2, 3)
+
+
+@pytest.mark.parametrize("project_first", [True, False])
+@pytest.mark.parametrize("routing", [None, "random"])
+def test_traced_first_layer_input_equals_the_branch_trace(
+    loops, monkeypatch, project_first, routing
+):
+    """With one trace decay for all branches the fused path may trace ``W_0 b_t`` (H_0
+    wide) instead of ``b_t`` (N wide); both must equal the reference loop, with and
+    without the drive folded into the weight (no routing, one synapse per branch)."""
+    monkeypatch.setattr(fused, "_project_first", lambda decay, hidden: project_first)
+    torch.manual_seed(3)
+    kw = dict(num_branch=None, num_synapse_per_branch=1) if routing is None else {}
+    if routing is not None:
+        kw = dict(num_branch=8, num_synapse_per_branch=2)
+    model = mc.ELM(
+        12,
+        3,
+        4,
+        mlp_hidden_size=5,
+        input_to_synapse_routing=routing,
+        batch_first=True,
+        memory_tau_max=30.0,
+        **kw,
+    )
+    x = torch.randn(3, 9, 12)
+    state = (torch.randn(3, model.num_trace), torch.randn(3, model.num_memory))
+    _assert_same(_run(model, x, state, "auto"), _run(model, x, state, "reference"))
+
+
+def test_project_first_needs_one_decay_and_fewer_hidden_units():
+    same = torch.full((7,), 0.9)
+    assert fused._project_first(same, 5)
+    assert not fused._project_first(same, 7)  # H_0 = N: nothing to gain
+    assert not fused._project_first(torch.linspace(0.5, 0.9, 7), 5)
+
+
+def test_version2_branch_decays_that_differ_take_the_branch_trace(loops):
+    """Version 2's branches may decay at different rates (a trace per branch): the
+    fused path traces the branches then, and still equals the reference."""
+    model = _model(2, None, layers=1)
+    with torch.no_grad():
+        model.trace_tau.copy_(torch.linspace(2.0, 9.0, model.num_trace))
+    weights = model.step_weights()
+    assert not fused._project_first(weights.trace_decay, model.mlp_weight_l0.shape[0])
+    x = torch.randn(7, 4, model.input_size)
+    state = (torch.randn(4, model.num_trace), torch.randn(4, model.num_memory))
+    _assert_same(_run(model, x, state, "auto"), _run(model, x, state, "reference"))
+
+
+@pytest.mark.parametrize("activation", ["relu", "silu"])
+def test_direct_path_splits_the_batch_over_two_threads(monkeypatch, activation):
+    """A batch of 40 on two threads: the direct path runs blocks of rows (16 and 24)
+    through all steps each; outputs and gradients equal the reference loop's."""
+    if native.step_loops() is None or not cpu_products.direct_available(
+        torch.float32, native.step_loops()
+    ):
+        pytest.skip("the direct path needs the C++ loops, oneDNN's brgemm and AVX-512")
+    torch.set_num_threads(2)
+    torch.manual_seed(5)
+    model = _model(1, "random", activation, layers=2)
+    x = torch.randn(6, 40, model.input_size)
+    state = (torch.randn(40, model.num_trace), torch.randn(40, model.num_memory))
+    _assert_same(_run(model, x, state, "auto"), _run(model, x, state, "reference"))

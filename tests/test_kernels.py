@@ -689,3 +689,46 @@ def test_first_order_backward_never_recomputes(monkeypatch):
     assert x.grad is not None
     with pytest.raises(AssertionError, match="reference recomputation"):
         torch.autograd.grad(out.sum(), x, create_graph=True)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_whole_sequence_linear_equals_functional_linear(bias):
+    """cpu_products.linear (oneDNN products forward and backward where available) against
+    F.linear: output, gradients of input, weight and bias, a strided weight (a column
+    slice) and second-order gradients under create_graph."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 3, 24, generator=gen)
+    full = torch.randn(5, 30, generator=gen)
+    b = torch.randn(5, generator=gen) if bias else None
+    results = []
+    for linear in (cpu_products.linear, torch.nn.functional.linear):
+        xi = x.clone().requires_grad_()
+        wi = full.clone().requires_grad_()
+        bi = b.clone().requires_grad_() if bias else None
+        out = linear(xi, wi[:, 3:27], bi)
+        loss = (out * torch.arange(out.numel()).view_as(out).sin()).sum()
+        grads = torch.autograd.grad(loss, [xi, wi, *([bi] if bias else [])], create_graph=True)
+        second = torch.autograd.grad(sum(g.pow(2).sum() for g in grads), [xi, wi])
+        results.append((out, *grads, *second))
+    for fast, slow in zip(*results):
+        torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            cpu_products.linear(x, full[:, :24]), torch.nn.functional.linear(x, full[:, :24])
+        )
+
+
+def test_whole_sequence_linear_first_order_gradients():
+    """The oneDNN backward proper (no graph asked for) against F.linear's."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 33, generator=gen)
+    w = torch.randn(9, 33, generator=gen)
+    b = torch.randn(9, generator=gen)
+    upstream = torch.randn(40, 9, generator=gen)
+    grads = []
+    for linear in (cpu_products.linear, torch.nn.functional.linear):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        linear(*leaves).backward(upstream)
+        grads.append([t.grad for t in leaves])
+    for fast, slow in zip(*grads):
+        torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..kernels import _checks, get_kernel, native, recording_reason
+from ..kernels import _checks, cpu_products, get_kernel, native, recording_reason
 from .equations import ACTIVATIONS, ELMState, ELMWeights, scaled_tanh, synaptic_drive
 
 if TYPE_CHECKING:
@@ -105,46 +105,35 @@ def elm_sequence_fused(
 ) -> tuple[Tensor, ELMState]:
     """The ELM over a sequence ``x`` ``(T, B, I)`` from ``state``: ``(output (T, B, O),
     final state)``, equal to the reference loop (check :func:`unsupported_reason` first)."""
-    steps = x.shape[0]
     num_branch = model.num_branch
-    synapse_weight = model.synapse_weight
-    if model.synapse_mask is not None:
-        synapse_weight = synapse_weight * model.synapse_mask
-    index = model.synapse_input_index
     split = model.version == 1 and model.num_synapse != num_branch  # per-synapse trace
-    drive = None
-    if index is not None and model.input_size * num_branch <= _ROUTING_GEMM_RATIO * index.numel():
-        # sum_branch(w_s * x[idx]) = x A with A[i, n] the summed weights of branch n's
-        # synapses on input i: one GEMM instead of (T, B, S) gathers and products
-        branch_of = torch.arange(index.numel(), device=x.device) // model.num_synapse_per_branch
-        matrix = x.new_zeros(model.input_size, num_branch)
-        matrix = matrix.index_put((index, branch_of), synapse_weight, accumulate=True)
-        branch_drive = torch.matmul(x, matrix)  # (T, B, N)
-    else:
-        routed = x if index is None else x.index_select(-1, index)
-        drive = synaptic_drive(routed, synapse_weight, num_branch, model.version)  # (T, B, K)
-        branch_drive = drive.unflatten(-1, (num_branch, -1)).sum(-1) if split else drive
+    first = weights.mlp_weights[0]
+    branch_weight = first[:, :num_branch]  # (H_0, N)
+    decay = weights.trace_decay
     if split:  # v1 with one decay for every synapse: the branch sums follow the same trace
-        decay = weights.trace_decay
         branch_decay = decay.unflatten(-1, (num_branch, -1))[:, 0]
         branch0 = state.trace.unflatten(-1, (num_branch, -1)).sum(-1)
     else:
-        branch_decay, branch0 = weights.trace_decay, state.trace
-    branch = _BranchTrace.apply(branch_drive.contiguous(), branch0.contiguous(), branch_decay)
+        branch_decay, branch0 = decay, state.trace
+    drive, branch_drive, folded = _branch_drive(model, x, branch_weight)
 
-    if split:  # s_T = k^T s_0 + sum_t k^(T-1-t) w_s x_t[idx]
-        k = decay[0]
-        powers = k ** torch.arange(steps - 1, -1, -1, device=x.device, dtype=x.dtype)
-        if drive is not None:
-            recent = torch.einsum("t,tbk->bk", powers, drive)
-        else:
-            recent = synapse_weight * torch.einsum("t,tbi->bi", powers, x).index_select(-1, index)
-        trace = k**steps * state.trace + recent
+    if _project_first(branch_decay, first.shape[0]):
+        # one decay k for all branches and fewer hidden units than branches: trace the
+        # first layer's input instead, q_t = W b_t = k q_{t-1} + W d_t, q_0 = W b_0
+        weight = branch_weight if folded is None else folded
+        projected = _sequence_linear(branch_drive if folded is None else x, weight)
+        init = branch0 @ branch_weight.t()
+        traced = _BranchTrace.apply(projected, init, branch_decay[:1].expand(init.shape[-1]))
+        pre = traced + weights.mlp_biases[0]  # (T, B, H_0)
+        branch_last = None
     else:
-        trace = branch[-1]
+        if branch_drive is None:
+            branch_drive = synaptic_drive(x, model.effective_synapse_weight(), num_branch, 1)
+        branch = _BranchTrace.apply(branch_drive.contiguous(), branch0.contiguous(), branch_decay)
+        pre = F.linear(branch, branch_weight, weights.mlp_biases[0])  # (T, B, H_0)
+        branch_last = branch[-1]
+    trace = _final_trace(model, x, state.trace, decay, drive, branch_drive, branch_last, split)
 
-    first = weights.mlp_weights[0]
-    pre = F.linear(branch, first[:, :num_branch], weights.mlp_biases[0])  # (T, B, H_0)
     layers = [first[:, num_branch:], *weights.mlp_weights[1:]]
     memories = _memory_loop(
         pre,
@@ -157,6 +146,88 @@ def elm_sequence_fused(
     )  # (T, B, M)
     output = F.linear(memories, weights.readout_weight, weights.readout_bias)
     return output, ELMState(trace, memories[-1])
+
+
+def _project_first(branch_decay: Tensor, hidden: int) -> bool:
+    """Whether to trace the MLP's first-layer input (``H_0`` wide) instead of the branches
+    (``N`` wide): needs one decay for all branches (a scalar times ``W`` commutes with the
+    trace) and pays when ``H_0 < N`` (SHD: 200 against 700)."""
+    return hidden < branch_decay.numel() and bool((branch_decay == branch_decay[0]).all())
+
+
+def _branch_drive(
+    model: ELM, x: Tensor, branch_weight: Tensor
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The trace's input: ``(drive, branch_drive, folded)``. ``drive`` ``(T, B, K)`` is the
+    per-synapse drive where it was formed, ``branch_drive`` ``(T, B, N)`` its branch sums;
+    without routing and with one synapse per branch neither is formed (both ``None``) and
+    ``folded`` is the first layer's branch weight times ``w_s``, ``(H_0, I)``, so that
+    ``W d_t = folded x_t``."""
+    num_branch = model.num_branch
+    synapse_weight = model.effective_synapse_weight()
+    index = model.synapse_input_index
+    if index is None and model.num_synapse == num_branch:
+        return None, None, branch_weight * synapse_weight
+    if index is not None and model.input_size * num_branch <= _ROUTING_GEMM_RATIO * index.numel():
+        # sum_branch(w_s * x[idx]) = x A with A[i, n] the summed weights of branch n's
+        # synapses on input i: one GEMM instead of (T, B, S) gathers and products
+        branch_of = torch.arange(index.numel(), device=x.device) // model.num_synapse_per_branch
+        matrix = x.new_zeros(model.input_size, num_branch)
+        matrix = matrix.index_put((index, branch_of), synapse_weight, accumulate=True)
+        return None, _sequence_linear(x, matrix.t()), None
+    routed = x if index is None else x.index_select(-1, index)
+    drive = synaptic_drive(routed, synapse_weight, num_branch, model.version)  # (T, B, K)
+    split = model.version == 1 and model.num_synapse != num_branch
+    return drive, (drive.unflatten(-1, (num_branch, -1)).sum(-1) if split else drive), None
+
+
+def _sequence_linear(x: Tensor, weight: Tensor) -> Tensor:
+    """``x W^T`` for ``x`` ``(T, B, K)``, as a contiguous ``(T, B, H)``: one whole-sequence
+    product (oneDNN where it is faster), in the memory order of ``x`` (a batch-first input
+    is a transposed view: its product is transposed back, ``H < K`` values a row)."""
+    if not x.is_contiguous() and x.transpose(0, 1).is_contiguous():
+        return cpu_products.linear(x.transpose(0, 1), weight).transpose(0, 1).contiguous()
+    return cpu_products.linear(x.contiguous(), weight)
+
+
+def _time_weighted_sum(weights: Tensor, x: Tensor) -> Tensor:
+    """``sum_t weights[t] x[t]``, ``(T,) x (T, B, K) -> (B, K)``, as one product in the
+    memory order of ``x`` (a batch-first input is a transposed view)."""
+    if not x.is_contiguous() and x.transpose(0, 1).is_contiguous():
+        return torch.matmul(weights, x.transpose(0, 1))  # (B, T, K) -> (B, K)
+    rows = x.contiguous()
+    return torch.matmul(weights, rows.view(rows.shape[0], -1)).view(rows.shape[1:])
+
+
+def _final_trace(
+    model: ELM,
+    x: Tensor,
+    trace0: Tensor,
+    decay: Tensor,
+    drive: Tensor | None,
+    branch_drive: Tensor | None,
+    branch_last: Tensor | None,
+    split: bool,
+) -> Tensor:
+    """The trace after the last step, ``(B, K)``: the branch trace's last row where it was
+    formed, else the closed form ``s_T = k^T s_0 + sum_t k^(T-1-t) d_t`` (one reduction
+    over time; ``k`` is one value here)."""
+    if branch_last is not None and not split:
+        return branch_last
+    steps = x.shape[0]
+    k = decay[0]
+    powers = k ** torch.arange(steps - 1, -1, -1, device=x.device, dtype=x.dtype)
+    if drive is not None:
+        recent = _time_weighted_sum(powers, drive)
+    elif branch_drive is not None and not split:
+        recent = _time_weighted_sum(powers, branch_drive)
+    else:  # the drive was not formed: w_s * (routed) x
+        summed = _time_weighted_sum(powers, x)
+        index = model.synapse_input_index
+        recent = model.effective_synapse_weight() * (
+            summed if index is None else summed.index_select(-1, index)
+        )
+    return k**steps * trace0 + recent
 
 
 def _memory_loop(
@@ -259,7 +330,7 @@ def _memory_forward(
         memories[0] = memory0
     loops = _native_ops()
     if loops is not None:
-        loops.elm_memory_forward(
+        args = (
             pre,
             memory0.contiguous(),
             decay.contiguous(),
@@ -271,6 +342,9 @@ def _memory_forward(
             hidden,
             tanh if save else torch.Tensor(),
         )
+        direct = cpu_products.direct_available(pre.dtype, native.step_loops())
+        if not (direct and loops.elm_memory_forward_direct(*args)):
+            loops.elm_memory_forward(*args)
         return memories, tanh, hidden
     previous = memory0
     for t in range(steps):

@@ -312,6 +312,13 @@ class ELM(nn.Module):
         """``w_s = relu(raw_synapse_weight)``, ``(S,)``."""
         return torch.relu(self.raw_synapse_weight)
 
+    def effective_synapse_weight(self) -> Tensor:
+        """``w_s`` times the routing's mask of valid synapses (NeuronIO routing), ``(S,)``:
+        the weight each synapse applies to what :meth:`route` selects for it."""
+        if self.synapse_mask is None:
+            return self.synapse_weight
+        return self.synapse_weight * self.synapse_mask
+
     @property
     def memory_tau(self) -> Tensor:
         """Memory time constants ``tau_m``, ``(M,)``, in the units of ``delta_t``."""
@@ -409,9 +416,7 @@ class ELM(nn.Module):
         The oracle of the fused path (:mod:`microcircuits.elm.fused`) and the path for what
         it does not cover."""
         batch = x.shape[1]
-        synapse_weight = self.synapse_weight
-        if self.synapse_mask is not None:
-            synapse_weight = synapse_weight * self.synapse_mask
+        synapse_weight = self.effective_synapse_weight()
         routed = (
             x if self.synapse_input_index is None else x.index_select(-1, self.synapse_input_index)
         )

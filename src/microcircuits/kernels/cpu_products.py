@@ -45,9 +45,11 @@ from ._projection import input_projection
 
 __all__ = [
     "Recurrent",
+    "direct_available",
     "direct_blocking",
     "direct_path",
     "gemm_backend",
+    "linear",
     "mm",
     "native_loops",
     "onednn_available",
@@ -189,7 +191,13 @@ def direct_path(kind: CellKind, dtype: torch.dtype, loops) -> bool:
     """Whether a layer call runs on the C++ loops' direct path (``forward_direct``,
     ``backward_direct``: the subtractive cells in float32 where oneDNN's brgemm and
     AVX-512 are available; see ``csrc/direct_steps.cpp``)."""
-    if loops is None or not _DIRECT or kind.name == "lstm" or dtype != torch.float32:
+    return kind.name != "lstm" and direct_available(dtype, loops)
+
+
+def direct_available(dtype: torch.dtype, loops) -> bool:
+    """Whether the C++ loops' direct paths (oneDNN's brgemm and AVX-512, float32; the
+    subtractive cells' and the ELM's memory loop) run here, and are not switched off."""
+    if loops is None or not _DIRECT or dtype != torch.float32:
         return False
     available = getattr(loops, "direct_available", None)
     return available is not None and bool(available())
@@ -334,6 +342,39 @@ def weight_grad(
     if dpre2 is not None and dpre2.shape[0] > 0:
         out.addmm_(dpre2.t(), inp2)
     return out
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """``x W^T + b`` with oneDNN products forward and backward (``dx``, ``dW``)."""
+
+    @staticmethod
+    def forward(ctx, x2d: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x2d, weight)
+        ctx.has_bias = bias is not None
+        return torch.ops.mkldnn._linear_pointwise(x2d, weight, bias, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x2d, weight = ctx.saved_tensors
+        grad_bias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        if torch.is_grad_enabled():  # create_graph: differentiable ATen products
+            return grad.mm(weight), grad.t().mm(x2d), grad_bias
+        grad = grad.contiguous()
+        grad_x = mm(grad, weight, True) if ctx.needs_input_grad[0] else None
+        grad_weight = weight_grad(grad, x2d, onednn=True) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_weight, grad_bias
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear`` of a whole sequence, ``(..., K) -> (..., N)``: on oneDNN forward and
+    backward where :func:`whole_sequence_onednn` (2x MKL's time on AVX-512 AMD CPUs for
+    ``(3200, 700) @ (700, 200)``, see the module docstring), else ``F.linear``."""
+    if not (whole_sequence_onednn(x.dtype) and x.device.type == "cpu" and x.numel() > 0):
+        return torch.nn.functional.linear(x, weight, bias)
+    # a strided weight (a column slice) sends oneDNN to a slow generic kernel: 80 ms
+    # against 0.5 for (4000, 45) @ (45, 40)
+    out = _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), weight.contiguous(), bias)
+    return out.view(*x.shape[:-1], weight.shape[0])
 
 
 def _transposed(t: Tensor) -> Tensor:

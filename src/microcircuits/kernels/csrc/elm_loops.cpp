@@ -22,6 +22,10 @@
 #include <cmath>
 #include <vector>
 
+#include "simd.h"
+
+using namespace mc_simd;  // NOLINT: gemm, sigmoid16, tail_mask, direct_cpu
+
 namespace {
 
 constexpr double kTanhScale = 1.7159;
@@ -31,6 +35,10 @@ enum Activation : int64_t { kRelu = 0, kSilu = 1 };
 // NeuronIO shape (8 x 20 @ 20 x 40) two threads made the loops 3x slower on a shared
 // 2-core machine (OpenMP hand-offs and stalls), see microcircuits/elm/fused.py.
 constexpr int64_t kSerialProductMax = int64_t(1) << 20;
+
+// The direct path gives each thread a block of at least this many rows of the batch
+// (NeuronIO's batch of 8 runs on one thread, SHD's 32 on two).
+constexpr int64_t kDirectRows = 16;
 
 // Sets torch's threads to one for its lifetime when `serial`.
 class SerialThreads {
@@ -220,6 +228,97 @@ void memory_forward_impl(const at::Tensor& pre, const at::Tensor& memory0,
   }
 }
 
+
+#if MC_DIRECT
+
+// The memory recursion in float32 on the direct path (see elm_memory_forward_direct).
+struct MemoryDirect {
+  int64_t steps, batch, size, activation;
+  const float* pre;      // (T, B, H_0)
+  const float* memory0;  // (B, M)
+  const float* decay;    // (M,)
+  const float* gain;     // (M,)
+  std::vector<const float*> wt;  // layer l's weight transposed, (K_l, N_l) row-major
+  std::vector<int64_t> width;    // N_l; K_0 = M, K_l = N_{l-1}
+  std::vector<const float*> bias;  // bias[l] (N_l,) for l >= 1; bias[0] unused
+  float* memories;               // (T, B, M)
+  std::vector<float*> hidden;    // (T, B, N_l) for l < L - 1 when saved, else empty
+  float* tanh_out;               // (T, B, M) when saved, else null
+};
+
+// h = act(a) over n values.
+MC_AVX512 void activate_direct(const float* a, float* h, int64_t n, int64_t activation) {
+  if (activation == kRelu) {
+    for (int64_t i = 0; i < n; ++i) h[i] = a[i] > 0.0f ? a[i] : 0.0f;
+    return;
+  }
+  for (int64_t i = 0; i < n; i += 16) {  // silu: a sigma(a)
+    const __mmask16 k = tail_mask(n - i);
+    const __m512 v = _mm512_maskz_loadu_ps(k, a + i);
+    _mm512_mask_storeu_ps(h + i, k, _mm512_mul_ps(v, sigmoid16(v)));
+  }
+}
+
+// a <- u = tanh(2/3 a) = 2 sigma(4/3 a) - 1, m = dec + gain 1.7159 u, for rows x size.
+MC_AVX512 void memory_update_direct(float* a, const float* dec, const float* gain, float* m,
+                                    int64_t rows, int64_t size) {
+  const __m512 two = _mm512_set1_ps(2.0f), one = _mm512_set1_ps(1.0f);
+  const __m512 slope = _mm512_set1_ps(4.0f / 3.0f);
+  const __m512 scale = _mm512_set1_ps(static_cast<float>(kTanhScale));
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < size; j += 16) {
+      const __mmask16 k = tail_mask(size - j);
+      const int64_t n = r * size + j;
+      const __m512 s = sigmoid16(_mm512_mul_ps(slope, _mm512_maskz_loadu_ps(k, a + n)));
+      const __m512 u = _mm512_fmsub_ps(two, s, one);
+      _mm512_mask_storeu_ps(a + n, k, u);
+      const __m512 g = _mm512_mul_ps(scale, _mm512_maskz_loadu_ps(k, gain + j));
+      _mm512_mask_storeu_ps(m + n, k, _mm512_fmadd_ps(g, u, _mm512_maskz_loadu_ps(k, dec + n)));
+    }
+  }
+}
+
+// Rows [b0, b1) of the batch through every step: rows are independent through the whole
+// recursion, so a block needs no synchronisation with the others.
+MC_AVX512 void memory_rows_direct(const MemoryDirect& p, int64_t b0, int64_t b1) {
+  const int64_t rows = b1 - b0, size = p.size, layers = static_cast<int64_t>(p.wt.size());
+  const bool save = p.tanh_out != nullptr;
+  std::vector<float> dec(rows * size);
+  std::vector<std::vector<float>> a_buf(layers), h_buf(layers);
+  for (int64_t l = 0; l < layers; ++l) {
+    if (!save) a_buf[l].resize(rows * p.width[l]);
+    h_buf[l].resize(rows * p.width[l]);
+  }
+  const float* prev = p.memory0 + b0 * size;
+  for (int64_t t = 0; t < p.steps; ++t) {
+    const int64_t row0 = t * p.batch + b0;  // first row of the block at step t
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t j = 0; j < size; ++j) dec[r * size + j] = p.decay[j] * prev[r * size + j];
+    }
+    auto layer_out = [&](int64_t l) -> float* {  // where a_l goes
+      if (!save) return a_buf[l].data();
+      return l + 1 < layers ? p.hidden[l] + row0 * p.width[l] : p.tanh_out + row0 * size;
+    };
+    float* a = layer_out(0);
+    std::copy(p.pre + row0 * p.width[0], p.pre + (row0 + rows) * p.width[0], a);
+    gemm(rows, p.width[0], size, dec.data(), size, p.wt[0], p.width[0], a, p.width[0], true);
+    for (int64_t l = 1; l < layers; ++l) {
+      const int64_t k = p.width[l - 1], n = p.width[l];
+      float* h = h_buf[l - 1].data();
+      activate_direct(a, h, rows * k, p.activation);
+      float* next = layer_out(l);
+      for (int64_t r = 0; r < rows; ++r) std::copy(p.bias[l], p.bias[l] + n, next + r * n);
+      gemm(rows, n, k, h, k, p.wt[l], n, next, n, true);
+      a = next;
+    }
+    float* m = p.memories + row0 * size;
+    memory_update_direct(a, dec.data(), p.gain, m, rows, size);
+    prev = m;
+  }
+}
+
+#endif  // MC_DIRECT
+
 template <typename scalar_t>
 std::vector<at::Tensor> memory_backward_impl(const at::Tensor& grad, const at::Tensor& memories,
                                              const at::Tensor& tanh_saved,
@@ -305,6 +404,58 @@ void elm_memory_forward(const at::Tensor& pre, const at::Tensor& memory0,
   });
 }
 
+// elm_memory_forward in float32 with oneDNN's brgemm for the products and AVX-512 for
+// the activations (no ATen op per step: ~10 us of dispatch each on the SHD shape); the
+// batch's rows in blocks of at least kDirectRows, one per thread, with no synchronisation
+// between steps. Returns false, doing nothing, where the direct path is not available
+// (another dtype, no brgemm or AVX-512): then call elm_memory_forward.
+bool elm_memory_forward_direct(const at::Tensor& pre, const at::Tensor& memory0,
+                               const at::Tensor& decay, const at::Tensor& gain,
+                               const std::vector<at::Tensor>& weights,
+                               const std::vector<at::Tensor>& biases, int64_t activation,
+                               const at::Tensor& memories, const std::vector<at::Tensor>& hidden,
+                               const at::Tensor& tanh_out) {
+#if MC_DIRECT
+  if (!direct_cpu() || pre.scalar_type() != at::kFloat) return false;
+  for (const at::Tensor* t : {&pre, &memory0, &decay, &gain, &memories}) {
+    check(*t, "elm_memory_forward_direct: every tensor");
+  }
+  const bool save = tanh_out.defined() && tanh_out.numel() > 0;
+  MemoryDirect p;
+  p.steps = pre.size(0);
+  p.batch = pre.size(1);
+  p.size = memory0.size(1);
+  p.activation = activation;
+  p.pre = pre.data_ptr<float>();
+  p.memory0 = memory0.data_ptr<float>();
+  p.decay = decay.data_ptr<float>();
+  p.gain = gain.data_ptr<float>();
+  std::vector<at::Tensor> transposed;  // alive until the loops end
+  for (size_t l = 0; l < weights.size(); ++l) {
+    transposed.push_back(weights[l].t().contiguous());
+    p.wt.push_back(transposed.back().data_ptr<float>());
+    p.width.push_back(weights[l].size(0));
+    p.bias.push_back(nullptr);
+  }
+  std::vector<at::Tensor> bias_alive(biases.begin(), biases.end());
+  for (auto& b : bias_alive) b = b.contiguous();
+  for (size_t l = 1; l < weights.size(); ++l) p.bias[l] = bias_alive[l - 1].data_ptr<float>();
+  p.memories = memories.data_ptr<float>();
+  p.tanh_out = save ? tanh_out.data_ptr<float>() : nullptr;
+  if (save) {
+    for (const auto& h : hidden) {
+      check(h, "hidden");
+      p.hidden.push_back(h.data_ptr<float>());
+    }
+  }
+  at::parallel_for(0, p.batch, kDirectRows,
+                   [&](int64_t b0, int64_t b1) { memory_rows_direct(p, b0, b1); });
+  return true;
+#else
+  return false;
+#endif
+}
+
 // The reverse sweep: writes da[l][t] (gradient of layer l's pre-activation) for every
 // layer and step; returns the gradients of m_0, k_m and gain.
 std::vector<at::Tensor> elm_memory_backward(const at::Tensor& grad, const at::Tensor& memories,
@@ -339,6 +490,11 @@ TORCH_LIBRARY_FRAGMENT(microcircuits_elm, m) {
       "Tensor[] weights, Tensor[] biases, int activation, Tensor(a!) memories, "
       "Tensor(b!)[] hidden, Tensor(c!) tanh_out) -> ()",
       &elm_memory_forward);
+  m.def(
+      "elm_memory_forward_direct(Tensor pre, Tensor memory0, Tensor decay, Tensor gain, "
+      "Tensor[] weights, Tensor[] biases, int activation, Tensor(a!) memories, "
+      "Tensor(b!)[] hidden, Tensor(c!) tanh_out) -> bool",
+      &elm_memory_forward_direct);
   m.def(
       "elm_memory_backward(Tensor grad, Tensor memories, Tensor tanh_saved, Tensor[] hidden, "
       "Tensor decay, Tensor gain, Tensor[] weights, int activation, Tensor(a!)[] da) "
