@@ -506,6 +506,29 @@ at::Tensor transposed(at::Tensor src) {
   return dst;
 }
 
+// The checks forward_direct and backward_direct share: the packed batch sizes, the
+// fix-subLSTM decay (H,) and the dropout mask (B, H).
+static void check_direct_extras(const std::vector<int64_t>& batch_sizes,
+                                const c10::optional<at::Tensor>& decay,
+                                const c10::optional<at::Tensor>& mask, int64_t steps,
+                                int64_t batch, int64_t hidden) {
+  TORCH_CHECK(batch_sizes.empty() || static_cast<int64_t>(batch_sizes.size()) == steps,
+              "batch_sizes must have one entry per step");
+  for (int64_t t = 0; t < static_cast<int64_t>(batch_sizes.size()); ++t) {
+    TORCH_CHECK(batch_sizes[t] >= 0 && batch_sizes[t] <= batch &&
+                    (t == 0 || batch_sizes[t] <= batch_sizes[t - 1]),
+                "batch_sizes must be non-increasing and within the batch");
+  }
+  if (decay.has_value()) {
+    TORCH_CHECK(decay->scalar_type() == at::kFloat && decay->is_contiguous() &&
+                    decay->numel() == hidden, "decay must be (H,) contiguous float32");
+  }
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->scalar_type() == at::kFloat && mask->is_contiguous() &&
+                    mask->numel() == batch * hidden, "mask must be (B, H) contiguous float32");
+  }
+}
+
 // forward_steps of the subtractive cells in float32 on the direct path. r = R (G*H, H)
 // contiguous (transposed here); split: 0 auto, 1 by rows, 2 by units; parts: threads
 // (0: torch's). The rest as in forward_steps.
@@ -529,21 +552,7 @@ void forward_direct(int64_t kind_id, at::Tensor gates, at::Tensor h, at::Tensor 
               "h must be (B, H) and y (T, B, H)");
   TORCH_CHECK(memory.numel() == (keep_memory ? steps + 1 : 1) * batch * hidden,
               "memory must be (T+1, B, H) when kept, else (B, H)");
-  TORCH_CHECK(batch_sizes.empty() || static_cast<int64_t>(batch_sizes.size()) == steps,
-              "batch_sizes must have one entry per step");
-  for (int64_t t = 0; t < static_cast<int64_t>(batch_sizes.size()); ++t) {
-    TORCH_CHECK(batch_sizes[t] >= 0 && batch_sizes[t] <= batch &&
-                    (t == 0 || batch_sizes[t] <= batch_sizes[t - 1]),
-                "batch_sizes must be non-increasing and within the batch");
-  }
-  if (decay.has_value()) {
-    TORCH_CHECK(decay->scalar_type() == at::kFloat && decay->is_contiguous() &&
-                    decay->numel() == hidden, "decay must be (H,) contiguous float32");
-  }
-  if (mask.has_value()) {
-    TORCH_CHECK(mask->scalar_type() == at::kFloat && mask->is_contiguous() &&
-                    mask->numel() == batch * hidden, "mask must be (B, H) contiguous float32");
-  }
+  check_direct_extras(batch_sizes, decay, mask, steps, batch, hidden);
 #if MC_DIRECT
   const Layer L{kind, steps, batch, hidden, gate_cols, &batch_sizes, gates.data_ptr<float>(),
                 memory.data_ptr<float>(), keep_memory ? batch * hidden : 0,
@@ -601,21 +610,7 @@ void backward_direct(int64_t kind_id, at::Tensor act, at::Tensor memory, at::Ten
               "dh, dc_carry (B, H), memory (T+1, B, H) and y (T, B, H) expected");
   TORCH_CHECK(grad_y.size(0) == steps && grad_y.size(1) == batch && grad_y.size(2) == hidden,
               "grad_y must be (T, B, H)");
-  TORCH_CHECK(batch_sizes.empty() || static_cast<int64_t>(batch_sizes.size()) == steps,
-              "batch_sizes must have one entry per step");
-  for (int64_t t = 0; t < static_cast<int64_t>(batch_sizes.size()); ++t) {
-    TORCH_CHECK(batch_sizes[t] >= 0 && batch_sizes[t] <= batch &&
-                    (t == 0 || batch_sizes[t] <= batch_sizes[t - 1]),
-                "batch_sizes must be non-increasing and within the batch");
-  }
-  if (decay.has_value()) {
-    TORCH_CHECK(decay->scalar_type() == at::kFloat && decay->is_contiguous() &&
-                    decay->numel() == hidden, "decay must be (H,) contiguous float32");
-  }
-  if (mask.has_value()) {
-    TORCH_CHECK(mask->scalar_type() == at::kFloat && mask->is_contiguous() &&
-                    mask->numel() == batch * hidden, "mask must be (B, H) contiguous float32");
-  }
+  check_direct_extras(batch_sizes, decay, mask, steps, batch, hidden);
   double* phi = nullptr;
   if (phi_sum.has_value()) {
     TORCH_CHECK(phi_sum->scalar_type() == at::kDouble && phi_sum->is_contiguous() &&
