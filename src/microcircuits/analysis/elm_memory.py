@@ -21,7 +21,6 @@ test inputs (:meth:`~microcircuits.tasks.Task.probe`).
 from __future__ import annotations
 
 import copy
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from ..elm import ELM
 from ..elm.equations import elm_state_step, synaptic_drive
 from ..model_registry import model_kind
 from . import style
+from .one_run import load_one_run
 
 __all__ = ["ELMMemory", "elm_memory", "plot_elm_memory", "record_memory", "write_elm_memory_csv"]
 
@@ -113,18 +113,6 @@ def _initial_tau(elm: ELM) -> Tensor:
     return fresh.memory_tau.detach()
 
 
-def _check_elm_run(run_dir: Path) -> None:
-    config_path = run_dir / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run directory: {config_path} is missing")
-    model = model_kind(json.loads(config_path.read_text())["cell"])
-    if model.family != ELM_FAMILY:
-        raise ValueError(
-            f"elm-memory shows the memory of a trained ELM neuron; {run_dir} trained a "
-            f"{model.label} (cell {model.name!r}); give a run of --cell elm or branch_elm"
-        )
-
-
 def elm_memory(
     runs: Sequence[str | os.PathLike[str]] = (),
     *,
@@ -143,19 +131,18 @@ def elm_memory(
     Raises:
         ValueError: no run, several, a run of another model (named), or bad ``samples``.
     """
-    from ..runs import load_run
-
-    if len(runs) != 1:
-        raise ValueError(
-            f"elm-memory shows one trained ELM run: give --runs RUN_DIR, got {len(runs)} runs"
-            + (f" ({', '.join(str(r) for r in runs)})" if runs else "")
-        )
     samples = [int(s) for s in samples]
     if not samples or min(samples) < 0:
         raise ValueError(f"samples must be test indices >= 0, at least one, got {samples}")
-    run_dir = Path(runs[0])
-    _check_elm_run(run_dir)
-    run = load_run(run_dir, checkpoint)
+    run = load_one_run(
+        runs,
+        checkpoint,
+        figure="elm-memory",
+        family=ELM_FAMILY,
+        wanted="shows one trained ELM run",
+        shows="shows the memory of a trained ELM neuron",
+        cells="--cell elm or branch_elm",
+    )
     elm = find_elm(run.model)
     x, _ = run.task.probe(run.model, max(samples) + 1)  # (T, B, I), the task's test inputs
     if x.shape[1] <= max(samples):
@@ -166,7 +153,7 @@ def elm_memory(
         outputs = run.model(x).float()  # (N, O)
     tau = elm.memory_tau.detach()
     return ELMMemory(
-        run=run_dir.name,
+        run=Path(runs[0]).name,
         label=model_kind(run.config.cell).label,
         cell=run.config.cell,
         task=run.config.task,

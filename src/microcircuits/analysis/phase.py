@@ -12,7 +12,6 @@ named. Panels: the four voltages against time, and two phase planes (``v_sp`` ag
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import torch
 from ..cmc.dynamics import POPULATIONS
 from ..model_registry import model_kind
 from . import style
+from .one_run import load_one_run
 
 __all__ = ["CMCPhase", "cmc_phase", "plot_cmc_phase", "write_cmc_phase_csv"]
 
@@ -56,19 +56,6 @@ class CMCPhase:
     test_index: np.ndarray
 
 
-def _check_cmc_run(run_dir: Path) -> None:
-    config_path = run_dir / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run directory: {config_path} is missing")
-    model = model_kind(json.loads(config_path.read_text())["cell"])
-    if model.family != CMC_FAMILY:
-        raise ValueError(
-            f"cmc-phase plots the populations of a trained canonical microcircuit; {run_dir} "
-            f"trained a {model.label} (cell {model.name!r}); give a run of --cell cmc or "
-            "cmc_hierarchy"
-        )
-
-
 def cmc_phase(
     runs: Sequence[str | os.PathLike[str]] = (),
     *,
@@ -92,17 +79,17 @@ def cmc_phase(
     Raises:
         ValueError: no run, several, or a run of another model (named).
     """
-    from ..runs import load_run
-
-    if len(runs) != 1:
-        raise ValueError(
-            f"cmc-phase plots one trained CMC run: give --runs RUN_DIR, got {len(runs)} runs"
-        )
     if points is not None and points < 2:
         raise ValueError(f"points must be >= 2, got {points}")
-    run_dir = Path(runs[0])
-    _check_cmc_run(run_dir)
-    run = load_run(run_dir, checkpoint)
+    run = load_one_run(
+        runs,
+        checkpoint,
+        figure="cmc-phase",
+        family=CMC_FAMILY,
+        wanted="plots one trained CMC run",
+        shows="plots the populations of a trained canonical microcircuit",
+        cells="--cell cmc or cmc_hierarchy",
+    )
     model = run.model
     if points is None:
         steps = None if model.step_size is None else model.integration_time / model.step_size
@@ -127,7 +114,7 @@ def cmc_phase(
     elif not 0 <= column < voltages.shape[2]:
         raise ValueError(f"column must be in [0, {voltages.shape[2] - 1}], got {column}")
     return CMCPhase(
-        run=run_dir.name,
+        run=Path(runs[0]).name,
         label=model_kind(run.config.cell).label,
         column=column,
         times=times.numpy(),
