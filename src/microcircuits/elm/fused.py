@@ -471,19 +471,12 @@ def _memory_backward(
     gradients of ``m_0``, ``k_m`` and ``gain``."""
     loops = _native_ops()
     if loops is not None:
-        return tuple(
-            loops.elm_memory_backward(
-                grad,
-                memories,
-                tanh,
-                list(hidden),
-                decay,
-                gain,
-                weights,
-                _ACTIVATION_CODES[activation],
-                da,
-            )
-        )
+        args = (grad, memories, tanh, list(hidden), decay, gain, weights)
+        args = (*args, _ACTIVATION_CODES[activation], da)
+        result = []
+        if cpu_products.direct_available(grad.dtype, native.step_loops()):
+            result = loops.elm_memory_backward_direct(*args)
+        return tuple(result or loops.elm_memory_backward(*args))
     steps = grad.shape[0]
     num_layers = len(weights)
     carry = torch.zeros_like(memories[0])

@@ -317,6 +317,81 @@ MC_AVX512 void memory_rows_direct(const MemoryDirect& p, int64_t b0, int64_t b1)
   }
 }
 
+
+// The reverse sweep in float32 on the direct path (see elm_memory_backward_direct).
+struct MemoryBackDirect {
+  int64_t steps, batch, size, activation;
+  const float* grad;       // (T, B, M)
+  const float* memories;   // (T+1, B, M), m_0 first
+  const float* tanh;       // (T, B, M)
+  std::vector<const float*> hidden;  // (T, B, N_l), l < L - 1
+  const float* decay;      // (M,)
+  const float* gain;       // (M,)
+  std::vector<const float*> w;  // layer l's weight (N_l, K_l) row-major, contiguous
+  std::vector<int64_t> width;   // N_l
+  std::vector<float*> da;       // (T, B, N_l)
+};
+
+// g *= act'(a) over n values.
+MC_AVX512 void times_activation_grad_direct(const float* a, float* g, int64_t n,
+                                            int64_t activation) {
+  if (activation == kRelu) {
+    for (int64_t i = 0; i < n; ++i) g[i] = a[i] > 0.0f ? g[i] : 0.0f;
+    return;
+  }
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (int64_t i = 0; i < n; i += 16) {  // silu': s (1 + a (1 - s))
+    const __mmask16 k = tail_mask(n - i);
+    const __m512 v = _mm512_maskz_loadu_ps(k, a + i);
+    const __m512 s = sigmoid16(v);
+    const __m512 d = _mm512_mul_ps(s, _mm512_fmadd_ps(v, _mm512_sub_ps(one, s), one));
+    _mm512_mask_storeu_ps(g + i, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, g + i), d));
+  }
+}
+
+// Rows [b0, b1) back through every step; the carried gradient of m_0 goes to carry_out
+// (B, M) and this block's sums over its rows to grad_decay, grad_gain (M,).
+MC_AVX512 void backward_rows_direct(const MemoryBackDirect& p, int64_t b0, int64_t b1,
+                                    float* carry_out, float* grad_decay, float* grad_gain) {
+  const int64_t rows = b1 - b0, size = p.size, layers = static_cast<int64_t>(p.w.size());
+  const float slope = static_cast<float>(kTanhScale * 2.0 / 3.0);
+  const float scale = static_cast<float>(kTanhScale);
+  std::vector<float> carry(rows * size, 0.0f), g(rows * size);
+  for (int64_t t = p.steps - 1; t >= 0; --t) {
+    const int64_t row0 = t * p.batch + b0;
+    const float* gt = p.grad + row0 * size;
+    const float* u = p.tanh + row0 * size;
+    float* d_last = p.da[layers - 1] + row0 * size;
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t j = 0; j < size; ++j) {
+        const int64_t n = r * size + j;
+        const float gn = gt[n] + carry[n];
+        g[n] = gn;
+        grad_gain[j] += gn * u[n] * scale;
+        d_last[n] = gn * p.gain[j] * slope * (1.0f - u[n] * u[n]);
+      }
+    }
+    for (int64_t l = layers - 1; l > 0; --l) {  // da[l-1] = (da[l] W_l) act'(a_{l-1})
+      const int64_t n = p.width[l], k = p.width[l - 1];
+      float* below = p.da[l - 1] + row0 * k;
+      gemm(rows, k, n, p.da[l] + row0 * n, n, p.w[l], k, below, k, false);
+      times_activation_grad_direct(p.hidden[l - 1] + row0 * k, below, rows * k, p.activation);
+    }
+    // dd = g + da[0] W_0m, into g; then grad_decay += dd m_{t-1}, carry = dd k
+    gemm(rows, size, p.width[0], p.da[0] + row0 * p.width[0], p.width[0], p.w[0], size,
+         g.data(), size, true);
+    const float* m_prev = p.memories + row0 * size;  // m_{t-1}: row t of (T+1, B, M)
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t j = 0; j < size; ++j) {
+        const int64_t n = r * size + j;
+        grad_decay[j] += g[n] * m_prev[n];
+        carry[n] = g[n] * p.decay[j];
+      }
+    }
+  }
+  std::copy(carry.begin(), carry.end(), carry_out + b0 * size);
+}
+
 #endif  // MC_DIRECT
 
 template <typename scalar_t>
@@ -479,6 +554,60 @@ std::vector<at::Tensor> elm_memory_backward(const at::Tensor& grad, const at::Te
   return result;
 }
 
+// elm_memory_backward in float32 on the direct path (brgemm products, AVX-512 activation
+// slopes, no ATen op per step), the batch in blocks of rows as the forward; each block
+// sums its own grad_decay and grad_gain, added up at the end. Returns {} where the direct
+// path is not available: then call elm_memory_backward.
+std::vector<at::Tensor> elm_memory_backward_direct(
+    const at::Tensor& grad, const at::Tensor& memories, const at::Tensor& tanh_saved,
+    const std::vector<at::Tensor>& hidden, const at::Tensor& decay, const at::Tensor& gain,
+    const std::vector<at::Tensor>& weights, int64_t activation,
+    const std::vector<at::Tensor>& da) {
+#if MC_DIRECT
+  if (!direct_cpu() || grad.scalar_type() != at::kFloat) return {};
+  check(grad, "grad");
+  check(memories, "memories");
+  check(tanh_saved, "tanh");
+  for (const auto& d : da) check(d, "da");
+  for (const auto& h : hidden) check(h, "hidden");
+  MemoryBackDirect p;
+  p.steps = grad.size(0);
+  p.batch = grad.size(1);
+  p.size = grad.size(2);
+  p.activation = activation;
+  p.grad = grad.data_ptr<float>();
+  p.memories = memories.data_ptr<float>();
+  p.tanh = tanh_saved.data_ptr<float>();
+  for (const auto& h : hidden) p.hidden.push_back(h.data_ptr<float>());
+  const at::Tensor k = decay.contiguous(), gamma = gain.contiguous();
+  p.decay = k.data_ptr<float>();
+  p.gain = gamma.data_ptr<float>();
+  std::vector<at::Tensor> alive;
+  for (const auto& w : weights) {
+    alive.push_back(w.contiguous());
+    p.w.push_back(alive.back().data_ptr<float>());
+    p.width.push_back(w.size(0));
+  }
+  for (const auto& d : da) p.da.push_back(d.data_ptr<float>());
+  at::Tensor carry = at::empty({p.batch, p.size}, grad.options());
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(),
+                                                                p.batch / kDirectRows));
+  at::Tensor sums = at::zeros({blocks, 2, p.size}, grad.options());  // per block: k, gain
+  float* out = carry.data_ptr<float>();
+  float* sp = sums.data_ptr<float>();
+  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t i = first; i < last; ++i) {
+      const int64_t b0 = p.batch * i / blocks, b1 = p.batch * (i + 1) / blocks;
+      backward_rows_direct(p, b0, b1, out, sp + 2 * i * p.size, sp + (2 * i + 1) * p.size);
+    }
+  });
+  const at::Tensor total = sums.sum(0);
+  return {carry, total[0], total[1]};
+#else
+  return {};
+#endif
+}
+
 TORCH_LIBRARY_FRAGMENT(microcircuits_elm, m) {
   m.def(
       "elm_trace_forward(Tensor drive, Tensor branch0, Tensor decay, Tensor(a!) out) -> ()",
@@ -495,6 +624,11 @@ TORCH_LIBRARY_FRAGMENT(microcircuits_elm, m) {
       "Tensor[] weights, Tensor[] biases, int activation, Tensor(a!) memories, "
       "Tensor(b!)[] hidden, Tensor(c!) tanh_out) -> bool",
       &elm_memory_forward_direct);
+  m.def(
+      "elm_memory_backward_direct(Tensor grad, Tensor memories, Tensor tanh_saved, "
+      "Tensor[] hidden, Tensor decay, Tensor gain, Tensor[] weights, int activation, "
+      "Tensor(a!)[] da) -> Tensor[]",
+      &elm_memory_backward_direct);
   m.def(
       "elm_memory_backward(Tensor grad, Tensor memories, Tensor tanh_saved, Tensor[] hidden, "
       "Tensor decay, Tensor gain, Tensor[] weights, int activation, Tensor(a!)[] da) "
