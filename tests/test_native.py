@@ -316,3 +316,24 @@ def test_copies_of_the_package_elsewhere_share_one_build(step_loops, tmp_path, m
         assert loaded == built, stderr
         assert "building" not in stderr
     assert [p.stat().st_mtime_ns for p in outputs] == before  # nothing recompiled
+
+
+def test_every_source_the_build_reads_is_shipped_as_package_data():
+    """An installed wheel holds only the files ``package-data`` names: every C++ source
+    and header the build stages must match one of its patterns (step_loops.h once did
+    not, so a wheel fell back to the Python loops)."""
+    import fnmatch
+
+    from microcircuits.report import tomllib  # tomli before Python 3.11
+
+    root = Path(native.__file__).resolve().parents[1]  # the microcircuits package
+    pyproject = root.parents[1] / "pyproject.toml"
+    if not pyproject.is_file():
+        pytest.skip("not a source checkout")
+    patterns = tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["package-data"]
+    patterns = patterns["microcircuits"]
+    staged = native._source_files()
+    assert staged, "no C++ sources found"
+    for path in staged:
+        relative = path.resolve().relative_to(root).as_posix()
+        assert any(fnmatch.fnmatch(relative, p) for p in patterns), relative
