@@ -481,3 +481,18 @@ def test_a_run_stopped_before_any_validation_tests_its_best_checkpoint(tmp_path:
     model = task.build_model()
     model.load_state_dict(best["model"])
     assert task.evaluate(model, "test").metric == pytest.approx(result.test, rel=1e-6)
+
+
+@pytest.mark.parametrize(("clip_norm", "clipped"), [(1e-9, 1.0), (1e9, 0.0), (None, None)])
+def test_training_records_log_the_gradient_norm_before_clipping(tmp_path, clip_norm, clipped):
+    """Each training record gives the mean and largest global gradient norm of its steps
+    before clipping and the fraction the clip shrank; nothing without clipping."""
+    train(_adding(tmp_path, clip_norm=clip_norm))
+    records = [r for r in _records(tmp_path / "run") if r["kind"] == "train"]
+    assert records
+    for record in records:
+        if clipped is None:
+            assert not {"grad_norm", "grad_norm_max", "clipped"} & set(record)
+            continue
+        assert record["clipped"] == clipped
+        assert 0 < record["grad_norm"] <= record["grad_norm_max"] < math.inf

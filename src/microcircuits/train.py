@@ -208,7 +208,8 @@ class _Trainer:
             )
         self.position = Position()
         self.schedule = PlateauSchedule.from_config(config, self.task.higher_is_better)
-        self.pending: list[tuple[int, Tensor]] = []  # (step, loss) not yet logged
+        # (step, loss, gradient norm before clipping or None) not yet logged
+        self.pending: list[tuple[int, Tensor, Tensor | None]] = []
         self.last_valid: Evaluation | None = None
         self.resume_step: int | None = None
         self.resume_records: int | None = None  # lines of metrics.jsonl at the checkpoint
@@ -311,13 +312,29 @@ class _Trainer:
             loss, pos.carry = self.task.train_loss(self.train_model, batch, pos.carry)
         scale = self._gradient_scale(batch)
         (loss if scale == 1.0 else loss * scale).backward()
-        add_weight_decay_and_clip_(
+        norm = add_weight_decay_and_clip_(
             self.model.parameters(), self.config.weight_decay, self.config.clip_norm
         )
         self.optimizer.step()
         pos.global_step += 1
         pos.step_in_epoch += 1
-        self.pending.append((pos.global_step, loss.detach()))
+        self.pending.append((pos.global_step, loss.detach(), norm))
+
+    def _gradient_norms(self) -> dict[str, float]:
+        """The pending steps' global gradient norms before clipping (the clipped gradient's
+        norm is ``min(norm, clip_norm)``): their mean and largest, and the fraction of
+        steps the clip shrank; empty without clipping. The gradients are already reduced
+        over ranks under torchrun, so every rank logs the same."""
+        norms = [norm for _, _, norm in self.pending if norm is not None]
+        if not norms:
+            return {}
+        values = torch.stack([n.float() for n in norms]).tolist()
+        clip = self.config.clip_norm
+        return {
+            "grad_norm": sum(values) / len(values),
+            "grad_norm_max": max(values),
+            "clipped": sum(v > clip for v in values) / len(values),
+        }
 
     def _gradient_scale(self, batch: tuple[Tensor, ...]) -> float:
         scale = getattr(self.task, "gradient_scale", None)  # optional in the Task protocol
@@ -331,11 +348,12 @@ class _Trainer:
         """
         if not self.pending:
             return
-        steps = [step for step, _ in self.pending]
+        steps = [step for step, _, _ in self.pending]
         # Under torchrun: the mean over the ranks, i.e. the loss of the global batch,
         # the same on every rank (so a non-finite loss stops all of them together).
-        losses = torch.stack([loss.float() for _, loss in self.pending])
+        losses = torch.stack([loss.float() for _, loss, _ in self.pending])
         values = mean_over_ranks(losses, self.context).tolist()
+        norms = self._gradient_norms()
         self.pending.clear()
         for step, value in zip(steps, values):
             if not math.isfinite(value):
@@ -353,6 +371,7 @@ class _Trainer:
                 "lr": self._lr(),
                 "steps": len(values),
                 "time": self._elapsed(),
+                **norms,
             }
         )
         postfix = {"loss": f"{mean:.4g}", "lr": f"{self._lr():.2g}"}
