@@ -7,8 +7,6 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
-import urllib.error
-import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -35,6 +33,7 @@ from microcircuits.data import (
     tokenize,
 )
 from microcircuits.data.__main__ import main as data_cli
+from tests._downloads import serve as _serve
 
 _ENV_DATA = os.environ.get("MICROCIRCUITS_DATA", "")
 
@@ -231,21 +230,6 @@ def test_missing_file_without_download_says_how_to_get_it(tmp_path):
 
 
 # -- downloads, served from local files ----------------------------------------------------
-
-
-def _serve(monkeypatch, routes: dict[str, Path]) -> list[str]:
-    """Answer the downloader's requests from local files through urllib's file:// handler;
-    any other address fails as an unreachable host would."""
-    calls: list[str] = []
-
-    def open_url(url: str):
-        calls.append(url)
-        if url not in routes:
-            raise urllib.error.URLError("no network in tests")
-        return urllib.request.urlopen(routes[url].as_uri())
-
-    monkeypatch.setattr(registry, "_open_url", open_url)
-    return calls
 
 
 def test_failed_download_gives_missing_data_error(monkeypatch, tmp_path):

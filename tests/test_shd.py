@@ -7,8 +7,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import shutil
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +14,7 @@ import pytest
 import torch
 
 from microcircuits.config import ExperimentConfig
-from microcircuits.data import CorruptDataError, MissingDataError, registry
+from microcircuits.data import CorruptDataError, MissingDataError
 from microcircuits.data import shd as shd_data
 from microcircuits.data.shd import (
     SHD_FILES,
@@ -29,6 +27,7 @@ from microcircuits.data.shd import (
 )
 from microcircuits.task_registry import TASK_KINDS
 from microcircuits.tasks.shd import SHDAddingTask, SHDTask, published_split
+from tests._downloads import serve as _serve
 
 h5py = pytest.importorskip("h5py")
 CPU = torch.device("cpu")
@@ -209,19 +208,6 @@ def test_a_missing_file_says_where_it_looked_and_how_to_get_it(tmp_path):
     assert str(tmp_path / "shd" / "shd_train.h5") in message
     assert "https://zenkelab.org/datasets/shd_train.h5.gz" in message
     assert "MICROCIRCUITS_DATA" in message and "download=True" in message
-
-
-def _serve(monkeypatch, routes: dict[str, Path]) -> list[str]:
-    calls: list[str] = []
-
-    def open_url(url: str):
-        calls.append(url)
-        if url not in routes:
-            raise urllib.error.URLError("no network in tests")
-        return urllib.request.urlopen(routes[url].as_uri())
-
-    monkeypatch.setattr(registry, "_open_url", open_url)
-    return calls
 
 
 def test_no_internet_gives_a_missing_data_error(monkeypatch, tmp_path):
