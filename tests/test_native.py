@@ -60,8 +60,8 @@ def test_the_fused_kernel_runs_its_steps_in_cpp_by_default(cell, packed, monkeyp
         out.sum().backward()
         with torch.no_grad():
             kernels.run_layer(kind, x, state, weights, lengths=lengths, update_mask=mask)
-    direct = cell != "lstm" and spy.module.direct_available()
-    if direct:  # the subtractive cells in float32 (tests/test_direct.py)
+    direct = spy.module.direct_available()
+    if direct:  # every cell in float32 (tests/test_direct.py)
         want = ["forward_direct", "backward_direct", "forward_direct"]
     else:
         backward = "backward_steps" if cell == "lstm" else "backward_subtractive"

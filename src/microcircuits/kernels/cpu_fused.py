@@ -464,12 +464,11 @@ class _FusedLayer(torch.autograd.Function):
         with _flush_denormals():
             in_place = not graph_kept()
             decay = None if phi is None else torch.sigmoid(phi)  # fix-subLSTM's f
-            loops = None
-            if kind.name != "lstm":  # the tensors the C++ loop reads, as forward checks them
-                loops = native_loops(
-                    act, c_all, y, weight_hh, decay, mask, grad_y, grad_hn, grad_cn
-                )
+            # the tensors the C++ loop reads, as forward checks them
+            loops = native_loops(act, c_all, y, weight_hh, decay, mask, grad_y, grad_hn, grad_cn)
             direct = direct_path(kind, act.dtype, loops) and grad_y.dtype == torch.float32
+            if kind.name == "lstm" and not direct:
+                loops = None  # backward_subtractive has the subtractive cells only
             rec = Recurrent(weight_hh, batch, forward=False, backward=True, direct=direct)
             phi_sum = dc_all = None
             if loops is not None:  # the subtractive cells' whole recurrence in C++

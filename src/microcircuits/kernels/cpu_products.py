@@ -189,9 +189,9 @@ def native_loops(*tensors: Tensor | None):
 
 def direct_path(kind: CellKind, dtype: torch.dtype, loops) -> bool:
     """Whether a layer call runs on the C++ loops' direct path (``forward_direct``,
-    ``backward_direct``: the subtractive cells in float32 where oneDNN's brgemm and
+    ``backward_direct``: any of the three cells in float32 where oneDNN's brgemm and
     AVX-512 are available; see ``csrc/direct_steps.cpp``)."""
-    return kind.name != "lstm" and direct_available(dtype, loops)
+    return direct_available(dtype, loops)
 
 
 def direct_available(dtype: torch.dtype, loops) -> bool:

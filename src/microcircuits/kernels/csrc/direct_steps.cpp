@@ -151,15 +151,23 @@ MC_AVX512 __attribute__((always_inline)) inline void forward16(
     const float* c_prev, float* c_next, float* __restrict y, const float* __restrict decay,
     const float* __restrict m, int64_t j, __mmask16 k, __m512& c_out, __m512& h_out) {
   const int64_t zq = kind == kFix ? 1 : 2, oq = kind == kFix ? 2 : 3;
+  const bool lstm = kind == kLSTM;  // c = f c_prev + i z m, h = o tanh(c), z = tanh(.)
   const __m512 i = sigmoid16(pre16(g, gs, add, as, 0, j, k));
-  __m512 z = sigmoid16(pre16(g, gs, add, as, zq, j, k));
+  __m512 z = lstm ? tanh16(pre16(g, gs, add, as, zq, j, k))
+                  : sigmoid16(pre16(g, gs, add, as, zq, j, k));
   const __m512 o = sigmoid16(pre16(g, gs, add, as, oq, j, k));
-  const __m512 f = kind == kSub ? sigmoid16(pre16(g, gs, add, as, 1, j, k))
-                                : _mm512_maskz_loadu_ps(k, decay + j);
+  const __m512 f = kind == kFix ? _mm512_maskz_loadu_ps(k, decay + j)
+                                : sigmoid16(pre16(g, gs, add, as, 1, j, k));
   const __m512 zm = m ? _mm512_mul_ps(z, _mm512_maskz_loadu_ps(k, m + j)) : z;
-  c_out = _mm512_sub_ps(_mm512_fmadd_ps(f, _mm512_maskz_loadu_ps(k, c_prev + j), zm), i);
-  h_out = _mm512_sub_ps(sigmoid16(c_out), o);
-  if (kind == kSub) _mm512_mask_storeu_ps(g + gs + j, k, f);
+  const __m512 cp = _mm512_maskz_loadu_ps(k, c_prev + j);
+  if (lstm) {
+    c_out = _mm512_fmadd_ps(f, cp, _mm512_mul_ps(i, zm));
+    h_out = _mm512_mul_ps(o, tanh16(c_out));
+  } else {
+    c_out = _mm512_sub_ps(_mm512_fmadd_ps(f, cp, zm), i);
+    h_out = _mm512_sub_ps(sigmoid16(c_out), o);
+  }
+  if (kind != kFix) _mm512_mask_storeu_ps(g + gs + j, k, f);
   _mm512_mask_storeu_ps(g + j, k, i);
   _mm512_mask_storeu_ps(g + zq * gs + j, k, z);  // saved without the mask
   _mm512_mask_storeu_ps(g + oq * gs + j, k, o);
@@ -199,10 +207,54 @@ MC_AVX512 inline __m512d high_pd(__m512 v) {
 // A backward step for `count` units of one row (the equations of backward_subtractive):
 // gate q of unit j at a[q * gs + j], the activations replaced by d pre; carry is the
 // carried dc; phi (float64) gets dc c_prev when given.
+// The LSTM's backward step (gates i, f, z = tanh, o; c_next = c_t): dc = carry + dh o
+// (1 - tanh(c)^2); d pre: dc z m i (1 - i), dc c_prev f (1 - f), dc i m (1 - z^2), dh
+// tanh(c) o (1 - o); the carried dc is dc f.
+MC_AVX512 void backward_units_lstm(float* a, int64_t gs, const float* c_prev,
+                                   const float* c_next, const float* m, const float* dh,
+                                   float* carry, bool flush, float cut, int64_t count) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (int64_t j = 0; j < count; j += 16) {
+    const __mmask16 k = tail_mask(count - j);
+    const __m512 i = _mm512_maskz_loadu_ps(k, a + j);
+    const __m512 f = _mm512_maskz_loadu_ps(k, a + gs + j);
+    const __m512 z = _mm512_maskz_loadu_ps(k, a + 2 * gs + j);
+    const __m512 o = _mm512_maskz_loadu_ps(k, a + 3 * gs + j);
+    const __m512 mm = m ? _mm512_maskz_loadu_ps(k, m + j) : one;
+    const __m512 d_h = _mm512_maskz_loadu_ps(k, dh + j);
+    const __m512 tc = tanh16(_mm512_maskz_loadu_ps(k, c_next + j));
+    const __m512 dc = _mm512_fmadd_ps(_mm512_mul_ps(d_h, o), _mm512_fnmadd_ps(tc, tc, one),
+                                      _mm512_maskz_loadu_ps(k, carry + j));
+    const __m512 di = _mm512_mul_ps(_mm512_mul_ps(dc, _mm512_mul_ps(z, mm)),
+                                    _mm512_mul_ps(i, _mm512_sub_ps(one, i)));
+    const __m512 df = _mm512_mul_ps(_mm512_mul_ps(dc, _mm512_maskz_loadu_ps(k, c_prev + j)),
+                                    _mm512_mul_ps(f, _mm512_sub_ps(one, f)));
+    const __m512 dz = _mm512_mul_ps(_mm512_mul_ps(dc, _mm512_mul_ps(i, mm)),
+                                    _mm512_fnmadd_ps(z, z, one));
+    const __m512 d_o = _mm512_mul_ps(_mm512_mul_ps(d_h, tc),
+                                     _mm512_mul_ps(o, _mm512_sub_ps(one, o)));
+    _mm512_mask_storeu_ps(a + j, k, di);
+    _mm512_mask_storeu_ps(a + gs + j, k, df);
+    _mm512_mask_storeu_ps(a + 2 * gs + j, k, dz);
+    _mm512_mask_storeu_ps(a + 3 * gs + j, k, d_o);
+    __m512 next = _mm512_mul_ps(dc, f);
+    if (flush) {
+      const __mmask16 small =
+          _mm512_cmp_ps_mask(_mm512_abs_ps(next), _mm512_set1_ps(cut), _CMP_LE_OQ);
+      next = _mm512_mask_blend_ps(small, next, _mm512_setzero_ps());
+    }
+    _mm512_mask_storeu_ps(carry + j, k, next);
+  }
+}
+
 MC_AVX512 void backward_units(Kind kind, float* a, int64_t gs, const float* c_prev,
-                              const float* y, const float* decay, const float* m,
-                              const float* dh, float* carry, double* phi, bool flush, float cut,
-                              int64_t count) {
+                              const float* c_next, const float* y, const float* decay,
+                              const float* m, const float* dh, float* carry, double* phi,
+                              bool flush, float cut, int64_t count) {
+  if (kind == kLSTM) {
+    backward_units_lstm(a, gs, c_prev, c_next, m, dh, carry, flush, cut, count);
+    return;
+  }
   const int64_t zq = kind == kFix ? 1 : 2, oq = kind == kFix ? 2 : 3;
   const __m512 one = _mm512_set1_ps(1.0f);
   for (int64_t j = 0; j < count; j += 16) {
@@ -425,8 +477,9 @@ void backward_by_rows(const Layer& L, const Grads& D, double* phi, int64_t r0, i
     }
     alive_after = end;
     for (int64_t b = r0; b < end; ++b) {
-      backward_units(L.kind, L.a_row(t, b), H, L.c_row(t, b), L.y_row(t, b), L.decay,
-                     L.m_row(b), D.dh + b * H, D.carry + b * H, phi, D.flush, D.cut, H);
+      backward_units(L.kind, L.a_row(t, b), H, L.c_row(t, b), L.c_row(t + 1, b),
+                     L.y_row(t, b), L.decay, L.m_row(b), D.dh + b * H, D.carry + b * H, phi,
+                     D.flush, D.cut, H);
     }
     if (t > 0 || D.need_dh0) {  // dh_{t-1} = grad_y[t-1] + dpre_t R (dh0's part: dpre_0 R)
       for (int64_t b = r0; b < end; ++b) {
@@ -455,7 +508,8 @@ void backward_by_units(const Layer& L, const Grads& D, int64_t j0, int64_t j1,
     }
     alive_after = rows;
     for (int64_t b = 0; b < rows && w > 0; ++b) {
-      backward_units(L.kind, L.a_row(t, b) + j0, H, L.c_row(t, b) + j0, L.y_row(t, b) + j0,
+      backward_units(L.kind, L.a_row(t, b) + j0, H, L.c_row(t, b) + j0,
+                     L.c_row(t + 1, b) + j0, L.y_row(t, b) + j0,
                      L.decay ? L.decay + j0 : nullptr, L.m_row(b) ? L.m_row(b) + j0 : nullptr,
                      D.dh + b * H + j0, D.carry + b * H + j0, D.phi ? D.phi + j0 : nullptr,
                      D.flush, D.cut, w);
@@ -538,7 +592,7 @@ void forward_direct(int64_t kind_id, at::Tensor gates, at::Tensor h, at::Tensor 
                     std::vector<int64_t> batch_sizes, int64_t split, int64_t parts) {
   const Kind kind = static_cast<Kind>(kind_id);
   TORCH_CHECK(direct_available(), "forward_direct: not available on this build or CPU");
-  TORCH_CHECK(kind == kSub || kind == kFix, "forward_direct: subLSTM or fix-subLSTM");
+  TORCH_CHECK(kind == kLSTM || kind == kSub || kind == kFix, "forward_direct: a cell kind");
   TORCH_CHECK(split >= 0 && split <= 2, "forward_direct: split is 0, 1 or 2");
   for (const at::Tensor* t : {&gates, &h, &memory, &y, &r}) {
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous(),
@@ -592,7 +646,7 @@ void backward_direct(int64_t kind_id, at::Tensor act, at::Tensor memory, at::Ten
                      std::vector<int64_t> batch_sizes, int64_t split, int64_t parts) {
   const Kind kind = static_cast<Kind>(kind_id);
   TORCH_CHECK(direct_available(), "backward_direct: not available on this build or CPU");
-  TORCH_CHECK(kind == kSub || kind == kFix, "backward_direct: subLSTM or fix-subLSTM");
+  TORCH_CHECK(kind == kLSTM || kind == kSub || kind == kFix, "backward_direct: a cell kind");
   TORCH_CHECK(split >= 0 && split <= 2, "backward_direct: split is 0, 1 or 2");
   for (const at::Tensor* t : {&act, &memory, &y, &r, &dh, &dc_carry}) {
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous(),
