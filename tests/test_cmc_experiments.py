@@ -84,7 +84,7 @@ def test_the_preset_builds_a_node_and_an_mlp_of_about_its_parameter_count(tiny_m
         assert model(torch.rand(3, 28, 28)).shape == (3, 10)
     node = load_config("mnist", "cmc")
     assert isinstance(make_task(node, "cpu").build_model(), CMCNode)
-    assert node.hidden_size == 64 and node.cmc_input_scale == 30.0
+    assert node.hidden_size == 64 and node.cmc_input_scale == 300.0
     assert load_config("mnist", "mlp").hidden_size == 96
     assert counts["cmc"] == 784 * 64 + 64 + 10 * 4 * 64 * 10 + 10 + 64 * 10  # 76,490
     assert abs(counts["mlp"] - counts["cmc"]) / counts["cmc"] < 0.01
