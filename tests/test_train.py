@@ -496,3 +496,17 @@ def test_training_records_log_the_gradient_norm_before_clipping(tmp_path, clip_n
             continue
         assert record["clipped"] == clipped
         assert 0 < record["grad_norm"] <= record["grad_norm_max"] < math.inf
+
+
+def test_a_resume_may_set_a_plateau_schedule(tmp_path: Path) -> None:
+    """A run without decay, resumed with one (a stalled run takes a schedule without
+    starting again): the learning rate decays from the resumed validations on."""
+    first = _adding(tmp_path, epochs=2, lr_decay_factor=1.0)
+    train(first, task=_WorseningAdding(first, torch.device("cpu")))
+    later = _adding(tmp_path, epochs=4, lr_decay_factor=0.5, lr_decay_patience=1)
+    result = train(later, resume=True, task=_WorseningAdding(later, torch.device("cpu")))
+    assert result.epochs_done == 4
+    lrs = [r["lr"] for r in _records(tmp_path / "run") if r["kind"] == "valid"]
+    assert lrs == pytest.approx([0.01, 0.01, 0.005, 0.0025])
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["lr_decay_factor"] == 0.5

@@ -65,14 +65,17 @@ RESUMABLE_CHANGES = frozenset(
     {
         "epochs", "max_steps", "device", "progress", "tensorboard", "num_threads",
         "checkpoint_every", "log_every", "data_dir", "download", "out_dir", "run_name",
-        "lr", "clip_norm",
+        "lr", "clip_norm", "lr_decay_factor", "lr_decay_patience", "lr_decay_threshold",
+        "min_lr", "early_stop_patience",
     }
 )  # fmt: skip
 """Config fields that may differ between a run and its resumption: they change where
-the run stops or how it is observed, or (``lr``, ``clip_norm``) are the remedies for a
-diverged run, continued from its last good checkpoint. A changed ``lr`` replaces the
-learning rate of the optimiser (including any plateau decay it had); the same ``lr``
-keeps the optimiser's, so an unchanged resume stays exact."""
+the run stops or how it is observed; or (``lr``, ``clip_norm``) are the remedies for a
+diverged run, continued from its last good checkpoint; or they set the plateau schedule
+from here on (the decay and early stopping rules: a run that stalls at its learning
+rate takes a schedule without starting again; the counters it has kept carry over). A
+changed ``lr`` replaces the learning rate of the optimiser (including any plateau decay
+it had); the same ``lr`` keeps the optimiser's, so an unchanged resume stays exact."""
 
 _RUN_FILES = ("config.json", "meta.json", "task.json", "results.json", "metrics.jsonl")
 _CHECKPOINT_NAMES = ("last", "best")
