@@ -296,7 +296,7 @@ def _long_lstm_training(kind: CellKind, x: Tensor, state: LSTMState, weights: Ce
     tensors = [x, state.h, state.c, *(w for w in weights if w is not None)]
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
         return False
-    return cpu_fused.direct_path(kind, x.dtype, cpu_fused.native_loops(*tensors))
+    return cpu_fused.direct_available(x.dtype, cpu_fused.native_loops(*tensors))
 
 
 def choose_stack_kernel(

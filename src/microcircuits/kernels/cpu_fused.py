@@ -27,7 +27,7 @@ For one layer and direction of any of the three cells (:data:`microcircuits.cell
 
 Where the steps run
 -------------------
-* **The direct path** (float32 subLSTM and fix-subLSTM, x86 CPUs with AVX-512, the C++
+* **The direct path** (float32, all three cells, x86 CPUs with AVX-512, the C++
   loops built): ``forward_direct``/``backward_direct`` in ``csrc/direct_steps.cpp``. A
   step is one call of oneDNN's brgemm micro-kernel, accumulating into the step's gate
   rows in place, and one vectorised pass for all of its pointwise work; the batch rows
@@ -97,8 +97,8 @@ from ._checks import call_tensors, common_unsupported_reason, off_cpu_reason
 from ._projection import combined_bias
 from .cpu_products import (
     Recurrent,
+    direct_available,
     direct_blocking,
-    direct_path,
     gemm_backend,
     mm,
     native_loops,
@@ -265,7 +265,7 @@ def _forward_inference(
     bias = combined_bias(weights)
     chunk = max(1, _INFERENCE_CHUNK_BYTES // max(1, batch * gate_rows * x.element_size()))
     loops = native_loops(x, state.h, state.c, weights.weight_hh, mask)
-    direct = direct_path(kind, x.dtype, loops)
+    direct = direct_available(x.dtype, loops)
     rec = Recurrent(weights.weight_hh, batch, forward=True, backward=False, direct=direct)
     # the step works in place (cells.pointwise_inplace, or the C++ loops): c is a private
     # copy, and h is read from the output y[t] (Python loops, full batch) or kept in its
@@ -358,7 +358,7 @@ class _FusedLayer(torch.autograd.Function):
         weights = CellWeights(weight_ih, weight_hh, bias_ih, bias_hh, phi)
         x2d = x.reshape(steps * batch, in_size)
         loops = native_loops(x, h0, c0, weight_hh, phi, mask)
-        direct = direct_path(kind, x.dtype, loops)
+        direct = direct_available(x.dtype, loops)
         rec = Recurrent(weight_hh, batch, forward=True, backward=False, direct=direct)
         # pointwise's two halves, apart, so the activations are kept for backward
         activate, update = kind.activate, kind.update
@@ -466,7 +466,7 @@ class _FusedLayer(torch.autograd.Function):
             decay = None if phi is None else torch.sigmoid(phi)  # fix-subLSTM's f
             # the tensors the C++ loop reads, as forward checks them
             loops = native_loops(act, c_all, y, weight_hh, decay, mask, grad_y, grad_hn, grad_cn)
-            direct = direct_path(kind, act.dtype, loops) and grad_y.dtype == torch.float32
+            direct = direct_available(act.dtype, loops) and grad_y.dtype == torch.float32
             if kind.name == "lstm" and not direct:
                 loops = None  # backward_subtractive has the subtractive cells only
             rec = Recurrent(weight_hh, batch, forward=False, backward=True, direct=direct)

@@ -7,7 +7,7 @@ sweep, ``dx`` and the weight gradients. This module chooses the library for each
 switches that steer the choice, and runs the products the Python side makes
 (:class:`Recurrent` for the per-step ones, :func:`projection`, :func:`mm`,
 :func:`weight_grad`). Whether a call may use the C++ loops at all, and their direct
-path, is decided here too (:func:`native_loops`, :func:`direct_path`): the direct path
+path, is decided here too (:func:`native_loops`, :func:`direct_available`): the direct path
 runs its per-step products itself, with oneDNN's brgemm.
 
 GEMMs
@@ -47,7 +47,6 @@ __all__ = [
     "Recurrent",
     "direct_available",
     "direct_blocking",
-    "direct_path",
     "gemm_backend",
     "linear",
     "mm",
@@ -76,7 +75,7 @@ _ONEDNN_MIN_WEIGHT_BYTES = int(
     os.environ.get("MICROCIRCUITS_ONEDNN_MIN_BYTES", 0 if _AVX512 else 3 << 19)
 )
 _ONEDNN_WHOLE_SEQUENCE = _AVX512 and os.environ.get("MICROCIRCUITS_ONEDNN_WHOLE", "1") != "0"
-# the direct path of the C++ loops (see direct_path); MICROCIRCUITS_DIRECT=0 turns it off
+# the direct path of the C++ loops (see direct_available); MICROCIRCUITS_DIRECT=0 turns it off
 _DIRECT = os.environ.get("MICROCIRCUITS_DIRECT", "1") != "0"
 # how the direct path splits a layer call over threads: 0 by rows where each thread gets
 # two or more, else by hidden units; 1 by rows; 2 by units (see csrc/direct_steps.cpp).
@@ -187,16 +186,10 @@ def native_loops(*tensors: Tensor | None):
     return native.step_loops()
 
 
-def direct_path(kind: CellKind, dtype: torch.dtype, loops) -> bool:
-    """Whether a layer call runs on the C++ loops' direct path (``forward_direct``,
-    ``backward_direct``: any of the three cells in float32 where oneDNN's brgemm and
-    AVX-512 are available; see ``csrc/direct_steps.cpp``)."""
-    return direct_available(dtype, loops)
-
-
 def direct_available(dtype: torch.dtype, loops) -> bool:
-    """Whether the C++ loops' direct paths (oneDNN's brgemm and AVX-512, float32; the
-    subtractive cells' and the ELM's memory loop) run here, and are not switched off."""
+    """Whether the C++ loops' direct paths (oneDNN's brgemm and AVX-512, float32) run
+    here and are not switched off: every cell's layer calls (``forward_direct``,
+    ``backward_direct`` in ``csrc/direct_steps.cpp``) and the ELM's memory loop."""
     if loops is None or not _DIRECT or dtype != torch.float32:
         return False
     available = getattr(loops, "direct_available", None)
@@ -214,7 +207,8 @@ def step_backend(
 ) -> str:
     """What runs a layer's per-step products: ``"direct"`` (brgemm in the C++ loops),
     ``"onednn"`` or ``"blas"`` (ATen ops)."""
-    if direct_path(kind, dtype, native_loops()):
+    del kind  # every cell has the direct path
+    if direct_available(dtype, native_loops()):
         return "direct"
     return gemm_backend(dtype, batch, hidden, gate_rows)
 

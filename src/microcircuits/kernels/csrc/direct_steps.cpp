@@ -1,4 +1,4 @@
-// The direct path of the C++ step loops: the subtractive cells in float32 on x86 CPUs
+// The direct path of the C++ step loops: the three cells in float32 on x86 CPUs
 // with AVX-512. A step is one call of oneDNN's batch-reduce GEMM micro-kernel
 // (at::native::cpublas::brgemm: no ATen op, no allocation, the product accumulated
 // straight into the step's gate rows) and one vectorised pass for all of its pointwise
@@ -207,6 +207,17 @@ MC_AVX512 inline __m512d high_pd(__m512 v) {
 // A backward step for `count` units of one row (the equations of backward_subtractive):
 // gate q of unit j at a[q * gs + j], the activations replaced by d pre; carry is the
 // carried dc; phi (float64) gets dc c_prev when given.
+// The carried dc of the next (earlier) step, values at most `cut` flushed to zero.
+MC_AVX512 inline void store_carry(float* carry, __mmask16 k, __m512 next, bool flush,
+                                  float cut) {
+  if (flush) {
+    const __mmask16 small =
+        _mm512_cmp_ps_mask(_mm512_abs_ps(next), _mm512_set1_ps(cut), _CMP_LE_OQ);
+    next = _mm512_mask_blend_ps(small, next, _mm512_setzero_ps());
+  }
+  _mm512_mask_storeu_ps(carry, k, next);
+}
+
 // The LSTM's backward step (gates i, f, z = tanh, o; c_next = c_t): dc = carry + dh o
 // (1 - tanh(c)^2); d pre: dc z m i (1 - i), dc c_prev f (1 - f), dc i m (1 - z^2), dh
 // tanh(c) o (1 - o); the carried dc is dc f.
@@ -237,13 +248,7 @@ MC_AVX512 void backward_units_lstm(float* a, int64_t gs, const float* c_prev,
     _mm512_mask_storeu_ps(a + gs + j, k, df);
     _mm512_mask_storeu_ps(a + 2 * gs + j, k, dz);
     _mm512_mask_storeu_ps(a + 3 * gs + j, k, d_o);
-    __m512 next = _mm512_mul_ps(dc, f);
-    if (flush) {
-      const __mmask16 small =
-          _mm512_cmp_ps_mask(_mm512_abs_ps(next), _mm512_set1_ps(cut), _CMP_LE_OQ);
-      next = _mm512_mask_blend_ps(small, next, _mm512_setzero_ps());
-    }
-    _mm512_mask_storeu_ps(carry + j, k, next);
+    store_carry(carry + j, k, _mm512_mul_ps(dc, f), flush, cut);
   }
 }
 
@@ -289,13 +294,7 @@ MC_AVX512 void backward_units(Kind kind, float* a, int64_t gs, const float* c_pr
     _mm512_mask_storeu_ps(a + zq * gs + j, k, _mm512_mul_ps(kz, dc));
     _mm512_mask_storeu_ps(a + oq * gs + j, k,
                           _mm512_mul_ps(_mm512_mul_ps(o, _mm512_sub_ps(o, one)), d_h));
-    __m512 next = _mm512_mul_ps(dc, f);
-    if (flush) {
-      const __mmask16 small =
-          _mm512_cmp_ps_mask(_mm512_abs_ps(next), _mm512_set1_ps(cut), _CMP_LE_OQ);
-      next = _mm512_mask_blend_ps(small, next, _mm512_setzero_ps());
-    }
-    _mm512_mask_storeu_ps(carry + j, k, next);
+    store_carry(carry + j, k, _mm512_mul_ps(dc, f), flush, cut);
   }
 }
 
@@ -583,7 +582,7 @@ static void check_direct_extras(const std::vector<int64_t>& batch_sizes,
   }
 }
 
-// forward_steps of the subtractive cells in float32 on the direct path. r = R (G*H, H)
+// forward_steps of the three cells in float32 on the direct path. r = R (G*H, H)
 // contiguous (transposed here); split: 0 auto, 1 by rows, 2 by units; parts: threads
 // (0: torch's). The rest as in forward_steps.
 void forward_direct(int64_t kind_id, at::Tensor gates, at::Tensor h, at::Tensor memory,

@@ -505,16 +505,14 @@ bool elm_memory_forward_direct(const at::Tensor& pre, const at::Tensor& memory0,
   p.memory0 = memory0.data_ptr<float>();
   p.decay = decay.data_ptr<float>();
   p.gain = gain.data_ptr<float>();
-  std::vector<at::Tensor> transposed;  // alive until the loops end
+  std::vector<at::Tensor> alive;  // the transposed weights and contiguous biases
   for (size_t l = 0; l < weights.size(); ++l) {
-    transposed.push_back(weights[l].t().contiguous());
-    p.wt.push_back(transposed.back().data_ptr<float>());
+    alive.push_back(weights[l].t().contiguous());
+    p.wt.push_back(alive.back().data_ptr<float>());
     p.width.push_back(weights[l].size(0));
-    p.bias.push_back(nullptr);
+    if (l > 0) alive.push_back(biases[l - 1].contiguous());
+    p.bias.push_back(l > 0 ? alive.back().data_ptr<float>() : nullptr);
   }
-  std::vector<at::Tensor> bias_alive(biases.begin(), biases.end());
-  for (auto& b : bias_alive) b = b.contiguous();
-  for (size_t l = 1; l < weights.size(); ++l) p.bias[l] = bias_alive[l - 1].data_ptr<float>();
   p.memories = memories.data_ptr<float>();
   p.tanh_out = save ? tanh_out.data_ptr<float>() : nullptr;
   if (save) {
