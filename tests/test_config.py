@@ -207,6 +207,32 @@ def test_amp_on_cpu_is_refused() -> None:
         load_config("adding", overrides={"amp": "true", "device": "cpu"})
 
 
+@pytest.mark.parametrize(
+    ("task", "overrides", "message"),
+    [
+        ("mnist", {"valid_size": 2000}, r"valid_size=2000: task 'mnist' does not read this "
+         r"field \(read only: valid_size by adding, shd_adding\)"),
+        ("smnist", {"seq_len": 3, "bptt": 5}, r"seq_len=3, bptt=5: task 'smnist' does not "
+         r"read these fields \(read only: seq_len by adding, shd, shd_adding; bptt by ptb, "
+         r"wikitext2\)"),
+        ("ptb", {"test_size": 10}, r"test_size=10: task 'ptb' does not read"),
+        ("shd", {"valid_size": 10}, r"valid_size=10: task 'shd' does not read"),
+    ],
+)  # fmt: skip
+def test_fields_the_task_does_not_read_are_refused(
+    task: str, overrides: dict, message: str
+) -> None:
+    """A value the task would silently ignore is an error, not a no-op."""
+    with pytest.raises(ValueError, match=message):
+        load_config(task, overrides=overrides)
+
+
+def test_fields_the_task_reads_are_accepted() -> None:
+    assert load_config("shd", overrides={"seq_len": 100}).seq_len == 100
+    assert load_config("shd_adding", overrides={"valid_size": 8}).valid_size == 8
+    assert load_config("wikitext2", overrides={"bptt": 70}).bptt == 70
+
+
 def test_config_round_trips_through_json() -> None:
     config = load_config("wikitext2", "fix_sublstm", 10, {"seed": 3})
     again = ExperimentConfig.from_dict(json.loads(json.dumps(config.to_dict())))

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .model_registry import LSTM_FAMILY, MODELS, ModelKind, model_kind
-from .task_registry import TASK_KINDS, canonical_task_name
+from .task_registry import TASK_FIELDS, TASK_KINDS, canonical_task_name
 
 __all__ = [
     "DEVICES",
@@ -310,8 +310,26 @@ class ExperimentConfig:
             raise ValueError(f"run_name must be a plain name without '/', got {self.run_name!r}")
         if not isinstance(self.extra, dict):
             raise TypeError(f"extra must be a dict, got {type(self.extra).__name__}")
+        self._validate_task_fields()
         self._validate_model_fields(model)
         return self
+
+    def _validate_task_fields(self) -> None:
+        """Refuse task-specific fields the task does not read (they would change nothing)."""
+        reads = TASK_KINDS[self.task].reads
+        unread = [name for name in TASK_FIELDS if name not in reads]
+        changed = self._changed_from_defaults(unread)
+        if changed:
+            readers = "; ".join(
+                f"{name} by {', '.join(k.name for k in TASK_KINDS.values() if name in k.reads)}"
+                for name in unread
+                if any(item.startswith(f"{name}=") for item in changed)
+            )
+            raise ValueError(
+                f"{', '.join(changed)}: task {self.task!r} does not read "
+                f"{'these fields' if len(changed) > 1 else 'this field'} (read only: {readers}); "
+                "drop it or leave it at its default"
+            )
 
     def _validate_model_fields(self, model: ModelKind) -> None:
         """Refuse the fields of other model families; check the model's own."""

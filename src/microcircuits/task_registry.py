@@ -11,7 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["TASK_KINDS", "TaskKind", "canonical_task_name", "task_kind"]
+__all__ = ["TASK_FIELDS", "TASK_KINDS", "TaskKind", "canonical_task_name", "task_kind"]
+
+TASK_FIELDS = ("seq_len", "valid_size", "test_size", "bptt")
+"""Config fields that only some tasks read (sequence length of generated data, sizes of
+generated or drawn evaluation sets, the language models' BPTT segment)."""
+_GENERATED = ("seq_len", "valid_size", "test_size")
 
 
 @dataclass(frozen=True)
@@ -25,6 +30,9 @@ class TaskKind:
             ``"perplexity"``), also the key of that metric in ``metrics.jsonl``.
         higher_is_better: whether a larger metric is better (accuracy) or not.
         aliases: other spellings the config accepts (besides any case).
+        reads: which of the task-specific config fields (:data:`TASK_FIELDS`) it reads;
+            the config refuses the others away from their defaults, since they would
+            change nothing.
     """
 
     name: str
@@ -32,24 +40,33 @@ class TaskKind:
     metric: str
     higher_is_better: bool
     aliases: tuple[str, ...] = ()
+    reads: tuple[str, ...] = ()
 
 
 _KINDS = (
-    TaskKind("adding", "Delayed addition", "mse", higher_is_better=False),
+    TaskKind("adding", "Delayed addition", "mse", higher_is_better=False, reads=_GENERATED),
     TaskKind("smnist", "Sequential MNIST", "accuracy", higher_is_better=True),
     TaskKind("psmnist", "Permuted sequential MNIST", "accuracy", higher_is_better=True),
     TaskKind("mnist", "MNIST", "accuracy", higher_is_better=True),
-    TaskKind("ptb", "Penn Treebank", "perplexity", higher_is_better=False),
+    TaskKind("ptb", "Penn Treebank", "perplexity", higher_is_better=False, reads=("bptt",)),
     TaskKind(
         "wikitext2",
         "WikiText-2",
         "perplexity",
         higher_is_better=False,
         aliases=("wikitext-2", "wt2"),
+        reads=("bptt",),
     ),
-    TaskKind("shd", "Spiking Heidelberg Digits", "accuracy", higher_is_better=True),
     TaskKind(
-        "shd_adding", "SHD-Adding", "accuracy", higher_is_better=True, aliases=("shd-adding",)
+        "shd", "Spiking Heidelberg Digits", "accuracy", higher_is_better=True, reads=("seq_len",)
+    ),
+    TaskKind(
+        "shd_adding",
+        "SHD-Adding",
+        "accuracy",
+        higher_is_better=True,
+        aliases=("shd-adding",),
+        reads=_GENERATED,
     ),
 )
 TASK_KINDS: dict[str, TaskKind] = {kind.name: kind for kind in _KINDS}
