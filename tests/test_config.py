@@ -181,6 +181,7 @@ def test_untypable_override_names_field_and_value() -> None:
         ("seq_len", 1, r"seq_len must be an int >= 2, got 1"),
         ("steps_per_epoch", None, r"steps_per_epoch must be set for the adding task"),
         ("seed", -1, r"seed must be an int >= 0, got -1"),
+        ("weight_init", "he", r"weight_init must be one of \['glorot_gates', 'glorot_fused'\]"),
         ("run_name", "a/b", r"run_name must be a plain name"),
     ],
 )
@@ -225,6 +226,23 @@ def test_fields_the_task_does_not_read_are_refused(
     """A value the task would silently ignore is an error, not a no-op."""
     with pytest.raises(ValueError, match=message):
         load_config(task, overrides=overrides)
+
+
+def test_weight_init_reaches_the_recurrent_stack() -> None:
+    """The config's weight_init builds the task's stack with it (bound of the fused
+    kernel (400, 1 + 100): sqrt(6 / 501)); other models refuse it."""
+    from microcircuits.tasks.models import make_recurrent_stack
+
+    config = load_config("smnist", "sublstm", 100, {"weight_init": "glorot_fused"})
+    stack = make_recurrent_stack(config, 1)
+    assert stack.weight_init == "glorot_fused"
+    assert stack.weight_hh_l0.abs().max().item() <= (6 / 501) ** 0.5
+    assert (
+        make_recurrent_stack(load_config("smnist", "sublstm", 100), 1).weight_hh_l0.abs().max()
+        > 0.15
+    )
+    with pytest.raises(ValueError, match=r"weight_init='glorot_fused': cell 'elm'"):
+        load_config("smnist", "elm", 100, {"weight_init": "glorot_fused"})
 
 
 def test_fields_the_task_reads_are_accepted() -> None:

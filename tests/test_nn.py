@@ -452,6 +452,39 @@ def test_zero_length_sequences_are_refused_as_torch_does(cell, shape, batch_firs
 
 
 @pytest.mark.parametrize("cell", CELL_NAMES)
+def test_fused_glorot_bounds_the_whole_kernel(cell):
+    """``weight_init="glorot_fused"``: one Glorot-uniform kernel ``[W R]`` of shape
+    ``(G*H, I + H)``, as TensorFlow's LSTMCell: bound sqrt(6 / (I + H + G*H)) for every
+    block of both matrices (layer 2 reads the H outputs of layer 1); biases as before."""
+    I, H = 300, 200
+    m = mc.make_rnn(cell, I, H, num_layers=2, weight_init="glorot_fused", forget_bias=2.0)
+    G = m.cell.num_gates
+    for layer, fan_x in ((0, I), (1, H)):
+        bound = math.sqrt(6.0 / (fan_x + H + G * H))
+        for name in (f"weight_ih_l{layer}", f"weight_hh_l{layer}"):
+            w = getattr(m, name).detach()
+            assert w.abs().max().item() <= bound
+            for block in w.chunk(G, 0):  # each block drawn from the same uniform
+                assert block.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+    b = m.bias_ih_l0.detach().reshape(G, H)
+    for k, gate in enumerate(m.cell.gate_names):
+        assert torch.all(b[k] == (2.0 if gate == "f" else 0.0))
+    cell_module = mc.make_cell(cell, I, H, weight_init="glorot_fused")
+    bound = math.sqrt(6.0 / (I + H + G * H))
+    assert cell_module.weight_hh.abs().max().item() <= bound
+    assert cell_module.weight_hh.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+    assert "weight_init='glorot_fused'" in repr(m)
+
+
+@pytest.mark.parametrize("cell", CELL_NAMES)
+def test_weight_init_must_be_a_known_scheme(cell):
+    with pytest.raises(ValueError, match=r"weight_init must be one of \['glorot_gates', "):
+        mc.make_rnn(cell, 3, 4, weight_init="orthogonal")
+    with pytest.raises(ValueError, match=r"weight_init must be one of"):
+        mc.make_cell(cell, 3, 4, weight_init="xavier")
+
+
+@pytest.mark.parametrize("cell", CELL_NAMES)
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
 def test_forget_bias_must_be_finite(cell, value):
     with pytest.raises(ValueError, match="forget_bias"):

@@ -50,6 +50,10 @@ SEQUENCE_SECTIONS = r"""    With ``proj_size > 0`` every layer projects its hidd
             memory loss, Semeniuta et al. 2016). Default: 0
         forget_bias: (keyword-only) the initial @forget_what@.
             Default: 1
+        weight_init: (keyword-only) ``"glorot_gates"`` (each gate block of the weights
+            Glorot-uniform on its own) or ``"glorot_fused"`` (one Glorot-uniform kernel
+            from ``[x, h]`` to all gates, as TensorFlow's ``LSTMCell``; a smaller bound).
+            Default: ``"glorot_gates"``
         device: (keyword-only) where the parameters are created. Default: torch's
         dtype: (keyword-only) the floating-point type of the parameters.
             Default: torch's
@@ -133,6 +137,10 @@ CELL_SECTIONS = r"""    Args:
             Default: ``True``
         forget_bias: (keyword-only) the initial @forget_what@.
             Default: 1
+        weight_init: (keyword-only) ``"glorot_gates"`` (each gate block of the weights
+            Glorot-uniform on its own) or ``"glorot_fused"`` (one Glorot-uniform kernel
+            from ``[x, h]`` to all gates, as TensorFlow's ``LSTMCell``; a smaller bound).
+            Default: ``"glorot_gates"``
         device: (keyword-only) where the parameters are created. Default: torch's
         dtype: (keyword-only) the floating-point type of the parameters.
             Default: torch's

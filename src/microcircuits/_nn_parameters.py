@@ -9,6 +9,7 @@ and hands them to the kernels as :class:`~microcircuits.cells.CellWeights`.
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
@@ -16,13 +17,36 @@ from torch import Tensor, nn
 
 from .cells import CellKind, CellWeights, cell_kind
 
-__all__ = ["RecurrentParameters"]
+__all__ = ["WEIGHT_INITS", "RecurrentParameters", "check_weight_init"]
+
+WEIGHT_INITS = ("glorot_gates", "glorot_fused")
+"""The two readings of "Glorot initialisation" for a gated cell: ``"glorot_gates"``, each
+gate block of ``weight_ih`` and ``weight_hh`` its own Glorot-uniform matrix (fans ``H``
+and ``H_in`` or ``H``); ``"glorot_fused"``, one Glorot-uniform kernel mapping the
+concatenated ``[x, h]`` to all gates (fans ``H_in + H`` and ``G * H``), as TensorFlow's
+``LSTMCell`` initialises it (bound ``sqrt(6 / (H_in + H + G * H))``, smaller)."""
+
+
+def check_weight_init(value: object) -> str:
+    """Return ``value`` if it names one of :data:`WEIGHT_INITS`, else raise ValueError."""
+    if value not in WEIGHT_INITS:
+        raise ValueError(f"weight_init must be one of {list(WEIGHT_INITS)}, got {value!r}")
+    return value
 
 
 def _init_gate_blocks(weight: Tensor, num_gates: int) -> None:
     """Glorot-uniform init of each gate block on its own (each block maps to H units)."""
     for block in weight.detach().chunk(num_gates, dim=0):
         nn.init.xavier_uniform_(block)
+
+
+def _init_fused(weight_ih: Tensor, weight_hh: Tensor) -> None:
+    """Glorot-uniform init of the kernel ``[weight_ih, weight_hh]`` ``(G*H, H_in + R)``
+    as one matrix, drawn as its two parts (the same bound for both)."""
+    gates, fan_in = weight_ih.shape[0], weight_ih.shape[1] + weight_hh.shape[1]
+    bound = math.sqrt(6.0 / (fan_in + gates))
+    nn.init.uniform_(weight_ih.detach(), -bound, bound)
+    nn.init.uniform_(weight_hh.detach(), -bound, bound)
 
 
 class RecurrentParameters(nn.Module):
@@ -67,11 +91,18 @@ class RecurrentParameters(nn.Module):
                 f"weight_hr{suffix}", nn.Parameter(torch.empty(proj_size, hidden_size, **factory))
             )
 
-    def _reset_suffix(self, suffix: str, hidden_size: int, forget_bias: float) -> None:
+    def _reset_suffix(
+        self, suffix: str, hidden_size: int, forget_bias: float, weight_init: str
+    ) -> None:
         kind = self.cell
+        weight_ih = getattr(self, f"weight_ih{suffix}")
+        weight_hh = getattr(self, f"weight_hh{suffix}")
         with torch.no_grad():
-            _init_gate_blocks(getattr(self, f"weight_ih{suffix}"), kind.num_gates)
-            _init_gate_blocks(getattr(self, f"weight_hh{suffix}"), kind.num_gates)
+            if weight_init == "glorot_fused":
+                _init_fused(weight_ih, weight_hh)
+            else:
+                _init_gate_blocks(weight_ih, kind.num_gates)
+                _init_gate_blocks(weight_hh, kind.num_gates)
             bias_ih = getattr(self, f"bias_ih{suffix}")
             if bias_ih is not None:
                 bias_ih.zero_()

@@ -38,7 +38,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from . import kernels
 from ._nn_docs import CELL_SECTIONS, SEQUENCE_SECTIONS, documented
-from ._nn_parameters import RecurrentParameters
+from ._nn_parameters import RecurrentParameters, check_weight_init
 from ._validation import (
     check_bool,
     check_finite_real,
@@ -93,6 +93,7 @@ class _RecurrentSequence(RecurrentParameters):
         output_dropout: float = 0.0,
         update_dropout: float = 0.0,
         forget_bias: float = 1.0,
+        weight_init: str = "glorot_gates",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -118,6 +119,7 @@ class _RecurrentSequence(RecurrentParameters):
         self.output_dropout = check_probability("output_dropout", output_dropout)
         self.update_dropout = check_probability("update_dropout", update_dropout)
         self.forget_bias = check_finite_real("forget_bias", forget_bias)
+        self.weight_init = check_weight_init(weight_init)
         check_float_dtype(dtype)
         if self.dropout > 0 and self.num_layers == 1:
             warnings.warn(
@@ -151,15 +153,18 @@ class _RecurrentSequence(RecurrentParameters):
         """Initialise as in Costa et al. (2017): Glorot-uniform weights, zero biases,
         forget-gate bias (or fix-subLSTM's phi) equal to ``forget_bias`` (1 by default).
 
-        Glorot's bound is computed per gate block (fan-out ``H``), since each block is
-        its own linear map; ``weight_hr`` (``proj_size > 0``) is Glorot-uniform as a
-        whole. The forget bias sits in ``bias_ih`` (``bias_hh`` is zero). This is not
-        ``torch.nn.LSTM``'s scheme (uniform in +-1/sqrt(hidden_size)); override this
-        method, or re-initialise parameters after construction, for another one.
+        With ``weight_init="glorot_gates"`` (the default) Glorot's bound is computed per
+        gate block (fan-out ``H``), since each block is its own linear map; with
+        ``"glorot_fused"`` once for the kernel mapping ``[x, h]`` to all gates, as
+        TensorFlow's ``LSTMCell`` does. ``weight_hr`` (``proj_size > 0``) is
+        Glorot-uniform as a whole. The forget bias sits in ``bias_ih`` (``bias_hh`` is
+        zero). Neither is ``torch.nn.LSTM``'s scheme (uniform in +-1/sqrt(hidden_size));
+        override this method, or re-initialise parameters after construction, for
+        another one.
         """
         for layer in range(self.num_layers):
             for suffix in self._direction_suffixes(layer):
-                self._reset_suffix(suffix, self.hidden_size, self.forget_bias)
+                self._reset_suffix(suffix, self.hidden_size, self.forget_bias, self.weight_init)
 
     def layer_weights(self, layer: int, reverse: bool = False) -> CellWeights:
         """The parameters of one layer and direction as :class:`CellWeights` (the
@@ -222,11 +227,12 @@ class _RecurrentSequence(RecurrentParameters):
             "output_dropout": 0.0,
             "update_dropout": 0.0,
             "forget_bias": 1.0,
+            "weight_init": "glorot_gates",
         }
         for name, default in defaults.items():
             value = getattr(self, name)
             if value != default:
-                text += f", {name}={value}"
+                text += f", {name}={value!r}" if isinstance(value, str) else f", {name}={value}"
         return text
 
     # -- forward -------------------------------------------------------------------
@@ -552,6 +558,7 @@ class _RecurrentCell(RecurrentParameters):
         bias: bool = True,
         *,
         forget_bias: float = 1.0,
+        weight_init: str = "glorot_gates",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -562,6 +569,7 @@ class _RecurrentCell(RecurrentParameters):
         self.hidden_size = check_positive_int("hidden_size", hidden_size)
         self.bias = check_bool("bias", bias)
         self.forget_bias = check_finite_real("forget_bias", forget_bias)
+        self.weight_init = check_weight_init(weight_init)
         check_float_dtype(dtype)
         self._make_parameters(
             "", self.input_size, self.hidden_size, self.bias, {"device": device, "dtype": dtype}
@@ -569,8 +577,9 @@ class _RecurrentCell(RecurrentParameters):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Glorot-uniform weights per gate block, zero biases, forget bias ``forget_bias``."""
-        self._reset_suffix("", self.hidden_size, self.forget_bias)
+        """Glorot-uniform weights (per gate block, or fused: ``weight_init``), zero biases,
+        forget bias ``forget_bias``."""
+        self._reset_suffix("", self.hidden_size, self.forget_bias, self.weight_init)
 
     @property
     def weights(self) -> CellWeights:

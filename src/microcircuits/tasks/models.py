@@ -60,6 +60,7 @@ def make_recurrent_stack(config: ExperimentConfig, input_size: int) -> nn.Module
         output_dropout=config.output_dropout,
         update_dropout=config.update_dropout,
         forget_bias=config.forget_bias,
+        weight_init=config.weight_init,
     )
 
 
