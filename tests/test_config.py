@@ -245,6 +245,20 @@ def test_weight_init_reaches_the_recurrent_stack() -> None:
         load_config("smnist", "elm", 100, {"weight_init": "glorot_fused"})
 
 
+def test_chrono_max_reaches_the_recurrent_stack() -> None:
+    from microcircuits.tasks.models import make_recurrent_stack
+
+    config = load_config("smnist", "lstm", 100, {"chrono_max": 784})
+    stack = make_recurrent_stack(config, 1)
+    forget, inputs = stack.bias_ih_l0.detach().view(4, 100)[[1, 0]]
+    assert stack.chrono_max == 784.0 and forget.std() > 0.5
+    torch.testing.assert_close(inputs, -forget)
+    with pytest.raises(ValueError, match=r"chrono_max must be None or a number of steps > 2"):
+        load_config("smnist", "lstm", 100, {"chrono_max": 1})
+    with pytest.raises(ValueError, match=r"chrono_max=784.0: cell 'elm'"):
+        load_config("smnist", "elm", 100, {"chrono_max": 784})
+
+
 def test_fields_the_task_reads_are_accepted() -> None:
     assert load_config("shd", overrides={"seq_len": 100}).seq_len == 100
     assert load_config("shd_adding", overrides={"valid_size": 8}).valid_size == 8

@@ -477,6 +477,53 @@ def test_fused_glorot_bounds_the_whole_kernel(cell):
 
 
 @pytest.mark.parametrize("cell", CELL_NAMES)
+def test_chrono_initialisation_spreads_the_memory_time_constants(cell):
+    """``chrono_max=T``: forget biases (phi) log U(1, T - 1), i.e. uniform in
+    [0, ln(T - 1)] after the log, so memory time constants -1 / ln sigmoid(b) reach from
+    ~1.44 (b = 0) to ~T steps; the LSTM's input-gate bias is -b_f (Tallec & Ollivier
+    2018), the subtractive cells' stays 0; ``forget_bias`` is not used."""
+    T, H = 784.0, 4000
+    torch.manual_seed(0)
+    m = mc.make_rnn(cell, 3, H, chrono_max=T, forget_bias=5.0)
+    kind = m.cell
+    if kind.learned_decay:
+        forget = m.forget_l0.detach()
+    else:
+        forget = m.bias_ih_l0.detach().view(kind.num_gates, H)[kind.gate_names.index("f")]
+    assert forget.min() >= 0.0 and forget.max() <= math.log(T - 1)
+    # exp(b) is uniform on [1, T - 1]: its mean and quartiles, within ~4.5 standard
+    # errors of 4,000 draws (3.6 for the mean, 5.4 for a quartile)
+    u = forget.exp()
+    assert u.mean().item() == pytest.approx(T / 2, abs=16)
+    for q in (0.25, 0.75):
+        assert torch.quantile(u, q).item() == pytest.approx(1 + q * (T - 2), abs=25)
+    tau = -1.0 / torch.log(torch.sigmoid(forget))
+    assert tau.min() > 1.4 and tau.max() < T and tau.max() > 0.9 * T
+    if kind.learned_decay:
+        assert torch.all(m.bias_ih_l0 == 0)
+    else:
+        biases = m.bias_ih_l0.detach().view(kind.num_gates, H)
+        for k, gate in enumerate(kind.gate_names):
+            if gate == "i" and cell == "lstm":
+                torch.testing.assert_close(biases[k], -forget, atol=0, rtol=0)
+            elif gate != "f":
+                assert torch.all(biases[k] == 0)
+    assert torch.all(m.bias_hh_l0 == 0)
+    assert f"chrono_max={T}" in repr(m)
+    single = mc.make_cell(cell, 3, 50, chrono_max=10)
+    drawn = single.forget if kind.learned_decay else single.bias_ih.view(kind.num_gates, 50)[1]
+    assert drawn.min() >= 0 and drawn.max() <= math.log(9) and drawn.std() > 0
+
+
+@pytest.mark.parametrize("value", [2, 1.5, 0, -3, math.inf, math.nan, True, "784"])
+def test_chrono_max_must_be_a_number_of_steps(value):
+    with pytest.raises(ValueError, match="chrono_max must be"):
+        mc.make_rnn("lstm", 3, 4, chrono_max=value)
+    with pytest.raises(ValueError, match="chrono_max must be"):
+        mc.make_cell("sublstm", 3, 4, chrono_max=value)
+
+
+@pytest.mark.parametrize("cell", CELL_NAMES)
 def test_weight_init_must_be_a_known_scheme(cell):
     with pytest.raises(ValueError, match=r"weight_init must be one of \['glorot_gates', "):
         mc.make_rnn(cell, 3, 4, weight_init="orthogonal")

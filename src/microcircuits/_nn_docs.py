@@ -54,6 +54,11 @@ SEQUENCE_SECTIONS = r"""    With ``proj_size > 0`` every layer projects its hidd
             Glorot-uniform on its own) or ``"glorot_fused"`` (one Glorot-uniform kernel
             from ``[x, h]`` to all gates, as TensorFlow's ``LSTMCell``; a smaller bound).
             Default: ``"glorot_gates"``
+        chrono_max: (keyword-only) if set (a number of steps > 2), chrono
+            initialisation: each unit's @forget_what@ is drawn as
+            ``log U(1, chrono_max - 1)`` in place of ``forget_bias`` (memory time
+            constants up to ~``chrono_max`` steps), and the LSTM's input-gate bias is
+            its negative. Default: ``None``
         device: (keyword-only) where the parameters are created. Default: torch's
         dtype: (keyword-only) the floating-point type of the parameters.
             Default: torch's
@@ -141,6 +146,11 @@ CELL_SECTIONS = r"""    Args:
             Glorot-uniform on its own) or ``"glorot_fused"`` (one Glorot-uniform kernel
             from ``[x, h]`` to all gates, as TensorFlow's ``LSTMCell``; a smaller bound).
             Default: ``"glorot_gates"``
+        chrono_max: (keyword-only) if set (a number of steps > 2), chrono
+            initialisation: each unit's @forget_what@ is drawn as
+            ``log U(1, chrono_max - 1)`` in place of ``forget_bias`` (memory time
+            constants up to ~``chrono_max`` steps), and the LSTM's input-gate bias is
+            its negative. Default: ``None``
         device: (keyword-only) where the parameters are created. Default: torch's
         dtype: (keyword-only) the floating-point type of the parameters.
             Default: torch's

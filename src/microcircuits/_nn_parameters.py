@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .cells import CellKind, CellWeights, cell_kind
 
-__all__ = ["WEIGHT_INITS", "RecurrentParameters", "check_weight_init"]
+__all__ = ["WEIGHT_INITS", "RecurrentParameters", "check_chrono_max", "check_weight_init"]
 
 WEIGHT_INITS = ("glorot_gates", "glorot_fused")
 """The two readings of "Glorot initialisation" for a gated cell: ``"glorot_gates"``, each
@@ -32,6 +32,21 @@ def check_weight_init(value: object) -> str:
     if value not in WEIGHT_INITS:
         raise ValueError(f"weight_init must be one of {list(WEIGHT_INITS)}, got {value!r}")
     return value
+
+
+def check_chrono_max(value: object) -> float | None:
+    """Return ``value`` as a float if it is ``None`` or a real number > 2 (the chrono
+    initialisation draws from U(1, chrono_max - 1)), else raise ValueError."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 2:
+        raise ValueError(
+            f"chrono_max must be None or a number of steps > 2 (the longest memory time "
+            f"constant to draw), got {value!r}"
+        )
+    if not math.isfinite(value):
+        raise ValueError(f"chrono_max must be finite, got {value!r}")
+    return float(value)
 
 
 def _init_gate_blocks(weight: Tensor, num_gates: int) -> None:
@@ -91,30 +106,45 @@ class RecurrentParameters(nn.Module):
                 f"weight_hr{suffix}", nn.Parameter(torch.empty(proj_size, hidden_size, **factory))
             )
 
-    def _reset_suffix(
-        self, suffix: str, hidden_size: int, forget_bias: float, weight_init: str
-    ) -> None:
+    def _reset_suffix(self, suffix: str, hidden_size: int) -> None:
+        """Initialise one layer's (and direction's) parameters from the module's
+        ``weight_init``, ``forget_bias`` and ``chrono_max`` (see ``reset_parameters``)."""
         kind = self.cell
         weight_ih = getattr(self, f"weight_ih{suffix}")
         weight_hh = getattr(self, f"weight_hh{suffix}")
         with torch.no_grad():
-            if weight_init == "glorot_fused":
+            if self.weight_init == "glorot_fused":
                 _init_fused(weight_ih, weight_hh)
             else:
                 _init_gate_blocks(weight_ih, kind.num_gates)
                 _init_gate_blocks(weight_hh, kind.num_gates)
+            forget = self._initial_forget_bias(hidden_size, weight_ih)
             bias_ih = getattr(self, f"bias_ih{suffix}")
             if bias_ih is not None:
                 bias_ih.zero_()
                 getattr(self, f"bias_hh{suffix}").zero_()
+                blocks = bias_ih.view(kind.num_gates, hidden_size)
                 if "f" in kind.gate_names:
-                    block = kind.gate_names.index("f")
-                    bias_ih[block * hidden_size : (block + 1) * hidden_size].fill_(forget_bias)
+                    blocks[kind.gate_names.index("f")] = forget
+                    if self.chrono_max is not None and kind.name == "lstm":
+                        blocks[kind.gate_names.index("i")] = -forget
             if kind.learned_decay:
-                getattr(self, f"forget{suffix}").fill_(forget_bias)
+                getattr(self, f"forget{suffix}").copy_(forget)
             projection = self._projection(suffix)
             if projection is not None:
                 nn.init.xavier_uniform_(projection)
+
+    def _initial_forget_bias(self, hidden_size: int, like: Tensor) -> Tensor:
+        """``(hidden_size,)``: ``forget_bias`` for every unit, or with ``chrono_max`` the
+        chrono initialisation's ``log U(1, chrono_max - 1)`` (Tallec & Ollivier 2018):
+        memory time constants ``-1 / ln sigmoid(b)`` spread from ~1.4 to ~``chrono_max``
+        steps."""
+        if self.chrono_max is None:
+            return torch.full(
+                (hidden_size,), self.forget_bias, dtype=like.dtype, device=like.device
+            )
+        draw = torch.empty(hidden_size, dtype=like.dtype, device=like.device)
+        return draw.uniform_(1.0, self.chrono_max - 1.0).log_()
 
     def _projection(self, suffix: str) -> Tensor | None:
         """``weight_hr{suffix}`` where the module projects its hidden state, else ``None``."""

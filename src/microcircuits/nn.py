@@ -38,7 +38,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from . import kernels
 from ._nn_docs import CELL_SECTIONS, SEQUENCE_SECTIONS, documented
-from ._nn_parameters import RecurrentParameters, check_weight_init
+from ._nn_parameters import RecurrentParameters, check_chrono_max, check_weight_init
 from ._validation import (
     check_bool,
     check_finite_real,
@@ -94,6 +94,7 @@ class _RecurrentSequence(RecurrentParameters):
         update_dropout: float = 0.0,
         forget_bias: float = 1.0,
         weight_init: str = "glorot_gates",
+        chrono_max: float | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -120,6 +121,7 @@ class _RecurrentSequence(RecurrentParameters):
         self.update_dropout = check_probability("update_dropout", update_dropout)
         self.forget_bias = check_finite_real("forget_bias", forget_bias)
         self.weight_init = check_weight_init(weight_init)
+        self.chrono_max = check_chrono_max(chrono_max)
         check_float_dtype(dtype)
         if self.dropout > 0 and self.num_layers == 1:
             warnings.warn(
@@ -158,13 +160,16 @@ class _RecurrentSequence(RecurrentParameters):
         ``"glorot_fused"`` once for the kernel mapping ``[x, h]`` to all gates, as
         TensorFlow's ``LSTMCell`` does. ``weight_hr`` (``proj_size > 0``) is
         Glorot-uniform as a whole. The forget bias sits in ``bias_ih`` (``bias_hh`` is
-        zero). Neither is ``torch.nn.LSTM``'s scheme (uniform in +-1/sqrt(hidden_size));
-        override this method, or re-initialise parameters after construction, for
-        another one.
+        zero). With ``chrono_max`` set, each unit's forget bias (phi) is drawn as
+        ``log U(1, chrono_max - 1)`` instead (chrono initialisation, Tallec & Ollivier
+        2018: memory time constants from ~1 to ~``chrono_max`` steps) and the LSTM's
+        input-gate bias is its negative. Neither is ``torch.nn.LSTM``'s scheme (uniform
+        in +-1/sqrt(hidden_size)); override this method, or re-initialise parameters
+        after construction, for another one.
         """
         for layer in range(self.num_layers):
             for suffix in self._direction_suffixes(layer):
-                self._reset_suffix(suffix, self.hidden_size, self.forget_bias, self.weight_init)
+                self._reset_suffix(suffix, self.hidden_size)
 
     def layer_weights(self, layer: int, reverse: bool = False) -> CellWeights:
         """The parameters of one layer and direction as :class:`CellWeights` (the
@@ -228,6 +233,7 @@ class _RecurrentSequence(RecurrentParameters):
             "update_dropout": 0.0,
             "forget_bias": 1.0,
             "weight_init": "glorot_gates",
+            "chrono_max": None,
         }
         for name, default in defaults.items():
             value = getattr(self, name)
@@ -559,6 +565,7 @@ class _RecurrentCell(RecurrentParameters):
         *,
         forget_bias: float = 1.0,
         weight_init: str = "glorot_gates",
+        chrono_max: float | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -570,6 +577,7 @@ class _RecurrentCell(RecurrentParameters):
         self.bias = check_bool("bias", bias)
         self.forget_bias = check_finite_real("forget_bias", forget_bias)
         self.weight_init = check_weight_init(weight_init)
+        self.chrono_max = check_chrono_max(chrono_max)
         check_float_dtype(dtype)
         self._make_parameters(
             "", self.input_size, self.hidden_size, self.bias, {"device": device, "dtype": dtype}
@@ -578,8 +586,9 @@ class _RecurrentCell(RecurrentParameters):
 
     def reset_parameters(self) -> None:
         """Glorot-uniform weights (per gate block, or fused: ``weight_init``), zero biases,
-        forget bias ``forget_bias``."""
-        self._reset_suffix("", self.hidden_size, self.forget_bias, self.weight_init)
+        forget bias ``forget_bias`` (or drawn: ``chrono_max``; see the sequence module's
+        ``reset_parameters``)."""
+        self._reset_suffix("", self.hidden_size)
 
     @property
     def weights(self) -> CellWeights:
