@@ -130,7 +130,7 @@ def kernel_of(model: torch.nn.Module, x: torch.Tensor) -> str:
     from microcircuits.kernels import cpu_fused, native
 
     gate_rows, hidden = weights.weight_hh.shape
-    products = cpu_fused.step_backend(model.cell, x.dtype, x.shape[1], hidden, gate_rows)
+    products = cpu_fused.step_backend(x.dtype, x.shape[1], hidden, gate_rows)
     if products == "direct":  # see kernels/csrc/step_loops.cpp
         return "cpu_fused (brgemm products, C++ direct loops)"
     loops = "Python" if native.step_loops() is None else "C++"

@@ -157,8 +157,7 @@ def test_direct_path_is_what_runs(direct, monkeypatch):
             out, _ = kernels.run_layer(kind, x, state, weights, update_mask=mask)
             out.sum().backward()
         assert calls == want, (cell, dtype)
-    kind = _layer("sublstm")[0]
-    assert cpu_products.step_backend(kind, torch.float32, 5, 7, 28) == "direct"
+    assert cpu_products.step_backend(torch.float32, 5, 7, 28) == "direct"
     assert cpu_fused.step_backend is cpu_products.step_backend  # (benchmarks.rnn's name)
 
 

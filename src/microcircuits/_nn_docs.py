@@ -18,7 +18,26 @@ __all__ = ["CELL_SECTIONS", "SEQUENCE_SECTIONS", "documented"]
 
 _T = TypeVar("_T")
 
-SEQUENCE_SECTIONS = r"""    With ``proj_size > 0`` every layer projects its hidden state, as
+# The keyword-only arguments of initialisation and placement, the same for the sequence
+# modules and the cells.
+_INIT_ARGS = r"""        forget_bias: (keyword-only) the initial @forget_what@.
+            Default: 1
+        weight_init: (keyword-only) ``"glorot_gates"`` (each gate block of the weights
+            Glorot-uniform on its own) or ``"glorot_fused"`` (one Glorot-uniform kernel
+            from ``[x, h]`` to all gates, as TensorFlow's ``LSTMCell``; a smaller bound).
+            Default: ``"glorot_gates"``
+        chrono_max: (keyword-only) if set (a number of steps > 2), chrono
+            initialisation: each unit's @forget_what@ is drawn as
+            ``log U(1, chrono_max - 1)`` in place of ``forget_bias`` (memory time
+            constants up to ~``chrono_max`` steps), and the LSTM's input-gate bias is
+            its negative. Default: ``None``
+        device: (keyword-only) where the parameters are created. Default: torch's
+        dtype: (keyword-only) the floating-point type of the parameters.
+            Default: torch's
+"""
+
+SEQUENCE_SECTIONS = (
+    r"""    With ``proj_size > 0`` every layer projects its hidden state, as
     ``torch.nn.LSTM`` does: the read-out above becomes :math:`h_t = W_{hr} h_t`, so
     :math:`h_t` (what the layer outputs and feeds back through ``weight_hh``) has
     ``proj_size`` features while the memory :math:`c_t` keeps ``hidden_size``.
@@ -48,21 +67,9 @@ SEQUENCE_SECTIONS = r"""    With ``proj_size > 0`` every layer projects its hidd
         update_dropout: (keyword-only) dropout on the candidate ``z`` of every layer,
             one mask per sequence, kept over its steps (recurrent dropout without
             memory loss, Semeniuta et al. 2016). Default: 0
-        forget_bias: (keyword-only) the initial @forget_what@.
-            Default: 1
-        weight_init: (keyword-only) ``"glorot_gates"`` (each gate block of the weights
-            Glorot-uniform on its own) or ``"glorot_fused"`` (one Glorot-uniform kernel
-            from ``[x, h]`` to all gates, as TensorFlow's ``LSTMCell``; a smaller bound).
-            Default: ``"glorot_gates"``
-        chrono_max: (keyword-only) if set (a number of steps > 2), chrono
-            initialisation: each unit's @forget_what@ is drawn as
-            ``log U(1, chrono_max - 1)`` in place of ``forget_bias`` (memory time
-            constants up to ~``chrono_max`` steps), and the LSTM's input-gate bias is
-            its negative. Default: ``None``
-        device: (keyword-only) where the parameters are created. Default: torch's
-        dtype: (keyword-only) the floating-point type of the parameters.
-            Default: torch's
-
+"""
+    + _INIT_ARGS
+    + r"""
     Inputs: input, (h_0, c_0)
         * **input**: tensor of shape ``(L, H_in)`` for unbatched input,
           ``(L, N, H_in)`` when ``batch_first=False`` or ``(N, L, H_in)`` when
@@ -125,6 +132,7 @@ SEQUENCE_SECTIONS = r"""    With ``proj_size > 0`` every layer projects its hidd
     Kernels (:mod:`microcircuits.kernels` picks one per call): @kernels@
 
 """
+)
 
 _FORGET_ATTRIBUTE = """\
         forget_l[k]: ``phi`` of layer ``k``, ``(hidden_size)``: each unit's memory
@@ -134,27 +142,16 @@ _FORGET_REVERSE = """\
         forget_l[k]_reverse: like ``forget_l[k]``, for the reverse direction.
 """
 
-CELL_SECTIONS = r"""    Args:
+CELL_SECTIONS = (
+    r"""    Args:
         input_size: The number of expected features in the input ``x``.
         hidden_size: The number of features of the hidden state ``h`` and the
             memory ``c``.
         bias: If ``False``, the cell has no ``bias_ih`` and ``bias_hh``.
             Default: ``True``
-        forget_bias: (keyword-only) the initial @forget_what@.
-            Default: 1
-        weight_init: (keyword-only) ``"glorot_gates"`` (each gate block of the weights
-            Glorot-uniform on its own) or ``"glorot_fused"`` (one Glorot-uniform kernel
-            from ``[x, h]`` to all gates, as TensorFlow's ``LSTMCell``; a smaller bound).
-            Default: ``"glorot_gates"``
-        chrono_max: (keyword-only) if set (a number of steps > 2), chrono
-            initialisation: each unit's @forget_what@ is drawn as
-            ``log U(1, chrono_max - 1)`` in place of ``forget_bias`` (memory time
-            constants up to ~``chrono_max`` steps), and the LSTM's input-gate bias is
-            its negative. Default: ``None``
-        device: (keyword-only) where the parameters are created. Default: torch's
-        dtype: (keyword-only) the floating-point type of the parameters.
-            Default: torch's
-
+"""
+    + _INIT_ARGS
+    + r"""
     Inputs: input, (h_0, c_0), update_mask
         * **input**: tensor of shape ``(N, H_in)`` or ``(H_in)`` (unbatched).
         * **h_0**: tensor of shape ``(N, H)`` or ``(H)``: the hidden state before the
@@ -184,6 +181,7 @@ CELL_SECTIONS = r"""    Args:
     forget bias above (:meth:`reset_parameters`).
 
 """
+)
 
 _CELL_FORGET_ATTRIBUTE = """\
         forget: ``phi``, ``(hidden_size)``: each unit's memory decays by the factor

@@ -39,7 +39,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._nn_parameters import WEIGHT_INITS, check_chrono_max
+from ._nn_parameters import check_chrono_max, check_weight_init
 from .model_registry import LSTM_FAMILY, MODELS, ModelKind, model_kind
 from .task_registry import TASK_FIELDS, TASK_KINDS, canonical_task_name
 
@@ -290,7 +290,7 @@ class ExperimentConfig:
         if self.clip_norm is not None:
             _real("clip_norm", self.clip_norm, low=0.0, low_open=True)
         _real("forget_bias", self.forget_bias)
-        _choice("weight_init", self.weight_init, WEIGHT_INITS)
+        check_weight_init(self.weight_init)  # the modules' own checks: one rule
         check_chrono_max(self.chrono_max)
         _real("lr_decay_factor", self.lr_decay_factor, low=0.0, high=1.0, low_open=True)
         _real("lr_decay_threshold", self.lr_decay_threshold, low=0.0, high=1.0)
@@ -324,13 +324,12 @@ class ExperimentConfig:
     def _validate_task_fields(self) -> None:
         """Refuse task-specific fields the task does not read (they would change nothing)."""
         reads = TASK_KINDS[self.task].reads
-        unread = [name for name in TASK_FIELDS if name not in reads]
-        changed = self._changed_from_defaults(unread)
+        changed = self._changed_from_defaults(name for name in TASK_FIELDS if name not in reads)
         if changed:
+            names = [item.split("=", 1)[0] for item in changed]
             readers = "; ".join(
                 f"{name} by {', '.join(k.name for k in TASK_KINDS.values() if name in k.reads)}"
-                for name in unread
-                if any(item.startswith(f"{name}=") for item in changed)
+                for name in names
             )
             raise ValueError(
                 f"{', '.join(changed)}: task {self.task!r} does not read "

@@ -39,7 +39,6 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from ..cells import CellKind
 from . import native
 from ._projection import input_projection
 
@@ -202,12 +201,9 @@ def direct_blocking() -> tuple[int, int]:
     return _DIRECT_SPLIT, _DIRECT_BLOCKS
 
 
-def step_backend(
-    kind: CellKind, dtype: torch.dtype, batch: int, hidden: int, gate_rows: int
-) -> str:
-    """What runs a layer's per-step products: ``"direct"`` (brgemm in the C++ loops),
-    ``"onednn"`` or ``"blas"`` (ATen ops)."""
-    del kind  # every cell has the direct path
+def step_backend(dtype: torch.dtype, batch: int, hidden: int, gate_rows: int) -> str:
+    """What runs a layer's per-step products, for any cell: ``"direct"`` (brgemm in the
+    C++ loops), ``"onednn"`` or ``"blas"`` (ATen ops)."""
     if direct_available(dtype, native_loops()):
         return "direct"
     return gemm_backend(dtype, batch, hidden, gate_rows)

@@ -204,9 +204,6 @@ MC_AVX512 inline __m512d high_pd(__m512 v) {
   return _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
 }
 
-// A backward step for `count` units of one row (the equations of backward_subtractive):
-// gate q of unit j at a[q * gs + j], the activations replaced by d pre; carry is the
-// carried dc; phi (float64) gets dc c_prev when given.
 // The carried dc of the next (earlier) step, values at most `cut` flushed to zero.
 MC_AVX512 inline void store_carry(float* carry, __mmask16 k, __m512 next, bool flush,
                                   float cut) {
@@ -252,6 +249,10 @@ MC_AVX512 void backward_units_lstm(float* a, int64_t gs, const float* c_prev,
   }
 }
 
+// A backward step for `count` units of one row (the equations of backward_subtractive;
+// the LSTM's go to backward_units_lstm):
+// gate q of unit j at a[q * gs + j], the activations replaced by d pre; carry is the
+// carried dc; phi (float64) gets dc c_prev when given.
 MC_AVX512 void backward_units(Kind kind, float* a, int64_t gs, const float* c_prev,
                               const float* c_next, const float* y, const float* decay,
                               const float* m, const float* dh, float* carry, double* phi,
