@@ -245,6 +245,21 @@ def test_weight_init_reaches_the_recurrent_stack() -> None:
         load_config("smnist", "elm", 100, {"weight_init": "glorot_fused"})
 
 
+def test_recurrent_gain_reaches_the_recurrent_stack() -> None:
+    """The config's recurrent_gain scales the stack's weight_hh (Glorot bound of a
+    (100, 100) gate block sqrt(6 / 200), times the gain); other models refuse it."""
+    from microcircuits.tasks.models import make_recurrent_stack
+
+    config = load_config("smnist", "sublstm", 100, {"recurrent_gain": "0.25"})
+    stack = make_recurrent_stack(config, 1)
+    assert config.recurrent_gain == 0.25 and stack.recurrent_gain == 0.25
+    assert stack.weight_hh_l0.abs().max().item() <= 0.25 * (6 / 200) ** 0.5
+    with pytest.raises(ValueError, match=r"recurrent_gain must be a finite number > 0"):
+        load_config("smnist", "lstm", 100, {"recurrent_gain": 0})
+    with pytest.raises(ValueError, match=r"recurrent_gain=0.5: cell 'elm'"):
+        load_config("smnist", "elm", 100, {"recurrent_gain": 0.5})
+
+
 def test_chrono_max_reaches_the_recurrent_stack() -> None:
     from microcircuits.tasks.models import make_recurrent_stack
 

@@ -515,6 +515,38 @@ def test_chrono_initialisation_spreads_the_memory_time_constants(cell):
     assert drawn.min() >= 0 and drawn.max() <= math.log(9) and drawn.std() > 0
 
 
+@pytest.mark.parametrize("cell", CELL_NAMES)
+@pytest.mark.parametrize("gain", [0.25, 0.5, 2.0])
+def test_recurrent_gain_scales_the_recurrent_spectrum(cell, gain):
+    """``recurrent_gain=g``: each gate block of ``weight_hh`` is Glorot-uniform times g,
+    bound g sqrt(6 / 2H), variance g^2 / H, so (circular law) its eigenvalues fill a disc
+    of radius ~g; ``weight_ih`` and the biases keep Glorot's init."""
+    I, H = 7, 400
+    m = mc.make_rnn(cell, I, H, recurrent_gain=gain, forget_bias=2.0)
+    G = m.cell.num_gates
+    for block in m.weight_hh_l0.detach().chunk(G, 0):
+        assert block.abs().max().item() <= gain * math.sqrt(6.0 / (2 * H))
+        assert block.std().item() == pytest.approx(gain / math.sqrt(H), rel=0.03)
+        radius = torch.linalg.eigvals(block.double()).abs().max().item()
+        assert radius == pytest.approx(gain, rel=0.1)
+    for block in m.weight_ih_l0.detach().chunk(G, 0):
+        assert block.std().item() == pytest.approx(math.sqrt(2.0 / (H + I)), rel=0.1)
+    b = m.bias_ih_l0.detach().reshape(G, H)
+    for k, gate in enumerate(m.cell.gate_names):
+        assert torch.all(b[k] == (2.0 if gate == "f" else 0.0))
+    assert f"recurrent_gain={gain}" in repr(m)
+    single = mc.make_cell(cell, I, 50, recurrent_gain=gain)
+    assert single.weight_hh.abs().max().item() <= gain * math.sqrt(6.0 / 100)
+
+
+@pytest.mark.parametrize("value", [0, -0.5, math.inf, math.nan, True, "0.5"])
+def test_recurrent_gain_must_be_a_positive_number(value):
+    with pytest.raises(ValueError, match="recurrent_gain must be a finite number > 0"):
+        mc.make_rnn("lstm", 3, 4, recurrent_gain=value)
+    with pytest.raises(ValueError, match="recurrent_gain must be a finite number > 0"):
+        mc.make_cell("fix_sublstm", 3, 4, recurrent_gain=value)
+
+
 @pytest.mark.parametrize("value", [2, 1.5, 0, -3, math.inf, math.nan, True, "784"])
 def test_chrono_max_must_be_a_number_of_steps(value):
     with pytest.raises(ValueError, match="chrono_max must be"):

@@ -26,6 +26,8 @@ _INIT_ARGS = r"""        forget_bias: (keyword-only) the initial @forget_what@.
             Glorot-uniform on its own) or ``"glorot_fused"`` (one Glorot-uniform kernel
             from ``[x, h]`` to all gates, as TensorFlow's ``LSTMCell``; a smaller bound).
             Default: ``"glorot_gates"``
+        recurrent_gain: (keyword-only) factor on the Glorot-drawn ``weight_hh``
+            (below 1: a contracting start, for long memories). Default: 1
         chrono_max: (keyword-only) if set (a number of steps > 2), chrono
             initialisation: each unit's @forget_what@ is drawn as
             ``log U(1, chrono_max - 1)`` in place of ``forget_bias`` (memory time

@@ -17,7 +17,13 @@ from torch import Tensor, nn
 
 from .cells import CellKind, CellWeights, cell_kind
 
-__all__ = ["WEIGHT_INITS", "RecurrentParameters", "check_chrono_max", "check_weight_init"]
+__all__ = [
+    "WEIGHT_INITS",
+    "RecurrentParameters",
+    "check_chrono_max",
+    "check_recurrent_gain",
+    "check_weight_init",
+]
 
 WEIGHT_INITS = ("glorot_gates", "glorot_fused")
 """The two readings of "Glorot initialisation" for a gated cell: ``"glorot_gates"``, each
@@ -46,6 +52,22 @@ def check_chrono_max(value: object) -> float | None:
         )
     if not math.isfinite(value):
         raise ValueError(f"chrono_max must be finite, got {value!r}")
+    return float(value)
+
+
+def check_recurrent_gain(value: object) -> float:
+    """Return ``value`` as a float if it is a finite real number > 0 (the factor on the
+    Glorot-drawn ``weight_hh``), else raise ValueError."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not value > 0
+    ):
+        raise ValueError(
+            f"recurrent_gain must be a finite number > 0 (the factor on the initial "
+            f"recurrent weights; 1: Glorot's), got {value!r}"
+        )
     return float(value)
 
 
@@ -108,7 +130,8 @@ class RecurrentParameters(nn.Module):
 
     def _reset_suffix(self, suffix: str, hidden_size: int) -> None:
         """Initialise one layer's (and direction's) parameters from the module's
-        ``weight_init``, ``forget_bias`` and ``chrono_max`` (see ``reset_parameters``)."""
+        ``weight_init``, ``recurrent_gain``, ``forget_bias`` and ``chrono_max`` (see
+        ``reset_parameters``)."""
         kind = self.cell
         weight_ih = getattr(self, f"weight_ih{suffix}")
         weight_hh = getattr(self, f"weight_hh{suffix}")
@@ -118,6 +141,7 @@ class RecurrentParameters(nn.Module):
             else:
                 _init_gate_blocks(weight_ih, kind.num_gates)
                 _init_gate_blocks(weight_hh, kind.num_gates)
+            weight_hh.mul_(self.recurrent_gain)
             forget = self._initial_forget_bias(hidden_size, weight_ih)
             bias_ih = getattr(self, f"bias_ih{suffix}")
             if bias_ih is not None:

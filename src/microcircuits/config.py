@@ -39,7 +39,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._nn_parameters import check_chrono_max, check_weight_init
+from ._nn_parameters import check_chrono_max, check_recurrent_gain, check_weight_init
 from .model_registry import LSTM_FAMILY, MODELS, ModelKind, model_kind
 from .task_registry import TASK_FIELDS, TASK_KINDS, canonical_task_name
 
@@ -95,6 +95,7 @@ class ExperimentConfig:
     forget_bias: float = 1.0  # initial forget-gate bias (paper: 1); phi for fix-subLSTM
     weight_init: str = "glorot_gates"  # "Glorot" per gate block, or "glorot_fused": one
     # kernel from [x, h] to all gates, as TensorFlow's LSTMCell (microcircuits.nn)
+    recurrent_gain: float = 1.0  # factor on the initial recurrent weights (after Glorot)
     chrono_max: float | None = None  # chrono init: forget biases log U(1, chrono_max - 1)
     # in place of forget_bias (the LSTM's input biases their negative); None: off
 
@@ -291,6 +292,7 @@ class ExperimentConfig:
             _real("clip_norm", self.clip_norm, low=0.0, low_open=True)
         _real("forget_bias", self.forget_bias)
         check_weight_init(self.weight_init)  # the modules' own checks: one rule
+        check_recurrent_gain(self.recurrent_gain)
         check_chrono_max(self.chrono_max)
         _real("lr_decay_factor", self.lr_decay_factor, low=0.0, high=1.0, low_open=True)
         _real("lr_decay_threshold", self.lr_decay_threshold, low=0.0, high=1.0)
@@ -469,8 +471,8 @@ _CMC_FIXED_STEP = ("euler", "midpoint", "rk4")  # microcircuits.cmc.models.FIXED
 _CMC_ADAPTIVE = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")  # ADAPTIVE_METHODS
 _CMC_READOUTS = ("top", "all")  # microcircuits.cmc.models.READOUTS
 _LSTM_ONLY_FIELDS = (
-    "num_layers", "forget_bias", "weight_init", "chrono_max", "dropout", "input_dropout",
-    "output_dropout", "update_dropout",
+    "num_layers", "forget_bias", "weight_init", "recurrent_gain", "chrono_max", "dropout",
+    "input_dropout", "output_dropout", "update_dropout",
 )  # fmt: skip
 _BRANCH_FIELDS = ("elm_num_branch", "elm_synapses_per_branch", "elm_routing")
 _ELM_ROUTINGS = (None, "random", "neuronio")  # microcircuits.elm.routing.ROUTINGS

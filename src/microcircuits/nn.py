@@ -38,7 +38,12 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from . import kernels
 from ._nn_docs import CELL_SECTIONS, SEQUENCE_SECTIONS, documented
-from ._nn_parameters import RecurrentParameters, check_chrono_max, check_weight_init
+from ._nn_parameters import (
+    RecurrentParameters,
+    check_chrono_max,
+    check_recurrent_gain,
+    check_weight_init,
+)
 from ._validation import (
     check_bool,
     check_finite_real,
@@ -94,6 +99,7 @@ class _RecurrentSequence(RecurrentParameters):
         update_dropout: float = 0.0,
         forget_bias: float = 1.0,
         weight_init: str = "glorot_gates",
+        recurrent_gain: float = 1.0,
         chrono_max: float | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -121,6 +127,7 @@ class _RecurrentSequence(RecurrentParameters):
         self.update_dropout = check_probability("update_dropout", update_dropout)
         self.forget_bias = check_finite_real("forget_bias", forget_bias)
         self.weight_init = check_weight_init(weight_init)
+        self.recurrent_gain = check_recurrent_gain(recurrent_gain)
         self.chrono_max = check_chrono_max(chrono_max)
         check_float_dtype(dtype)
         if self.dropout > 0 and self.num_layers == 1:
@@ -158,7 +165,8 @@ class _RecurrentSequence(RecurrentParameters):
         With ``weight_init="glorot_gates"`` (the default) Glorot's bound is computed per
         gate block (fan-out ``H``), since each block is its own linear map; with
         ``"glorot_fused"`` once for the kernel mapping ``[x, h]`` to all gates, as
-        TensorFlow's ``LSTMCell`` does. ``weight_hr`` (``proj_size > 0``) is
+        TensorFlow's ``LSTMCell`` does; ``recurrent_gain`` then scales ``weight_hh``
+        (spectral radius ~``recurrent_gain`` per gate block). ``weight_hr`` (``proj_size > 0``) is
         Glorot-uniform as a whole. The forget bias sits in ``bias_ih`` (``bias_hh`` is
         zero). With ``chrono_max`` set, each unit's forget bias (phi) is drawn as
         ``log U(1, chrono_max - 1)`` instead (chrono initialisation, Tallec & Ollivier
@@ -233,6 +241,7 @@ class _RecurrentSequence(RecurrentParameters):
             "update_dropout": 0.0,
             "forget_bias": 1.0,
             "weight_init": "glorot_gates",
+            "recurrent_gain": 1.0,
             "chrono_max": None,
         }
         for name, default in defaults.items():
@@ -565,6 +574,7 @@ class _RecurrentCell(RecurrentParameters):
         *,
         forget_bias: float = 1.0,
         weight_init: str = "glorot_gates",
+        recurrent_gain: float = 1.0,
         chrono_max: float | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -577,6 +587,7 @@ class _RecurrentCell(RecurrentParameters):
         self.bias = check_bool("bias", bias)
         self.forget_bias = check_finite_real("forget_bias", forget_bias)
         self.weight_init = check_weight_init(weight_init)
+        self.recurrent_gain = check_recurrent_gain(recurrent_gain)
         self.chrono_max = check_chrono_max(chrono_max)
         check_float_dtype(dtype)
         self._make_parameters(
@@ -585,7 +596,8 @@ class _RecurrentCell(RecurrentParameters):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Glorot-uniform weights (per gate block, or fused: ``weight_init``), zero biases,
+        """Glorot-uniform weights (per gate block, or fused: ``weight_init``; ``weight_hh``
+        times ``recurrent_gain``), zero biases,
         forget bias ``forget_bias`` (or drawn: ``chrono_max``; see the sequence module's
         ``reset_parameters``)."""
         self._reset_suffix("", self.hidden_size)

@@ -61,6 +61,7 @@ def make_recurrent_stack(config: ExperimentConfig, input_size: int) -> nn.Module
         update_dropout=config.update_dropout,
         forget_bias=config.forget_bias,
         weight_init=config.weight_init,
+        recurrent_gain=config.recurrent_gain,
         chrono_max=config.chrono_max,
     )
 
