@@ -124,6 +124,11 @@ def test_a_run_trained_to_fewer_epochs_than_its_preset_is_paused(tmp_path: Path)
     config = load_config("adding", "lstm", overrides=overrides)
     train(config)
     assert summarize_run(tmp_path / "staged").status == f"paused at epoch 1 of {planned}"
+    # resumed mid-epoch and stopped at once: the epochs done are a fraction, shown to 0.1
+    results = tmp_path / "staged" / "results.json"
+    record = json.loads(results.read_text())
+    results.write_text(json.dumps({**record, "epochs_done": 17.0912}))
+    assert summarize_run(tmp_path / "staged").status == f"paused at epoch 17.1 of {planned}"
 
 
 def test_a_run_that_did_its_preset_files_epochs_is_done(tmp_path: Path) -> None:

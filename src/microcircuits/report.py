@@ -209,7 +209,7 @@ def summarize_run(run_dir: str | os.PathLike[str]) -> RunSummary:
         asked = config.get("epochs")
         if results["stopped"] == "completed" and planned and asked and asked < planned:
             # ``--epochs k`` below the preset's: a stage of a longer run (``--resume``)
-            status = f"paused at epoch {epochs:g} of {planned}"
+            status = f"paused at epoch {round(epochs, 1):g} of {planned}"
         wall_time, parameters = results["wall_time_s"], results["parameters"]
     else:
         values = [v for _, v in valid_curve if v is not None and math.isfinite(v)]
