@@ -166,14 +166,14 @@ class _RecurrentSequence(RecurrentParameters):
         gate block (fan-out ``H``), since each block is its own linear map; with
         ``"glorot_fused"`` once for the kernel mapping ``[x, h]`` to all gates, as
         TensorFlow's ``LSTMCell`` does; ``recurrent_gain`` then scales ``weight_hh``
-        (spectral radius ~``recurrent_gain`` per gate block). ``weight_hr`` (``proj_size > 0``) is
-        Glorot-uniform as a whole. The forget bias sits in ``bias_ih`` (``bias_hh`` is
-        zero). With ``chrono_max`` set, each unit's forget bias (phi) is drawn as
-        ``log U(1, chrono_max - 1)`` instead (chrono initialisation, Tallec & Ollivier
-        2018: memory time constants from ~1 to ~``chrono_max`` steps) and the LSTM's
-        input-gate bias is its negative. Neither is ``torch.nn.LSTM``'s scheme (uniform
-        in +-1/sqrt(hidden_size)); override this method, or re-initialise parameters
-        after construction, for another one.
+        (spectral radius ~``recurrent_gain`` per gate block). ``weight_hr``
+        (``proj_size > 0``) is Glorot-uniform as a whole. The forget bias sits in
+        ``bias_ih`` (``bias_hh`` is zero). With ``chrono_max`` set, each unit's forget
+        bias (phi) is drawn as ``log U(1, chrono_max - 1)`` instead (chrono
+        initialisation, Tallec & Ollivier 2018: memory time constants from ~1 to
+        ~``chrono_max`` steps) and the LSTM's input-gate bias is its negative. Neither
+        is ``torch.nn.LSTM``'s scheme (uniform in +-1/sqrt(hidden_size)); override this
+        method, or re-initialise parameters after construction, for another one.
         """
         for layer in range(self.num_layers):
             for suffix in self._direction_suffixes(layer):
