@@ -81,9 +81,12 @@ def test_sequential_mnist_preset_follows_section_4_1() -> None:
             config = load_config(task, cell)
             assert config.task == task
             units = 115 if cell == "fix_sublstm" else 100  # parameter-matched, as below
-            assert (config.hidden_size, config.num_layers, config.lr) == (units, 1, 1e-4)
-            # "RMSProp with momentum" as Adam (bias-corrected), as for the LMs
-            assert config.optimizer == "adam" and config.adam_beta1 > 0
+            # "RMSProp with momentum (0.9) and lr 1e-4" as Adam (bias-corrected) with its
+            # step: RMSProp's ~lr / (1 - 0.9) a step, Adam's ~lr
+            assert (config.hidden_size, config.num_layers, config.lr) == (units, 1, 1e-3)
+            assert config.optimizer == "adam" and config.adam_beta1 == 0.9
+            assert config.recurrent_gain == 0.5  # one initialisation for the family
+    assert load_config("smnist", "elm").lr == 1e-4  # the ELM keeps its run's step
 
 
 def test_sequential_mnist_fix_sublstm_has_the_others_parameter_count() -> None:
@@ -103,11 +106,12 @@ def test_sequential_mnist_fix_sublstm_has_the_others_parameter_count() -> None:
 
 
 def test_cell_defaults_apply_to_one_cell_at_every_size_and_yield_to_overrides() -> None:
-    # sMNIST: the LSTM keeps the paper's forget bias of 1, the subtractive cells start at 3
-    biases = {
-        c: load_config("smnist", c, 100).forget_bias for c in ("lstm", "sublstm", "fix_sublstm")
+    # sMNIST: the LSTM's memory starts chrono-initialised, the subtractive cells' at 3
+    memory = {
+        c: (load_config("smnist", c, 100).forget_bias, load_config("smnist", c, 100).chrono_max)
+        for c in ("lstm", "sublstm", "fix_sublstm")
     }
-    assert biases == {"lstm": 1.0, "sublstm": 3.0, "fix_sublstm": 3.0}
+    assert memory == {"lstm": (1.0, 784), "sublstm": (3.0, None), "fix_sublstm": (3.0, None)}
     assert load_config("psmnist", "fix-subLSTM", 64).forget_bias == 3.0
     assert load_config("smnist", "sublstm", 100, {"forget_bias": "1"}).forget_bias == 1.0
     assert load_config("ptb", "sublstm", 100).forget_bias == 1.0  # only where a preset says so
@@ -238,7 +242,9 @@ def test_weight_init_reaches_the_recurrent_stack() -> None:
     assert stack.weight_init == "glorot_fused"
     assert stack.weight_hh_l0.abs().max().item() <= (6 / 501) ** 0.5
     assert (
-        make_recurrent_stack(load_config("smnist", "sublstm", 100), 1).weight_hh_l0.abs().max()
+        make_recurrent_stack(load_config("smnist", "sublstm", 100, {"recurrent_gain": 1}), 1)
+        .weight_hh_l0.abs()
+        .max()
         > 0.15
     )
     with pytest.raises(ValueError, match=r"weight_init='glorot_fused': cell 'elm'"):
@@ -376,7 +382,7 @@ def test_the_size_sets_the_units_over_a_files_defaults(tmp_path: Path) -> None:
     """An edited copy of smnist.toml ([defaults] hidden_size = 100) with --size 50 trains
     50 units, as the shipped preset does; without --size, its default size."""
     path = tmp_path / "smnist.toml"
-    path.write_text(_shipped_text("smnist").replace("lr = 1e-4", "lr = 3e-4"))
+    path.write_text(_shipped_text("smnist").replace("lr = 1e-3 ", "lr = 3e-4 "))
     assert load_config(None, "lstm", 50, preset=path).hidden_size == 50
     config = load_config(None, "fix_sublstm", preset=path)
     assert (config.hidden_size, config.lr, config.forget_bias) == (115, 3e-4, 3.0)
