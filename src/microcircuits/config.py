@@ -328,13 +328,12 @@ class ExperimentConfig:
         reads = TASK_KINDS[self.task].reads
         changed = self._changed_from_defaults(name for name in TASK_FIELDS if name not in reads)
         if changed:
-            names = [item.split("=", 1)[0] for item in changed]
             readers = "; ".join(
                 f"{name} by {', '.join(k.name for k in TASK_KINDS.values() if name in k.reads)}"
-                for name in names
+                for name in changed
             )
             raise ValueError(
-                f"{', '.join(changed)}: task {self.task!r} does not read "
+                f"{_format_assignments(changed)}: task {self.task!r} does not read "
                 f"{'these fields' if len(changed) > 1 else 'this field'} (read only: {readers}); "
                 "drop it or leave it at its default"
             )
@@ -342,11 +341,11 @@ class ExperimentConfig:
     def _validate_model_fields(self, model: ModelKind) -> None:
         """Refuse the fields of other model families; check the model's own."""
         for family, (names, what) in _FAMILY_FIELDS.items():
-            changed = self._changed_from_defaults(names) if family != model.family else []
+            changed = self._changed_from_defaults(names) if family != model.family else {}
             if changed:
                 cells = " or ".join(n for n, k in MODELS.items() if k.family == family)
                 raise ValueError(
-                    f"{', '.join(changed)}: the {family}_* fields shape {what} only; cell "
+                    f"{_format_assignments(changed)}: the {family}_* fields shape {what} only; cell "
                     f"{self.cell!r} ({model.label}) does not use them (choose --cell {cells}, "
                     "or drop them)"
                 )
@@ -358,7 +357,7 @@ class ExperimentConfig:
             defaults = _field_defaults()
             kept = ", ".join(f"{name}={defaults[name]!r}" for name in _LSTM_ONLY_FIELDS)
             raise ValueError(
-                f"{', '.join(changed)}: cell {self.cell!r} ({model.label}) does not use these "
+                f"{_format_assignments(changed)}: cell {self.cell!r} ({model.label}) does not use these "
                 f"LSTM-family options ({_NO_LSTM_OPTIONS[model.family]}); leave {kept}"
             )
         if model.family == "cmc":
@@ -390,7 +389,7 @@ class ExperimentConfig:
             changed = self._changed_from_defaults(_BRANCH_FIELDS)
             if changed:
                 raise ValueError(
-                    f"{', '.join(changed)}: these make a Branch-ELM; use --cell branch_elm"
+                    f"{_format_assignments(changed)}: these make a Branch-ELM; use --cell branch_elm"
                 )
 
     def _validate_cmc_fields(self) -> None:
@@ -436,10 +435,15 @@ class ExperimentConfig:
                         "an option of the hierarchy; use --cell cmc_hierarchy"
                     )
 
-    def _changed_from_defaults(self, names: Iterable[str]) -> list[str]:
-        """``"name=value"`` of each field in ``names`` that differs from its default."""
+    def _changed_from_defaults(self, names: Iterable[str]) -> dict[str, object]:
+        """The fields in ``names`` whose value differs from their default, with the value."""
         defaults = _field_defaults()
-        return [f"{n}={getattr(self, n)!r}" for n in names if getattr(self, n) != defaults[n]]
+        return {n: getattr(self, n) for n in names if getattr(self, n) != defaults[n]}
+
+
+def _format_assignments(values: dict[str, object]) -> str:
+    """``"name=value, ..."`` for an error message."""
+    return ", ".join(f"{name}={value!r}" for name, value in values.items())
 
 
 def _check_model_task(model: ModelKind, task: str) -> None:

@@ -28,6 +28,8 @@ All dropouts act in training mode only.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import numbers
 import warnings
 
@@ -229,22 +231,7 @@ class _RecurrentSequence(RecurrentParameters):
 
     def extra_repr(self) -> str:
         text = f"{self.input_size}, {self.hidden_size}"
-        defaults = {
-            "num_layers": 1,
-            "bias": True,
-            "batch_first": False,
-            "dropout": 0.0,
-            "bidirectional": False,
-            "proj_size": 0,
-            "input_dropout": 0.0,
-            "output_dropout": 0.0,
-            "update_dropout": 0.0,
-            "forget_bias": 1.0,
-            "weight_init": "glorot_gates",
-            "recurrent_gain": 1.0,
-            "chrono_max": None,
-        }
-        for name, default in defaults.items():
+        for name, default in _constructor_defaults().items():
             value = getattr(self, name)
             if value != default:
                 text += f", {name}={value!r}" if isinstance(value, str) else f", {name}={value}"
@@ -398,6 +385,15 @@ class _RecurrentSequence(RecurrentParameters):
         present = torch.arange(output.shape[1]).unsqueeze(0) < batch_sizes.unsqueeze(1)  # (T, B)
         data = output[present.to(output.device)]
         return PackedSequence(data, batch_sizes, like.sorted_indices, like.unsorted_indices)
+
+
+@functools.cache
+def _constructor_defaults() -> dict[str, object]:
+    """The defaults of :class:`_RecurrentSequence`'s arguments (sizes and factory
+    arguments aside): its ``extra_repr`` names only the arguments that differ."""
+    parameters = inspect.signature(_RecurrentSequence.__init__).parameters
+    skip = {"self", "input_size", "hidden_size", "device", "dtype"}
+    return {name: p.default for name, p in parameters.items() if name not in skip}
 
 
 @documented(SEQUENCE_SECTIONS)
