@@ -333,7 +333,7 @@ class ExperimentConfig:
                 for name in changed
             )
             raise ValueError(
-                f"{_format_assignments(changed)}: task {self.task!r} does not read "
+                f"{_settings(changed)}: task {self.task!r} does not read "
                 f"{'these fields' if len(changed) > 1 else 'this field'} (read only: {readers}); "
                 "drop it or leave it at its default"
             )
@@ -345,7 +345,7 @@ class ExperimentConfig:
             if changed:
                 cells = " or ".join(n for n, k in MODELS.items() if k.family == family)
                 raise ValueError(
-                    f"{_format_assignments(changed)}: the {family}_* fields shape {what} only; cell "
+                    f"{_settings(changed)}: the {family}_* fields shape {what} only; cell "
                     f"{self.cell!r} ({model.label}) does not use them (choose --cell {cells}, "
                     "or drop them)"
                 )
@@ -357,7 +357,7 @@ class ExperimentConfig:
             defaults = _field_defaults()
             kept = ", ".join(f"{name}={defaults[name]!r}" for name in _LSTM_ONLY_FIELDS)
             raise ValueError(
-                f"{_format_assignments(changed)}: cell {self.cell!r} ({model.label}) does not use these "
+                f"{_settings(changed)}: cell {self.cell!r} ({model.label}) does not use these "
                 f"LSTM-family options ({_NO_LSTM_OPTIONS[model.family]}); leave {kept}"
             )
         if model.family == "cmc":
@@ -389,7 +389,7 @@ class ExperimentConfig:
             changed = self._changed_from_defaults(_BRANCH_FIELDS)
             if changed:
                 raise ValueError(
-                    f"{_format_assignments(changed)}: these make a Branch-ELM; use --cell branch_elm"
+                    f"{_settings(changed)}: these make a Branch-ELM; use --cell branch_elm"
                 )
 
     def _validate_cmc_fields(self) -> None:
@@ -441,7 +441,7 @@ class ExperimentConfig:
         return {n: getattr(self, n) for n in names if getattr(self, n) != defaults[n]}
 
 
-def _format_assignments(values: dict[str, object]) -> str:
+def _settings(values: dict[str, object]) -> str:
     """``"name=value, ..."`` for an error message."""
     return ", ".join(f"{name}={value!r}" for name, value in values.items())
 
