@@ -59,6 +59,11 @@ def test_report_command(tmp_path: Path, capsys) -> None:
     assert main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "rep")]) == 0
     assert "| 4 | LSTM | paused at epoch 2 of 30 |" in capsys.readouterr().out
     assert (tmp_path / "rep" / "results.csv").is_file()
+    # --per-epoch prints the validation after each epoch (TINY: 2 epochs) instead
+    assert main(["report", str(tmp_path / "runs"), "--per-epoch"]) == 0
+    printed = capsys.readouterr().out
+    assert "after each epoch" in printed and "| run | 1 | 2 |" in printed
+    assert (tmp_path / "rep" / "epochs.md").read_text().startswith("### Delayed addition")
 
 
 def test_report_without_out_prints_the_table_and_writes_nothing(

@@ -14,6 +14,7 @@ from microcircuits.report import (
     _comparison_figure,
     comparisons,
     find_runs,
+    format_epoch_table,
     paper_result,
     report_text,
     run_labels,
@@ -178,6 +179,30 @@ def test_the_comparison_shows_accuracy_in_percent(tmp_path: Path) -> None:
     assert (point.ours, point.paper) == (pytest.approx(90.25), 97.27)
     assert [p.name for p in files.figures] == ["comparison_smnist.png"]  # no curves logged
     assert files.figures[0].read_bytes()[:8] == PNG_MAGIC
+
+
+def test_the_epoch_table_reads_whole_epochs_and_marks_lowered_lrs(tmp_path: Path) -> None:
+    """One column per whole epoch (a mid-epoch validation is left out), accuracy in %, a
+    `*` where the lr was below the epoch before's; a shorter run leaves its cells empty."""
+
+    def run(name: str, points: list[tuple[float, float, float]]) -> Path:
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        config = load_config("smnist", "lstm").to_dict()
+        (run_dir / "config.json").write_text(json.dumps(config))
+        records = [
+            {"kind": "valid", "step": 1, "epoch": e, "loss": 1.0, "accuracy": a, "lr": lr}
+            for e, a, lr in points
+        ]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        return run_dir
+
+    long = run("long", [(0.5, 0.1, 1e-3), (1, 0.5, 1e-3), (2, 0.6, 1e-3), (3, 0.7, 3e-4)])
+    short = run("short", [(1, 0.4, 1e-3)])
+    text = format_epoch_table([summarize_run(long), summarize_run(short)])
+    assert "| run | 1 | 2 | 3 |\n|---|---|---|---|\n" in text
+    assert "| long | 50.0 | 60.0 | 70.0* |" in text
+    assert "| short | 40.0 |  |  |" in text
 
 
 def test_no_runs_is_a_clear_error(tmp_path: Path) -> None:

@@ -334,26 +334,35 @@ def add_report_command(subparsers: Any) -> None:
         description="Find the run directories under RUNS and print a Markdown table of "
         "their results beside the paper's, one row per run (named in the run column). With "
         "--out, also write results.md, results.csv, the learning curves "
-        "curves_<task>_<size>.png and comparison_<task>.png there. Unfinished runs are "
-        "shown as in progress.",
+        "curves_<task>_<size>.png, comparison_<task>.png and epochs.md (validation after "
+        "each epoch) there. Unfinished runs are shown as in progress.",
     )
     parser.add_argument("runs", nargs="+", help="run directories or folders holding them")
     parser.add_argument(
         "--out", help="where to write the report (default: print the table only, write nothing)"
     )
     parser.add_argument("--no-plots", action="store_true", help="skip the figures (with --out)")
+    parser.add_argument(
+        "--per-epoch",
+        action="store_true",
+        help="print each run's validation metric after each epoch instead (a row per run; "
+        "* where the schedule had lowered the lr)",
+    )
     parser.set_defaults(handler=_run_report)
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from .report import report_text, write_report
+    from .report import find_runs, format_epoch_table, report_text, summarize_run, write_report
 
     if args.out is None:
-        print(report_text(args.runs))
+        if args.per_epoch:
+            print(format_epoch_table([summarize_run(run) for run in find_runs(args.runs)]))
+        else:
+            print(report_text(args.runs))
         return 0
     files = write_report(args.runs, args.out, plots=not args.no_plots)
-    print(files.text)
-    written = [files.markdown, files.csv, *files.figures]
+    print(files.epochs.read_text() if args.per_epoch else files.text)
+    written = [files.markdown, files.csv, files.epochs, *files.figures]
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 

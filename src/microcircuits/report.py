@@ -46,6 +46,7 @@ __all__ = [
     "RunSummary",
     "comparisons",
     "find_runs",
+    "format_epoch_table",
     "format_table",
     "paper_result",
     "report_text",
@@ -79,7 +80,8 @@ class RunSummary:
         test: test metric of the best-validation checkpoint (finished runs only).
         paper: the paper's test number for this task, cell and size, if any.
         epochs, steps, wall_time_s, parameters: progress and cost.
-        curves: ``{"train": [(epoch, loss)], "valid": [(epoch, metric)]}``.
+        curves: ``{"train": [(epoch, loss)], "valid": [(epoch, metric)], "lr": [(epoch,
+            lr)]}`` (the lr at each validation).
     """
 
     run_dir: Path
@@ -193,6 +195,7 @@ def summarize_run(run_dir: str | os.PathLike[str]) -> RunSummary:
     train_curve = [(r["epoch"], r["loss"]) for r in records if r.get("kind") == "train"]
     valid_records = [r for r in records if r.get("kind") == "valid" and metric in r]
     valid_curve = [(r["epoch"], r[metric]) for r in valid_records]
+    lr_curve = [(r["epoch"], r["lr"]) for r in valid_records if "lr" in r]
     errors = [r for r in records if r.get("kind") == "error"]
 
     results_path = run_dir / "results.json"
@@ -245,7 +248,7 @@ def summarize_run(run_dir: str | os.PathLike[str]) -> RunSummary:
         steps=steps,
         wall_time_s=wall_time,
         parameters=parameters,
-        curves={"train": train_curve, "valid": valid_curve},
+        curves={"train": train_curve, "valid": valid_curve, "lr": lr_curve},
     )
 
 
@@ -354,6 +357,46 @@ def format_table(summaries: Sequence[RunSummary]) -> str:
         note += " Perplexity = exp(mean per-token NLL, `<eos>` included)."
     lines.append(note)
     return "\n".join(lines) + "\n"
+
+
+def _after_each_epoch(curve: Sequence[tuple[float, float]]) -> dict[int, float]:
+    """The values of a curve at whole epochs (the last record of each), by epoch."""
+    return {round(e): v for e, v in curve if e >= 0.5 and abs(e - round(e)) < 1e-6}
+
+
+def format_epoch_table(summaries: Sequence[RunSummary]) -> str:
+    """Markdown tables, one per task, of each run's validation metric after each whole
+    epoch (accuracy in %), one row per run (:func:`run_labels`), a column per epoch; a
+    ``*`` marks an epoch that ran at a lower lr than the one before (the schedule's
+    decays), so probes of different lengths and schedules read side by side."""
+    lines: list[str] = []
+    ordered = sorted(summaries, key=_sort_key)
+    names = run_labels(s.run_dir for s in ordered)
+    for task in dict.fromkeys(s.task for s in ordered):
+        runs = [s for s in ordered if s.task == task]
+        values = {s.run_dir: _after_each_epoch(s.curves.get("valid", [])) for s in runs}
+        rates = {s.run_dir: _after_each_epoch(s.curves.get("lr", [])) for s in runs}
+        last = max((max(v, default=0) for v in values.values()), default=0)
+        metric = runs[0].metric
+        lines += [
+            f"### {_title(task)}: validation {metric} after each epoch",
+            "",
+            "`*`: the schedule had lowered the lr before that epoch.",
+            "",
+            "| run | " + " | ".join(str(e) for e in range(1, last + 1)) + " |",
+            "|---|" + "---|" * last,
+        ]
+        for s in runs:
+            cells = []
+            for epoch in range(1, last + 1):
+                value = values[s.run_dir].get(epoch)
+                lr, before = rates[s.run_dir].get(epoch), rates[s.run_dir].get(epoch - 1)
+                lowered = lr is not None and before is not None and lr < before
+                shown = "" if value is None else f"{_in_table_units(metric, value):.1f}"
+                cells.append(shown + ("*" if lowered and shown else ""))
+            lines.append(f"| {_escape_cell(names[s.run_dir])} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def _csv_rows(summaries: Sequence[RunSummary], base: Path) -> list[list[object]]:
@@ -549,6 +592,7 @@ class ReportFiles:
 
     markdown: Path
     csv: Path
+    epochs: Path  # epochs.md: :func:`format_epoch_table`
     figures: list[Path]
     text: str
     summaries: list[RunSummary]
@@ -564,7 +608,8 @@ def write_report(
 
     Args:
         paths: run directories, or folders searched for them.
-        out_dir: where ``results.md``, ``results.csv`` and the curves go (created).
+        out_dir: where ``results.md``, ``results.csv``, ``epochs.md`` (validation after
+            each epoch, :func:`format_epoch_table`) and the curves go (created).
         plots: also draw the learning curves and the comparison with the paper.
 
     Returns:
@@ -578,9 +623,11 @@ def write_report(
     text = _report_text(summaries)
     markdown = out_dir / "results.md"
     markdown.write_text(text, encoding="utf-8")
+    epochs = out_dir / "epochs.md"
+    epochs.write_text(format_epoch_table(summaries), encoding="utf-8")
     csv_path = write_csv(out_dir / "results.csv", CSV_COLUMNS, _csv_rows(summaries, out_dir))
     figures = []
     if plots:
         figures = _plot_curves(summaries, out_dir)
         figures += _plot_comparisons(comparisons(summaries), out_dir)
-    return ReportFiles(markdown, csv_path, figures, text, summaries)
+    return ReportFiles(markdown, csv_path, epochs, figures, text, summaries)
