@@ -254,7 +254,10 @@ def plot_gradients(data: GradientData):
         ax.set_xlabel("distance from the loss $T - 1 - t$ (steps)")
         ax.set_ylabel(ylabel)
         ax.set_title(title)
-    axes[0, 0].legend(loc="lower left")
+    # below the panels: inside, six entries covered the curves of panel a
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    cells = len({c.cell for c in data.curves})
+    fig.legend(handles, labels, loc="outside lower center", ncols=max(cells, 1))
     for ax, letter in zip(axes[0], "abc"):
         style.panel_label(ax, letter)
     return fig
