@@ -4,6 +4,7 @@ unfused one.
 One command::
 
     python -m benchmarks.lm_step              # PTB shapes, sizes 10 and 100, 1 thread
+    python -m benchmarks.lm_step --vocab 33278  # WikiText-2's vocabulary
     python -m benchmarks.lm_step --quick      # smoke test: small vocabulary, 2 repeats
 
 A PTB training step of the paper (batch 20, BPTT 35, 10k words, 2 layers) spends most
@@ -18,7 +19,8 @@ the same model, interleaved round by round in one process (as in ``benchmarks.rn
 A step is forward, the loss summed over time, backward, gradient clipping and an Adam
 step, on random token ids (no data needed). Reported per (size, way): the median time
 with its 25-75% spread, and the ratio fused / unfused as the median of the per-round
-ratios. Results go to ``benchmarks/results/lm_step_cpu_<threads>t[_quick].{json,md}``.
+ratios. Results go to
+``benchmarks/results/lm_step_cpu_<threads>t[_quick | _v<vocab>].{json,md}``.
 """
 
 from __future__ import annotations
@@ -126,6 +128,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 15; quick 2)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default 2; quick 1)")
+    p.add_argument(
+        "--vocab", type=int, default=10000, help="words (default 10000, PTB; WikiText-2: 33278)"
+    )
     p.add_argument("--quick", action="store_true", help="vocabulary 500, few repeats: smoke test")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="output folder")
     args = p.parse_args(argv)
@@ -135,7 +140,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--sizes must be comma-separated integers, got {args.sizes!r}")
     if args.threads < 1:
         p.error(f"--threads must be at least 1, got {args.threads}")
-    args.vocab, args.batch, args.bptt = (500, 20, 35) if args.quick else (10000, 20, 35)
+    if args.vocab < 2:
+        p.error(f"--vocab must be at least 2, got {args.vocab}")
+    args.vocab, args.batch, args.bptt = (500 if args.quick else args.vocab), 20, 35
     args.repeats = args.repeats or (2 if args.quick else 15)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     return args
@@ -145,7 +152,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     report = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"lm_step_cpu_{args.threads}t" + ("_quick" if args.quick else "")
+    stem = f"lm_step_cpu_{args.threads}t"
+    stem += "_quick" if args.quick else ("" if args.vocab == 10000 else f"_v{args.vocab}")
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     table = markdown(report)
     (args.out / f"{stem}.md").write_text(table)

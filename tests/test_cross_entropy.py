@@ -119,6 +119,40 @@ def test_linear_cross_entropy_equals_f_cross_entropy_of_f_linear(dtype, bias, h)
         torch.testing.assert_close(g_ours, g_ref, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 4])  # blocks of rows, the last one shorter
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("h", [3, 40])  # both layouts of the weight's gradient
+def test_linear_cross_entropy_in_blocks_of_rows_equals_the_reference(monkeypatch, rows, bias, h):
+    """On CPU the logits are handled a block of rows at a time (here 11 rows in blocks of
+    1, 3 or 4): loss and gradients as F.cross_entropy's, and as finite differences."""
+    from microcircuits.tasks import cross_entropy
+
+    monkeypatch.setattr(cross_entropy, "_BLOCK_ELEMENTS", rows * 23)
+    monkeypatch.setattr(cross_entropy, "_ROWS_PER_FEATURE", 0)
+    assert cross_entropy._block_rows(11, h + bias, 23, torch.device("cpu")) == rows
+    x, w, b, targets = _linear_case(h=h, bias=bias)
+    ours = linear_cross_entropy(x, w, b, targets)
+    ref = F.cross_entropy(F.linear(x, w, b), targets)
+    assert ours.item() == pytest.approx(ref.item(), abs=1e-12)
+    for g_ours, g_ref in zip(_grads(0.3 * ours, (x, w, b)), _grads(0.3 * ref, (x, w, b))):
+        torch.testing.assert_close(g_ours, g_ref, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: linear_cross_entropy(x, w, b, targets),
+        (x, w, b) if bias else (x, w, None),
+    )
+
+
+def test_linear_cross_entropy_follows_a_negative_or_zero_upstream_gradient():
+    """The scale of the gradient rides on the exp pass when it is positive; a negative or
+    zero one (a loss subtracted, or multiplied by 0) takes the other branch."""
+    x, w, b, targets = _linear_case()
+    for factor in (-2.5, 0.0):
+        ours = _grads(factor * linear_cross_entropy(x, w, b, targets), (x, w, b))
+        ref = _grads(factor * F.cross_entropy(F.linear(x, w, b), targets), (x, w, b))
+        for g_ours, g_ref in zip(ours, ref):
+            torch.testing.assert_close(g_ours, g_ref, rtol=1e-12, atol=1e-12)
+
+
 def test_linear_cross_entropy_gradient_matches_finite_differences():
     x, w, b, targets = _linear_case(n=4, h=3, v=5)
     assert torch.autograd.gradcheck(

@@ -17,13 +17,18 @@ loss from ``log_softmax`` instead, so the loss stays finite and exact. With
 refused with a clear error. Only used in training (autograd on, float32 or float64);
 ``F.cross_entropy`` is the reference it is tested against.
 
-:func:`linear_cross_entropy` also takes in the decoder (``logits = x W^T + b``): the
-logits are then never stored apart from their softmax, and for small ``H`` the weight's
-gradient is formed as ``(x^T g)^T``, which is several times faster on CPU than ``g^T x``
-(a skinny ``(V, N) @ (N, H)`` product).
+:func:`linear_cross_entropy` also takes in the decoder (``logits = x W^T + b``) and
+never stores the logits: it works through them in blocks of rows that stay in cache
+(forward keeps one log-sum-exp per row; backward recomputes each block's logits, a cheap
+product for the paper's small models, and turns them into the gradient in place), with
+the bias as one more column of the product, and for small ``H`` the weight's gradient
+formed as ``(x^T g)^T``, several times faster on CPU than ``g^T x`` (a skinny
+``(V, N) @ (N, H)`` product).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -73,36 +78,96 @@ class _MeanCrossEntropy(torch.autograd.Function):
 
 
 _NARROW = 32  # up to this many features: the weight's gradient as (x^T g)^T; measured
-# (one CPU thread, 700 x 10k logits): faster at H = 10 (52 vs 61 ms), slower at H = 100
+# (one CPU thread, 700 x 10k logits, unblocked): faster at H = 10 (52 vs 61 ms), slower
+# at H = 100
+
+
+def _block_rows(rows: int, features: int, classes: int, device: torch.device) -> int:
+    """Rows of the ``(rows, classes)`` logits that :class:`_LinearCrossEntropy` handles at
+    once: on CPU a block of about ``_BLOCK_ELEMENTS`` (it stays in cache through the
+    passes over it), but at least ``_ROWS_PER_FEATURE`` per feature, since every block
+    also reads and writes the whole ``(classes, features)`` weight gradient; elsewhere
+    all rows in one block."""
+    if device.type != "cpu":
+        return max(rows, 1)
+    return max(1, min(rows, max(_BLOCK_ELEMENTS // classes, _ROWS_PER_FEATURE * features)))
+
+
+_BLOCK_ELEMENTS = 2**20  # logits per block on CPU (4 MiB in float32)
+_ROWS_PER_FEATURE = 4
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
+    """``mean_n (lse_n - logit[n, target_n])`` of ``logits = [x, 1] [W, b]^T``, in blocks
+    of rows: forward keeps only the log-sum-exp per row ``(N,)``; backward recomputes
+    each block's logits and turns them into the gradient in place."""
+
     @staticmethod
     def forward(  # type: ignore[override]
         ctx, inputs: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor
     ) -> Tensor:
-        def logits_of(x: Tensor) -> Tensor:  # (n, V)
-            return x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
-
-        probs = torch.softmax(logits_of(inputs), dim=1)  # (N, V); the logits are freed
-        nll = _nll_from_probs(probs, targets, lambda rows: logits_of(inputs[rows]))
-        ctx.save_for_backward(probs, inputs, weight, targets)
-        return nll.mean()
+        n, classes = inputs.shape[0], weight.shape[0]
+        x, w = _with_bias_column(inputs, weight, bias)  # (N, H+1), (V, H+1): no bias pass
+        lse, picked = inputs.new_empty(n), inputs.new_empty(n)
+        rows = _block_rows(n, x.shape[1], classes, inputs.device)
+        for block in _blocks(n, rows):
+            logits = x[block] @ w.t()  # (rows, V)
+            picked[block] = logits.gather(1, targets[block, None]).squeeze(1)
+            top = logits.amax(1, keepdim=True)
+            total = logits.sub_(top).exp_().sum(1)
+            lse[block] = total.log_().add_(top.squeeze(1))
+        ctx.rows, ctx.has_bias = rows, bias is not None
+        ctx.save_for_backward(x, w, targets, lse)
+        return (lse - picked).mean()
 
     @staticmethod
     @first_order_only("linear_cross_entropy", "use torch.nn.functional.cross_entropy")
     @once_differentiable
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        probs, inputs, weight, targets = ctx.saved_tensors
+        x, w, targets, lse = ctx.saved_tensors
         need_x, need_w, need_b, _ = ctx.needs_input_grad
-        g = _probs_to_grad(probs, targets, grad)  # (N, V)
-        grad_x = g @ weight if need_x else None  # (N, H)
-        grad_w = None
-        if need_w:  # (V, H); with few units (H, N) @ (N, V) transposed is the faster
-            narrow = inputs.shape[1] <= _NARROW  # product on CPU (3x at H = 10)
-            grad_w = (inputs.t() @ g).t() if narrow else g.t() @ inputs
-        grad_b = g.sum(0) if need_b else None  # need_b: a bias was given
+        n, features = x.shape
+        h = features - ctx.has_bias
+        scale = float(grad) / n
+        # exp(logit - lse + log scale) = scale * p: the scale rides on the exp pass
+        shift = lse - math.log(scale) if scale > 0 else lse
+        grad_x = x.new_empty(n, h) if need_x else None
+        # few features: the weight's gradient as (x^T g)^T, several times faster on CPU
+        # than the skinny g^T x (3x at H = 10)
+        narrow = h <= _NARROW
+        grad_wb = None
+        if need_w or need_b:
+            grad_wb = x.new_zeros(features, w.shape[0]) if narrow else torch.zeros_like(w)
+        for block in _blocks(n, ctx.rows):
+            g = (x[block] @ w.t()).sub_(shift[block, None]).exp_()  # (rows, V)
+            if scale <= 0:
+                g.mul_(scale)
+            g.scatter_add_(1, targets[block, None], g.new_full((g.shape[0], 1), -scale))
+            if grad_x is not None:
+                torch.mm(g, w[:, :h], out=grad_x[block])
+            if grad_wb is not None:
+                if narrow:
+                    grad_wb.addmm_(x[block].t(), g)
+                else:
+                    grad_wb.addmm_(g.t(), x[block])
+        if grad_wb is not None and narrow:
+            grad_wb = grad_wb.t()  # (V, H+1)
+        grad_w = grad_wb[:, :h] if need_w and grad_wb is not None else None
+        grad_b = grad_wb[:, h] if need_b and grad_wb is not None else None
         return grad_x, grad_w, grad_b, None
+
+
+def _with_bias_column(inputs: Tensor, weight: Tensor, bias: Tensor | None):
+    """``([x, 1], [W, b])``: the bias as one more feature, so that each block's logits are
+    one product (``addmm`` would first copy the bias into every row)."""
+    if bias is None:
+        return inputs, weight
+    ones = inputs.new_ones(inputs.shape[0], 1)
+    return torch.cat([inputs, ones], 1), torch.cat([weight, bias[:, None]], 1)
+
+
+def _blocks(n: int, rows: int) -> list[slice]:
+    return [slice(start, min(start + rows, n)) for start in range(0, n, rows)]
 
 
 def mean_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
