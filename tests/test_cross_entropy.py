@@ -102,8 +102,10 @@ def _linear_case(n=11, h=6, v=23, dtype=torch.float64, seed=1, bias=True):
     return x, w, b, targets
 
 
-def _grads(loss, tensors):
-    return torch.autograd.grad(loss, [t for t in tensors if t is not None])
+def _grads(loss, tensors, retain_graph=False):
+    return torch.autograd.grad(
+        loss, [t for t in tensors if t is not None], retain_graph=retain_graph
+    )
 
 
 @pytest.mark.parametrize("h", [6, 40])  # both layouts of the weight's gradient
@@ -119,23 +121,26 @@ def test_linear_cross_entropy_equals_f_cross_entropy_of_f_linear(dtype, bias, h)
         torch.testing.assert_close(g_ours, g_ref, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4])  # blocks of rows, the last one shorter
+@pytest.mark.parametrize("rows", [1, 3, 4, 11])  # blocks, the last one shorter; one
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("h", [3, 40])  # both layouts of the weight's gradient
-def test_linear_cross_entropy_in_blocks_of_rows_equals_the_reference(monkeypatch, rows, bias, h):
-    """On CPU the logits are handled a block of rows at a time (here 11 rows in blocks of
-    1, 3 or 4): loss and gradients as F.cross_entropy's, and as finite differences."""
+def test_linear_cross_entropy_in_blocks_of_rows_equals_the_reference(monkeypatch, rows, bias):
+    """On CPU with few features the logits are handled a block of rows at a time (here 11
+    rows in blocks of 1, 3 or 4, or all at once): loss and gradients as F.cross_entropy's,
+    also after a retained graph, and as finite differences."""
     from microcircuits.tasks import cross_entropy
 
     monkeypatch.setattr(cross_entropy, "_BLOCK_ELEMENTS", rows * 23)
-    monkeypatch.setattr(cross_entropy, "_ROWS_PER_FEATURE", 0)
-    assert cross_entropy._block_rows(11, h + bias, 23, torch.device("cpu")) == rows
-    x, w, b, targets = _linear_case(h=h, bias=bias)
+    assert cross_entropy._block_rows(11, 3, 23, torch.device("cpu")) == rows
+    assert cross_entropy._block_rows(11, 40, 23, torch.device("cpu")) == 11  # wide: one
+    x, w, b, targets = _linear_case(h=3, bias=bias)
     ours = linear_cross_entropy(x, w, b, targets)
     ref = F.cross_entropy(F.linear(x, w, b), targets)
     assert ours.item() == pytest.approx(ref.item(), abs=1e-12)
-    for g_ours, g_ref in zip(_grads(0.3 * ours, (x, w, b)), _grads(0.3 * ref, (x, w, b))):
+    expected = _grads(0.3 * ref, (x, w, b))
+    first = _grads(0.3 * ours, (x, w, b), retain_graph=True)
+    for g_ours, g_again, g_ref in zip(first, _grads(0.3 * ours, (x, w, b)), expected):
         torch.testing.assert_close(g_ours, g_ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(g_again, g_ref, rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(
         lambda x, w, b: linear_cross_entropy(x, w, b, targets),
         (x, w, b) if bias else (x, w, None),

@@ -18,12 +18,12 @@ refused with a clear error. Only used in training (autograd on, float32 or float
 ``F.cross_entropy`` is the reference it is tested against.
 
 :func:`linear_cross_entropy` also takes in the decoder (``logits = x W^T + b``) and
-never stores the logits: it works through them in blocks of rows that stay in cache
-(forward keeps one log-sum-exp per row; backward recomputes each block's logits, a cheap
-product for the paper's small models, and turns them into the gradient in place), with
-the bias as one more column of the product, and for small ``H`` the weight's gradient
-formed as ``(x^T g)^T``, several times faster on CPU than ``g^T x`` (a skinny
-``(V, N) @ (N, H)`` product).
+never stores the logits apart from their softmax. With few features on CPU it works
+through them in blocks of rows that stay in cache (forward keeps one log-sum-exp per
+row; backward recomputes each block's logits, a cheap product there, and turns them into
+the gradient in place); the bias is one more column of the product; and for small ``H``
+the weight's gradient is formed as ``(x^T g)^T``, several times faster on CPU than
+``g^T x`` (a skinny ``(V, N) @ (N, H)`` product).
 """
 
 from __future__ import annotations
@@ -84,23 +84,24 @@ _NARROW = 32  # up to this many features: the weight's gradient as (x^T g)^T; me
 
 def _block_rows(rows: int, features: int, classes: int, device: torch.device) -> int:
     """Rows of the ``(rows, classes)`` logits that :class:`_LinearCrossEntropy` handles at
-    once: on CPU a block of about ``_BLOCK_ELEMENTS`` (it stays in cache through the
-    passes over it), but at least ``_ROWS_PER_FEATURE`` per feature, since every block
-    also reads and writes the whole ``(classes, features)`` weight gradient; elsewhere
-    all rows in one block."""
-    if device.type != "cpu":
+    once. On CPU with few features, blocks of about ``_BLOCK_ELEMENTS``: they stay in
+    cache through the passes over them, and recomputing them in backward is a cheap
+    product. Otherwise all rows in one block, whose softmax is kept for backward (with
+    100 units and 33k words the recomputation cost more than the cache saved: a step at
+    1.12x the unfused time)."""
+    if device.type != "cpu" or features > _NARROW:
         return max(rows, 1)
-    return max(1, min(rows, max(_BLOCK_ELEMENTS // classes, _ROWS_PER_FEATURE * features)))
+    return max(1, min(rows, _BLOCK_ELEMENTS // classes))
 
 
 _BLOCK_ELEMENTS = 2**20  # logits per block on CPU (4 MiB in float32)
-_ROWS_PER_FEATURE = 4
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     """``mean_n (lse_n - logit[n, target_n])`` of ``logits = [x, 1] [W, b]^T``, in blocks
-    of rows: forward keeps only the log-sum-exp per row ``(N,)``; backward recomputes
-    each block's logits and turns them into the gradient in place."""
+    of rows (:func:`_block_rows`): forward keeps the log-sum-exp per row ``(N,)``, and the
+    softmax only when there is one block; backward turns that softmax, or each block's
+    logits computed again, into the gradient in place."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -109,22 +110,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
         n, classes = inputs.shape[0], weight.shape[0]
         x, w = _with_bias_column(inputs, weight, bias)  # (N, H+1), (V, H+1): no bias pass
         lse, picked = inputs.new_empty(n), inputs.new_empty(n)
-        rows = _block_rows(n, x.shape[1], classes, inputs.device)
+        rows = _block_rows(n, inputs.shape[1], classes, inputs.device)
+        probs = None
         for block in _blocks(n, rows):
             logits = x[block] @ w.t()  # (rows, V)
             picked[block] = logits.gather(1, targets[block, None]).squeeze(1)
             top = logits.amax(1, keepdim=True)
-            total = logits.sub_(top).exp_().sum(1)
-            lse[block] = total.log_().add_(top.squeeze(1))
+            total = logits.sub_(top).exp_().sum(1)  # logits now hold exp(logit - top)
+            lse[block] = total.log().add_(top.squeeze(1))
+            if rows >= n:
+                probs = logits.div_(total[:, None])  # (N, V)
         ctx.rows, ctx.has_bias = rows, bias is not None
-        ctx.save_for_backward(x, w, targets, lse)
+        ctx.save_for_backward(x, w, targets, lse, probs)
         return (lse - picked).mean()
 
     @staticmethod
     @first_order_only("linear_cross_entropy", "use torch.nn.functional.cross_entropy")
     @once_differentiable
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        x, w, targets, lse = ctx.saved_tensors
+        x, w, targets, lse, probs = ctx.saved_tensors
         need_x, need_w, need_b, _ = ctx.needs_input_grad
         n, features = x.shape
         h = features - ctx.has_bias
@@ -139,9 +143,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if need_w or need_b:
             grad_wb = x.new_zeros(features, w.shape[0]) if narrow else torch.zeros_like(w)
         for block in _blocks(n, ctx.rows):
-            g = (x[block] @ w.t()).sub_(shift[block, None]).exp_()  # (rows, V)
-            if scale <= 0:
-                g.mul_(scale)
+            if probs is not None:  # one block: its softmax was kept
+                g = (probs.clone() if graph_kept() else probs).mul_(scale)
+            else:
+                g = (x[block] @ w.t()).sub_(shift[block, None]).exp_()  # (rows, V)
+                if scale <= 0:
+                    g.mul_(scale)
             g.scatter_add_(1, targets[block, None], g.new_full((g.shape[0], 1), -scale))
             if grad_x is not None:
                 torch.mm(g, w[:, :h], out=grad_x[block])
@@ -224,8 +231,9 @@ def linear_cross_entropy(
     """``F.cross_entropy(F.linear(inputs, weight, bias), targets)``, fused and faster.
 
     The softmax decoder of a language model and its loss in one step: the logits are
-    never kept (only their softmax, which backward turns into the gradient in place),
-    and the weight's gradient is formed in the layout that is fast for small models. A
+    never kept (with few features on CPU they pass through the cache a block of rows at
+    a time and backward recomputes them; otherwise only their softmax is kept), and the
+    weight's gradient is formed in the layout that is fast for small models. A
     whole PTB-10 training step (``python -m benchmarks.lm_step``, one CPU thread) takes
     0.88x the time of the unfused one (median of per-round ratios); PTB-100 0.99x.
 
