@@ -183,7 +183,7 @@ def test_the_comparison_shows_accuracy_in_percent(tmp_path: Path) -> None:
 
 def test_the_epoch_table_reads_whole_epochs_and_marks_lowered_lrs(tmp_path: Path) -> None:
     """One column per whole epoch (a mid-epoch validation is left out), accuracy in %, a
-    `*` where the lr was below the epoch before's; a shorter run leaves its cells empty."""
+    `*` where the lr the training went on with fell; a shorter run leaves its cells empty."""
 
     def run(name: str, points: list[tuple[float, float, float]]) -> Path:
         run_dir = tmp_path / name

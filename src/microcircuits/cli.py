@@ -346,7 +346,7 @@ def add_report_command(subparsers: Any) -> None:
         "--per-epoch",
         action="store_true",
         help="print each run's validation metric after each epoch instead (a row per run; "
-        "* where the schedule had lowered the lr)",
+        "* where the schedule lowered the lr after that validation)",
     )
     parser.set_defaults(handler=_run_report)
 

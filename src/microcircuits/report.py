@@ -367,8 +367,9 @@ def _after_each_epoch(curve: Sequence[tuple[float, float]]) -> dict[int, float]:
 def format_epoch_table(summaries: Sequence[RunSummary]) -> str:
     """Markdown tables, one per task, of each run's validation metric after each whole
     epoch (accuracy in %), one row per run (:func:`run_labels`), a column per epoch; a
-    ``*`` marks an epoch that ran at a lower lr than the one before (the schedule's
-    decays), so probes of different lengths and schedules read side by side."""
+    ``*`` marks a validation after which the schedule lowered the lr (a validation
+    record holds the lr the training goes on with), so probes of different lengths and
+    schedules read side by side."""
     lines: list[str] = []
     ordered = sorted(summaries, key=_sort_key)
     names = run_labels(s.run_dir for s in ordered)
@@ -381,7 +382,8 @@ def format_epoch_table(summaries: Sequence[RunSummary]) -> str:
         lines += [
             f"### {_title(task)}: validation {metric} after each epoch",
             "",
-            "`*`: the schedule had lowered the lr before that epoch.",
+            "`*`: the schedule lowered the lr after that validation (the next epochs ran "
+            "at the lower lr).",
             "",
             "| run | " + " | ".join(str(e) for e in range(1, last + 1)) + " |",
             "|---|" + "---|" * last,
