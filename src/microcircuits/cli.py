@@ -352,13 +352,10 @@ def add_report_command(subparsers: Any) -> None:
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from .report import find_runs, format_epoch_table, report_text, summarize_run, write_report
+    from .report import epoch_table_text, report_text, write_report
 
     if args.out is None:
-        if args.per_epoch:
-            print(format_epoch_table([summarize_run(run) for run in find_runs(args.runs)]))
-        else:
-            print(report_text(args.runs))
+        print(epoch_table_text(args.runs) if args.per_epoch else report_text(args.runs))
         return 0
     files = write_report(args.runs, args.out, plots=not args.no_plots)
     print(files.epochs.read_text() if args.per_epoch else files.text)

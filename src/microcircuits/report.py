@@ -45,6 +45,7 @@ __all__ = [
     "Comparison",
     "RunSummary",
     "comparisons",
+    "epoch_table_text",
     "find_runs",
     "format_epoch_table",
     "format_table",
@@ -585,7 +586,17 @@ def report_text(paths: Iterable[str | os.PathLike[str]]) -> str:
         FileNotFoundError: a path does not exist.
         ValueError: no run directory was found.
     """
-    return _report_text([summarize_run(run) for run in find_runs(paths)])
+    return _report_text(_summaries(paths))
+
+
+def epoch_table_text(paths: Iterable[str | os.PathLike[str]]) -> str:
+    """:func:`format_epoch_table` of the runs under ``paths`` (``epochs.md``), writing
+    nothing; raises as :func:`report_text`."""
+    return format_epoch_table(_summaries(paths))
+
+
+def _summaries(paths: Iterable[str | os.PathLike[str]]) -> list[RunSummary]:
+    return [summarize_run(run) for run in find_runs(paths)]
 
 
 @dataclass
@@ -621,7 +632,7 @@ def write_report(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    summaries = [summarize_run(run) for run in find_runs(paths)]
+    summaries = _summaries(paths)
     text = _report_text(summaries)
     markdown = out_dir / "results.md"
     markdown.write_text(text, encoding="utf-8")
