@@ -9,7 +9,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from microcircuits import make_rnn
 from microcircuits.config import load_config
 from microcircuits.data import MissingDataError, corpus_from_texts, load_mnist
 from microcircuits.tasks import (
@@ -18,6 +20,7 @@ from microcircuits.tasks import (
     SequentialMNISTTask,
     make_task,
 )
+from microcircuits.tasks.models import SummedLayerStack
 
 CELLS = ("lstm", "sublstm", "fix_sublstm")
 CPU = torch.device("cpu")
@@ -342,3 +345,67 @@ def test_lm_tied_embeddings_share_one_parameter_whose_gradient_sums_both_uses(
 def test_lm_tied_embeddings_need_word_vectors_as_wide_as_the_state(tiny_corpus) -> None:
     with pytest.raises(ValueError, match="tie_embeddings=True needs .*embedding_size=9"):
         _lm_task(tiny_corpus, tie_embeddings=True, embedding_size=9)
+
+
+def test_summed_layer_stack_equals_two_torch_lstm_layers_summed(tiny_corpus) -> None:
+    """``skip_connections``: the stack's output is layer 1's plus layer 2's output, each
+    from a ``torch.nn.LSTM`` layer holding the same weights (the independent
+    reference); the final states are the layers' own; dropout acts only in training."""
+    task = _lm_task(tiny_corpus, skip_connections=True, input_dropout=0.3, dropout=0.2,
+                    output_dropout=0.4, update_dropout=0.1)  # fmt: skip
+    model = task.build_model().double().eval()
+    stack = model.rnn
+    assert isinstance(stack, SummedLayerStack) and stack.num_layers == 2
+    plain = _lm_task(tiny_corpus).build_model()
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in plain.parameters())
+    refs = [nn.LSTM(6, 6).double(), nn.LSTM(6, 6).double()]
+    for ref, layer in zip(refs, stack.layers):
+        ref.load_state_dict({k: v for k, v in layer.state_dict().items() if k in ref.state_dict()})
+    x = torch.randn(7, 3, 6, dtype=torch.double)
+    h0 = torch.randn(2, 3, 6, dtype=torch.double)
+    c0 = torch.randn(2, 3, 6, dtype=torch.double)
+    out1, (h1, c1) = refs[0](x, (h0[:1], c0[:1]))
+    out2, (h2, c2) = refs[1](out1, (h0[1:], c0[1:]))
+    output, (h_n, c_n) = stack(x, (h0, c0))
+    torch.testing.assert_close(output, out1 + out2)
+    torch.testing.assert_close(h_n, torch.cat([h1, h2]))
+    torch.testing.assert_close(c_n, torch.cat([c1, c2]))
+    stack.train()
+    assert not torch.equal(stack(x, (h0, c0))[0], output)
+    with pytest.raises(ValueError, match=r"hx must hold 2 layers' states, got h0 \(1, 3, 6\)"):
+        stack(x, (h0[:1], c0[:1]))
+
+
+def test_summed_layer_stack_sends_the_readout_gradient_to_the_first_layer_directly() -> None:
+    """With layer 2's weights zeroed (its output constant), the stack's input gradient is
+    layer 1's alone (the sum's identity path), where a plain two-layer stack of the
+    same weights passes none."""
+    layers = [make_rnn("sublstm", 4, 5), make_rnn("sublstm", 5, 5)]
+    with torch.no_grad():
+        for p in layers[1].parameters():
+            p.zero_()
+    stack = SummedLayerStack(layers)
+    plain = make_rnn("sublstm", 4, 5, num_layers=2)
+    plain.load_state_dict(
+        {k.replace("_l0", "_l1") if i else k: v
+         for i, layer in enumerate(layers) for k, v in layer.state_dict().items()}
+    )  # fmt: skip
+    x = torch.randn(6, 2, 4, requires_grad=True)
+    upstream = torch.randn(6, 2, 5)
+    (ours,) = torch.autograd.grad(stack(x)[0], x, upstream)
+    (first,) = torch.autograd.grad(layers[0](x)[0], x, upstream)
+    (none,) = torch.autograd.grad(plain(x)[0], x, upstream)
+    torch.testing.assert_close(ours, first)
+    assert first.abs().max() > 1e-3
+    torch.testing.assert_close(none, torch.zeros_like(none))
+    with pytest.raises(ValueError, match=r"one hidden size, got \[5, 6\]"):
+        SummedLayerStack([make_rnn("lstm", 4, 5), make_rnn("lstm", 5, 6)])
+    with pytest.raises(ValueError, match="at least one layer"):
+        SummedLayerStack([])
+
+
+def test_skip_connections_must_be_a_boolean() -> None:
+    config = load_config("ptb", "lstm", 10)
+    config.skip_connections = "yes"
+    with pytest.raises(TypeError, match=r"skip_connections must be true or false, got str"):
+        config.validate()

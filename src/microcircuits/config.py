@@ -92,6 +92,8 @@ class ExperimentConfig:
     # hidden size (as in Zaremba et al.; the paper does not say)
     tie_embeddings: bool = False  # language models: the decoder's weight is the word
     # vectors (Press & Wolf 2017; the setup of Melis et al. 2017); needs embedding = hidden
+    skip_connections: bool = False  # multi-layer stacks: the readout sees the sum of all
+    # layers' outputs (lamb's SkipMultiRNNCell, tasks.models.SummedLayerStack)
     forget_bias: float = 1.0  # initial forget-gate bias (paper: 1); phi for fix-subLSTM
     weight_init: str = "glorot_gates"  # "Glorot" per gate block, or "glorot_fused": one
     # kernel from [x, h] to all gates, as TensorFlow's LSTMCell (microcircuits.nn)
@@ -299,7 +301,14 @@ class ExperimentConfig:
         _real("min_lr", self.min_lr, low=0.0)
         for name in ("input_dropout", "output_dropout", "update_dropout", "dropout"):
             _real(name, getattr(self, name), low=0.0, high=1.0, high_open=True)
-        for name in ("download", "tensorboard", "progress", "amp", "tie_embeddings"):
+        for name in (
+            "download",
+            "tensorboard",
+            "progress",
+            "amp",
+            "tie_embeddings",
+            "skip_connections",
+        ):
             _boolean(name, getattr(self, name))
         if self.tie_embeddings and self.embedding_size not in (None, self.hidden_size):
             raise ValueError(

@@ -36,6 +36,7 @@ __all__ = [
     "LanguageModel",
     "LastStepReadout",
     "MLPClassifier",
+    "SummedLayerStack",
     "make_cmc",
     "make_elm",
     "make_image_model",
@@ -47,9 +48,32 @@ __all__ = [
 def make_recurrent_stack(config: ExperimentConfig, input_size: int) -> nn.Module:
     """The recurrent stack of ``config`` (cell, sizes, the paper's three dropouts).
 
+    With ``skip_connections`` and more than one layer, a :class:`SummedLayerStack` of
+    one-layer stacks (the same parameters, differently named); otherwise one module
+    with the API of ``torch.nn.LSTM``.
+
     Returns:
-        A module with the API of ``torch.nn.LSTM`` (time-major).
+        A time-major module: ``(x, (h0, c0) | None) -> (output, (h_n, c_n))``.
     """
+    kwargs = dict(
+        forget_bias=config.forget_bias,
+        weight_init=config.weight_init,
+        recurrent_gain=config.recurrent_gain,
+        chrono_max=config.chrono_max,
+        update_dropout=config.update_dropout,
+    )
+    if config.skip_connections and config.num_layers > 1:
+        layers = [
+            make_rnn(
+                config.cell,
+                input_size if index == 0 else config.hidden_size,
+                config.hidden_size,
+                input_dropout=config.input_dropout if index == 0 else config.dropout,
+                **kwargs,
+            )
+            for index in range(config.num_layers)
+        ]
+        return SummedLayerStack(layers, output_dropout=config.output_dropout)
     return make_rnn(
         config.cell,
         input_size,
@@ -58,12 +82,63 @@ def make_recurrent_stack(config: ExperimentConfig, input_size: int) -> nn.Module
         dropout=config.dropout,
         input_dropout=config.input_dropout,
         output_dropout=config.output_dropout,
-        update_dropout=config.update_dropout,
-        forget_bias=config.forget_bias,
-        weight_init=config.weight_init,
-        recurrent_gain=config.recurrent_gain,
-        chrono_max=config.chrono_max,
+        **kwargs,
     )
+
+
+class SummedLayerStack(nn.Module):
+    """Stacked recurrent layers whose output is the sum of every layer's output.
+
+    Layer ``k`` reads layer ``k - 1``'s output; the stack's output at each step is
+    ``h^1_t + ... + h^L_t`` (then output dropout), so the readout sees every depth and
+    its gradient reaches each layer directly. This is ``SkipMultiRNNCell``, the default
+    multi-layer LSTM of DeepMind's ``lamb`` (the code of Melis et al. 2017, whose input,
+    output and update dropouts the paper's Tables 2 and 3 tune).
+
+    Args:
+        layers: one-layer time-major stacks (e.g. :func:`~microcircuits.make_rnn` with
+            ``num_layers=1``), all with the same hidden size; each applies its own input
+            dropout (the first: the embeddings'; the others: dropout between layers)
+            and update dropout.
+        output_dropout: dropout on the summed output sequence.
+    """
+
+    def __init__(self, layers: list[nn.Module], output_dropout: float = 0.0) -> None:
+        super().__init__()
+        if not layers:
+            raise ValueError("SummedLayerStack needs at least one layer, got none")
+        sizes = {layer.hidden_size for layer in layers}
+        if len(sizes) != 1:
+            raise ValueError(f"SummedLayerStack needs one hidden size, got {sorted(sizes)}")
+        self.layers = nn.ModuleList(layers)
+        self.hidden_size = sizes.pop()
+        self.num_layers = len(layers)
+        self.output_dropout = output_dropout
+
+    def forward(
+        self, x: Tensor, hx: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """``x`` ``(T, B, I)``; ``hx``: ``(h0, c0)``, each ``(L, B, H)``, or ``None``
+        (zeros). Returns the summed output ``(T, B, H)`` and ``(h_n, c_n)``, each
+        ``(L, B, H)``."""
+        if hx is not None and (
+            hx[0].shape[0] != self.num_layers or hx[1].shape[0] != self.num_layers
+        ):
+            raise ValueError(
+                f"hx must hold {self.num_layers} layers' states, got h0 {tuple(hx[0].shape)} "
+                f"and c0 {tuple(hx[1].shape)}"
+            )
+        total: Tensor | None = None
+        final_h, final_c = [], []
+        for index, layer in enumerate(self.layers):
+            state = None if hx is None else (hx[0][index : index + 1], hx[1][index : index + 1])
+            x, (h_n, c_n) = layer(x, state)
+            total = x if total is None else total + x
+            final_h.append(h_n)
+            final_c.append(c_n)
+        assert total is not None
+        output = nn.functional.dropout(total, self.output_dropout, self.training)
+        return output, (torch.cat(final_h), torch.cat(final_c))
 
 
 class LastStepReadout(nn.Module):
