@@ -381,6 +381,7 @@ _TINY = {
 _OF_TRAINED_RUNS = {
     "cmc-phase": "tests/test_cmc_experiments.py",
     "elm-memory": "tests/test_elm_figure.py",
+    "rhythm": "tests/test_rhythm.py",
 }
 
 

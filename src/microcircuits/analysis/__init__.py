@@ -11,6 +11,7 @@ Each analysis is one function returning its data and one plotting function:
   :func:`plot_cmc_phase`
 - ``elm-memory`` (of a trained ``--cell elm`` run): :func:`elm_memory`,
   :func:`plot_elm_memory`
+- ``rhythm`` (of trained LSTM-family runs): :func:`rhythm`, :func:`plot_rhythm`
 
 :func:`make_figure` runs one by name and writes PNG, PDF and the data as CSV;
 :data:`FIGURES` lists the names with a description. Plots use matplotlib's Agg canvas
@@ -32,6 +33,7 @@ from .gradients import GradientData, depth_only_factor, gradient_flow, plot_grad
 from .phase import CMCPhase, cmc_phase, plot_cmc_phase
 from .plasticity import PlasticityData, inhibitory_plasticity, plot_inhibitory_plasticity
 from .recording import GateRecord, record_layer, record_module
+from .rhythm import RhythmData, plot_rhythm, rhythm
 
 __all__ = [
     "FIGURES",
@@ -43,6 +45,7 @@ __all__ = [
     "GradientData",
     "LIFParameters",
     "PlasticityData",
+    "RhythmData",
     "cmc_phase",
     "depth_only_factor",
     "elm_memory",
@@ -58,7 +61,9 @@ __all__ = [
     "plot_gating",
     "plot_gradients",
     "plot_inhibitory_plasticity",
+    "plot_rhythm",
     "record_layer",
     "record_module",
+    "rhythm",
     "simulate_lif_rate",
 ]

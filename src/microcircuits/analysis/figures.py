@@ -10,6 +10,7 @@ from typing import Any
 
 from . import balance, gating, gradients, phase, plasticity
 from .elm_memory import elm_memory, plot_elm_memory, write_elm_memory_csv
+from .rhythm import plot_rhythm, rhythm, write_rhythm_csv
 from .style import save_figure
 
 __all__ = ["FIGURES", "make_figure"]
@@ -66,6 +67,15 @@ _REGISTRY: dict[str, _Figure] = {
         elm_memory,
         plot_elm_memory,
         write_elm_memory_csv,
+    ),
+    "rhythm": _Figure(
+        "Autonomous rhythms and a time code in trained LSTM-family runs: h_t for an "
+        "all-zero input and test sequences, per-unit spectra and oscillating units, a "
+        "linear decoder of the step from h_t; needs --runs RUN_DIR ... of lstm, sublstm "
+        "or fix_sublstm",
+        rhythm,
+        plot_rhythm,
+        write_rhythm_csv,
     ),
 }
 

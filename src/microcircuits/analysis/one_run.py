@@ -1,5 +1,6 @@
-"""Loading the one trained run that ``cmc-phase`` and ``elm-memory`` show, with the
-errors a user needs when given no run, several, or a run of another model."""
+"""Loading the trained runs that ``cmc-phase``, ``elm-memory`` (one run) and ``rhythm``
+show, with the errors a user needs when given no run, several, or a run of another
+model."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 
 from ..model_registry import model_kind
 
-__all__ = ["load_one_run"]
+__all__ = ["check_run_family", "load_one_run"]
 
 
 def load_one_run(
@@ -43,7 +44,21 @@ def load_one_run(
     if len(runs) != 1:
         listed = f" ({', '.join(str(r) for r in runs)})" if runs else ""
         raise ValueError(f"{figure} {wanted}: give --runs RUN_DIR, got {len(runs)} runs{listed}")
-    run_dir = Path(runs[0])
+    run_dir = check_run_family(runs[0], figure=figure, family=family, shows=shows, cells=cells)
+    return load_run(run_dir, checkpoint)
+
+
+def check_run_family(
+    run_dir: str | os.PathLike[str], *, figure: str, family: str, shows: str, cells: str
+) -> Path:
+    """``run_dir`` as a path, after checking from its ``config.json`` alone (no weights
+    loaded) that it trained a model of ``family``; arguments as :func:`load_one_run`'s.
+
+    Raises:
+        FileNotFoundError: the directory holds no ``config.json``.
+        ValueError: a run of another model family (named).
+    """
+    run_dir = Path(run_dir)
     config_path = run_dir / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory: {config_path} is missing")
@@ -53,4 +68,4 @@ def load_one_run(
             f"{figure} {shows}; {run_dir} trained a {model.label} (cell {model.name!r}); "
             f"give a run of {cells}"
         )
-    return load_run(run_dir, checkpoint)
+    return run_dir

@@ -5,7 +5,8 @@ Each run directory (``microcircuits train``) is loaded with its best checkpoint;
 task supplies a test batch as the recurrent stack's input and the loss through the
 trained head (:meth:`microcircuits.tasks.Task.probe`). The network at initialisation
 is rebuilt from the run's seed and measured on the same input through the same head.
-``cmc-phase`` and ``elm-memory`` show one trained run alone and read it themselves.
+``cmc-phase`` and ``elm-memory`` show one trained run alone, ``rhythm`` trained runs
+without their initialisation; they read the runs themselves.
 
 ``--runs`` takes run directories or folders holding them (:func:`resolve_runs`), as
 ``microcircuits report`` does: ``--runs runs/compare-adding-<time>`` finds the runs that
@@ -34,10 +35,10 @@ __all__ = ["TRAINED_FIGURES", "resolve_runs", "trained_figure"]
 
 logger = logging.getLogger(__name__)
 
-TRAINED_FIGURES = ("gradients", "balance", "cmc-phase", "elm-memory")
-# Figures of a trained run alone (no network at initialisation beside it); their data
+TRAINED_FIGURES = ("gradients", "balance", "cmc-phase", "elm-memory", "rhythm")
+# Figures of trained runs alone (no network at initialisation beside them); their data
 # function reads the run directories itself.
-_RUN_ONLY_FIGURES = ("cmc-phase", "elm-memory")
+_RUN_ONLY_FIGURES = ("cmc-phase", "elm-memory", "rhythm")
 
 
 def resolve_runs(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
@@ -124,23 +125,25 @@ def trained_figure(
     stem: str | None = None,
     **options: Any,
 ) -> list[Path]:
-    """Write figure ``name`` (``gradients``, ``balance``, ``cmc-phase`` or ``elm-memory``)
-    for trained runs.
+    """Write figure ``name`` (``gradients``, ``balance``, ``cmc-phase``, ``elm-memory`` or
+    ``rhythm``) for trained runs.
 
     Args:
         name: one of :data:`TRAINED_FIGURES`.
         run_dirs: run directories, or folders holding them (:func:`resolve_runs`): one
             per cell, same task, for a comparison; ``cmc-phase``: one CMC run;
-            ``elm-memory``: one ELM run.
+            ``elm-memory``: one ELM run; ``rhythm``: LSTM-family runs of one task.
         out_dir: where PNG, PDF and CSV go.
         checkpoint: ``"best"`` or ``"last"``.
         batch: test sequences measured per run (not used by ``cmc-phase``, which takes
             one test image per class of its ``classes`` option, nor by ``elm-memory``,
-            which takes the test inputs of its ``samples`` option).
+            which takes the test inputs of its ``samples`` option, nor by ``rhythm``,
+            which records its ``sequences`` option's count, default 200).
         include_init: also measure each network at its initialisation (not
-            ``cmc-phase``; ``elm-memory`` shows the initial time constants anyway).
-        stem: file name stem (default ``NAME-trained``; ``cmc-phase`` and ``elm-memory``:
-            ``NAME``).
+            ``cmc-phase`` nor ``rhythm``; ``elm-memory`` shows the initial time constants
+            anyway).
+        stem: file name stem (default ``NAME-trained``; ``cmc-phase``, ``elm-memory`` and
+            ``rhythm``: ``NAME``).
         **options: further options of the analysis (e.g. ``threshold`` for balance).
 
     Returns:
