@@ -249,7 +249,7 @@ def test_cmc_phase_writes_its_files_for_a_trained_node(tiny_mnist, tmp_path, cap
 
 def test_cmc_phase_refuses_other_runs_and_no_run(tiny_mnist, tmp_path: Path) -> None:
     mlp = train(_tiny(tmp_path, "mlp", "mlp")).run_dir
-    with pytest.raises(ValueError, match=r"trained a MLP \(cell 'mlp'\); give a run of --cell cmc"):
+    with pytest.raises(ValueError, match=r"trained cell 'mlp' \(MLP\); give a run of --cell cmc"):
         trained_figure("cmc-phase", [mlp], tmp_path / "fig")
     tiny_lstm = {
         "hidden_size": 2, "seq_len": 4, "batch_size": 4, "steps_per_epoch": 1, "epochs": 1,
@@ -257,7 +257,7 @@ def test_cmc_phase_refuses_other_runs_and_no_run(tiny_mnist, tmp_path: Path) -> 
         "out_dir": str(tmp_path), "run_name": "lstm",
     }  # fmt: skip
     lstm = train(load_config("adding", "lstm", overrides=tiny_lstm)).run_dir
-    with pytest.raises(ValueError, match=r"trained a LSTM \(cell 'lstm'\)"):
+    with pytest.raises(ValueError, match=r"trained cell 'lstm' \(LSTM\)"):
         trained_figure("cmc-phase", [lstm], tmp_path / "fig")
     with pytest.raises(ValueError, match="give --runs RUN_DIR"):
         make_figure("cmc-phase", tmp_path / "fig")

@@ -150,7 +150,7 @@ def test_rhythm_refuses_missing_foreign_and_short_runs(tmp_path, adding_run, cap
     elm = tmp_path / "elm-run"
     elm.mkdir()
     (elm / "config.json").write_text(json.dumps({"cell": "elm"}))
-    with pytest.raises(ValueError, match="LSTM-family cells; .* trained a ELM"):
+    with pytest.raises(ValueError, match=r"LSTM-family cells; .* trained cell 'elm' \(ELM\)"):
         rhythm([elm])
     with pytest.raises(ValueError, match="too few steps: .* have 40 steps"):
         rhythm([adding_run])  # the default window needs 200 steps, decoding 300
@@ -160,7 +160,7 @@ def test_rhythm_refuses_missing_foreign_and_short_runs(tmp_path, adding_run, cap
         rhythm([adding_run], sequences=1)
     out = str(tmp_path / "fig")
     assert main(["-q", "figure", "rhythm", "--runs", str(elm), "--out", out]) == 2
-    assert "trained a ELM" in capsys.readouterr().err
+    assert "trained cell 'elm' (ELM)" in capsys.readouterr().err
 
 
 def test_rhythm_figure_of_a_trained_run(tmp_path, adding_run):

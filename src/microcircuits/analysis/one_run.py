@@ -65,7 +65,7 @@ def check_run_family(
     model = model_kind(json.loads(config_path.read_text())["cell"])
     if model.family != family:
         raise ValueError(
-            f"{figure} {shows}; {run_dir} trained a {model.label} (cell {model.name!r}); "
+            f"{figure} {shows}; {run_dir} trained cell {model.name!r} ({model.label}); "
             f"give a run of {cells}"
         )
     return run_dir

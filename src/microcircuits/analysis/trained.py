@@ -89,7 +89,7 @@ def _measure(
         if model.family != LSTM_FAMILY:
             raise ValueError(
                 f"the {name!r} figure measures the gates of LSTM-family cells; {run_dir} "
-                f"trained a {model.label}, which has none"
+                f"trained cell {model.name!r} ({model.label}), which has none"
             )
         run = load_run(run_dir, checkpoint)
         kind = cell_kind(run.config.cell)
