@@ -45,6 +45,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from .._validation import check_count, check_positive_int
 from ..model_registry import LSTM_FAMILY, model_kind
 from . import style
 from .one_run import check_run_family
@@ -281,10 +282,13 @@ class RhythmData:
     criterion: dict[str, float]
 
 
-def _positive_int(name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+def _int_at_least(name: str, value: object, minimum: int) -> int:
+    """``value`` as an int (:func:`~microcircuits._validation.check_count`) of at least
+    ``minimum``."""
+    number = check_count(name, value)
+    if number < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+    return number
 
 
 def _check_runs(runs: Sequence[str | os.PathLike[str]]) -> list[Path]:
@@ -414,14 +418,14 @@ def rhythm(
         ValueError: no run, a run of another model family, runs of different tasks, bad
             options, or sequences too short for ``window`` / ``decode_steps``.
     """
-    sequences = _positive_int("sequences", sequences, 2)
-    decode_steps = _positive_int("decode_steps", decode_steps, 2)
-    shown = _positive_int("shown", shown, 0)
-    units_shown = _positive_int("units_shown", units_shown)
+    sequences = _int_at_least("sequences", sequences, 2)
+    decode_steps = _int_at_least("decode_steps", decode_steps, 2)
+    shown = check_count("shown", shown)
+    units_shown = check_positive_int("units_shown", units_shown)
     layer = int(layer)
     if len(window) != 2:
         raise ValueError(f"window must be (start, stop), got {window!r}")
-    start, stop = (_positive_int("window", w, 0) for w in window)
+    start, stop = (check_count("window", w) for w in window)
     if stop - start < MIN_STEPS:
         raise ValueError(
             f"too few steps in window {(start, stop)}: {stop - start}; need at least {MIN_STEPS}"
